@@ -1,0 +1,161 @@
+"""The small interface between the HTTP side and an engine: plans in, typed events out.
+
+Nothing here imports mlx: the gateway depends on this module only, and any engine (the mlx-lm one, or a
+fake one in HTTP-layer tests) implements :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "ChoiceFinished",
+    "Engine",
+    "EngineError",
+    "EngineEvent",
+    "EngineNotReady",
+    "Failed",
+    "Finished",
+    "ModelInfo",
+    "Plan",
+    "PromptTokenizer",
+    "SamplingParams",
+    "TokenEvent",
+    "TokenLogprob",
+    "TopLogprob",
+    "UnknownModel",
+]
+
+
+class EngineError(Exception):
+    """A request failed inside the engine. The engine keeps serving others."""
+
+
+class UnknownModel(EngineError):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist")
+        self.model = model
+
+
+class EngineNotReady(EngineError):
+    """Models are still loading (or failed to load)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    created: int
+    owned_by: str
+    context_length: int
+    ready: bool
+    source: str
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the engine needs for one request, decided before it is submitted."""
+
+    request_id: str
+    model: str
+    tenant: str
+    prompt_tokens: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    token_id: int
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text for one choice. ``text`` may be empty while a possible stop string is held back."""
+
+    choice: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceFinished:
+    choice: int
+    reason: str  # "stop" | "length"
+    text: str = ""  # held-back text released at the end
+
+
+@dataclass(frozen=True)
+class Finished:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: EngineError
+
+
+EngineEvent = TokenEvent | ChoiceFinished | Finished | Failed
+
+
+class PromptTokenizer(Protocol):
+    """What planning needs from a model's tokenizer."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, tokens: Sequence[int]) -> str: ...
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool, tools: object = None
+    ) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class Engine(Protocol):
+    def models(self) -> list[ModelInfo]: ...
+
+    def tokenizer(self, model: str) -> PromptTokenizer:
+        """Raises UnknownModel or EngineNotReady."""
+        ...
+
+    def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
+        """Queue ``plan``; the iterator yields its events and cancels it when closed early."""
+        ...
+
+    def health(self) -> dict[str, object]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...

@@ -1,0 +1,159 @@
+"""Loading a configured model through mlx-lm's normal path, and its tokenizer as planning sees it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper, _byte_decoder
+from mlx_lm.utils import load
+
+from adapters.mlx_lm.presets import PRESETS, build_model
+
+__all__ = ["LoadedModel", "MlxTokenizer", "ModelSpec", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One configured model. ``source`` is a preset name, a local directory or a Hugging Face id."""
+
+    name: str
+    source: str
+    seed: int = 0
+    max_kv_size: int | None = None
+    trust_remote_code: bool = False
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    context_length: int | None = None
+    prefill_step_size: int = 512
+    models_dir: str | None = None
+
+
+class MlxTokenizer:
+    """A model's tokenizer: encoding and chat rendering for planning, token text for the engine."""
+
+    def __init__(self, wrapper: TokenizerWrapper, vocab_size: int) -> None:
+        self.wrapper = wrapper
+        self._hf: Any = wrapper._tokenizer
+        self._vocab_size = vocab_size
+        self._byte_level = type(wrapper._detokenizer).__name__ == "BPEStreamingDetokenizer"
+        self._id_to_piece: list[str] = self._hf.convert_ids_to_tokens(list(range(len(self._hf))))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return str(self._hf.decode(list(tokens)))
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool, tools: object = None
+    ) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            kwargs["tools"] = tools
+        return str(self._hf.apply_chat_template(list(messages), **kwargs))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.wrapper.eos_token_ids)
+
+    def token_text(self, token: int) -> tuple[str, tuple[int, ...]]:
+        """A single token's text and its exact bytes (for logprobs)."""
+        return _token_text(self, token)
+
+
+@cache
+def _bytes_map() -> dict[str, int]:
+    return dict(_byte_decoder())
+
+
+def _token_text(tok: MlxTokenizer, token: int) -> tuple[str, tuple[int, ...]]:
+    if tok._byte_level and token < len(tok._id_to_piece) and tok._id_to_piece[token] is not None:
+        table = _bytes_map()
+        piece = tok._id_to_piece[token]
+        if all(ch in table for ch in piece):
+            raw = bytes(table[ch] for ch in piece)
+            return raw.decode("utf-8", errors="replace"), tuple(raw)
+    text = tok._hf.decode([token])
+    return text, tuple(text.encode())
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    tokenizer: MlxTokenizer
+    path: Path
+    context_length: int
+    vocab_size: int
+    dtype: str
+    created: int
+
+    def make_cache(self) -> list[Any]:
+        return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
+
+
+def _resolve(spec: ModelSpec) -> str:
+    if spec.source in PRESETS:
+        models_dir = Path(spec.models_dir) if spec.models_dir else None
+        return str(build_model(spec.source, spec.seed, models_dir))
+    return spec.source  # a local directory or a Hugging Face id: mlx-lm's own resolution
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load ``spec`` on the calling (engine) thread. On CPU, floating weights become float32.
+
+    bfloat16/float16 matmul has no BLAS path on mlx's CPU backend (about 4 GFLOP/s against ~180).
+    """
+    start = time.perf_counter()
+    path = _resolve(spec)
+    model, wrapper, config = load(  # type: ignore[misc]
+        path,
+        tokenizer_config={"trust_remote_code": spec.trust_remote_code},
+        return_config=True,
+    )
+    on_cpu = mx.default_device() == mx.cpu
+    if on_cpu:
+        model.set_dtype(mx.float32)
+    params = dict(_leaves(model.parameters()))
+    dtype = str(next(iter(params.values())).dtype).replace("mlx.core.", "") if params else "unknown"
+    mx.eval(model.parameters())
+    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 0)
+    hf_vocab = len(wrapper._tokenizer)
+    vocab = vocab or hf_vocab
+    ctx = spec.context_length or int(
+        config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings") or 4096
+    )
+    tokenizer = MlxTokenizer(wrapper, min(vocab, hf_vocab))
+    local = Path(path)
+    created = int(local.stat().st_mtime) if local.exists() else int(time.time())
+    logger.info(
+        "loaded model %s from %s in %.2fs (dtype %s, context %d, device %s)",
+        spec.name,
+        path,
+        time.perf_counter() - start,
+        dtype,
+        ctx,
+        mx.default_device(),
+    )
+    return LoadedModel(spec, model, tokenizer, local, ctx, vocab, dtype, created)
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    from mlx.utils import tree_flatten
+
+    return list(tree_flatten(tree))

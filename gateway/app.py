@@ -1,0 +1,108 @@
+"""The Litestar app: routes, the engine in app state, and the one table that turns errors into
+OpenAI-shaped responses."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from adapters.base import Engine, EngineError, EngineNotReady, UnknownModel
+from gateway import __version__
+from gateway.config import Config
+from gateway.errors import (
+    APIError,
+    AuthenticationError,
+    ErrorResponse,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServerError,
+    ServiceUnavailable,
+)
+from gateway.routes.health import health, index
+from gateway.routes.openai import openai_router
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def _respond(exc: APIError) -> Response[ErrorResponse]:
+    return Response(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+def _api_error(_: Request, exc: APIError) -> Response[ErrorResponse]:
+    return _respond(exc)
+
+
+def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    details = [e for e in extra if isinstance(e, dict)]
+    if not details:
+        return str(exc.detail), None
+    first = details[0]
+    param = first.get("key") or None
+    text = "; ".join(f"{d.get('key')}: {d.get('message')}" if d.get("key") else str(d.get("message")) for d in details)
+    return f"Invalid request: {text}", param
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException) or status == 400:
+        message, param = _validation_message(exc) if isinstance(exc, ValidationException) else (exc.detail, None)
+        return _respond(InvalidRequest(message, param=param))
+    if status == 401:
+        return _respond(AuthenticationError(exc.detail))
+    if status == 404:
+        return _respond(NotFound(f"No route for {request.method} {request.url.path}", code="not_found"))
+    if status == 413:
+        return _respond(PayloadTooLarge("The request body is too large"))
+    if status >= 500:
+        logger.error("HTTP %d on %s: %s", status, request.url.path, exc.detail)
+        return _respond(ServerError(exc.detail))
+    error = APIError(exc.detail)
+    error.status_code, error.type = status, "invalid_request_error"
+    return _respond(error)
+
+
+def _engine_error(_: Request, exc: EngineError) -> Response[ErrorResponse]:
+    if isinstance(exc, UnknownModel):
+        return _respond(NotFound(str(exc), param="model", code="model_not_found"))
+    if isinstance(exc, EngineNotReady):
+        return _respond(ServiceUnavailable(str(exc)))
+    logger.error("engine error: %s", exc)
+    return _respond(ServerError(str(exc)))
+
+
+def _unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _respond(ServerError("The server had an error while processing your request"))
+
+
+def create_app(config: Config, engine: Engine) -> Litestar:
+    """The app serving ``engine``. The engine starts with the app and stops with it."""
+    return Litestar(
+        route_handlers=[openai_router, health, index],
+        state=State({"config": config, "engine": engine}),
+        on_startup=[lambda: engine.start()],
+        on_shutdown=[lambda: engine.stop()],
+        exception_handlers={
+            APIError: _api_error,
+            EngineError: _engine_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="mlx-gateway",
+            version=__version__,
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+        ),
+        debug=False,
+    )

@@ -1,0 +1,140 @@
+"""The server's configuration: one frozen, typed object built once.
+
+Precedence: command-line flags > ``MLX_GATEWAY_*`` environment variables > the TOML file > defaults.
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "load_config"]
+
+DEFAULT_MODEL = "tiny"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says why."""
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One served model. ``path`` is a preset name, a local directory or a Hugging Face id."""
+
+    name: str
+    path: str
+    seed: int = 0
+    max_kv_size: int | None = None
+    trust_remote_code: bool = False
+    kv_bits: Literal[2, 3, 4, 6, 8] | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    context_length: int | None = None
+    prefill_step_size: int = 512
+    # Used when a request sets no max_tokens; None means "up to the context length".
+    default_max_tokens: int | None = None
+
+
+class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[ModelConfig, ...] = ()
+    # API key -> tenant. Empty: auth is off and every request belongs to the default tenant.
+    api_keys: dict[str, str] = {}
+    admin_key: str | None = None
+    default_tenant: str = "default"
+    models_dir: str | None = None
+    cache_dir: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
+    sse_ping_seconds: float = 10.0
+    sse_send_timeout_seconds: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "none" keeps mlx's reference BLAS; a path loads that library; None searches for MKL.
+    blas: str | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _parse_keys(raw: str) -> dict[str, str]:
+    """``key:tenant,key2:tenant2`` (a key without a tenant belongs to the default tenant)."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, _, tenant = item.partition(":")
+        keys[key] = tenant or "default"
+    return keys
+
+
+def _model_from_flag(value: str, name: str | None) -> dict[str, Any]:
+    return {"name": name or value, "path": value}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration.
+
+    Args:
+        flags: command-line values (None for "not given"): ``config``, ``model``, ``model_name``,
+            ``host``, ``port``, ``cache_dir``, ``models_dir``.
+        environ: the environment (``os.environ`` when None).
+
+    Raises:
+        ConfigError: the file is missing or invalid, or a value has the wrong type.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = flags.get("config") or env.get("MLX_GATEWAY_CONFIG")
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+
+    env_map = {
+        "MLX_GATEWAY_HOST": "host",
+        "MLX_GATEWAY_PORT": "port",
+        "MLX_GATEWAY_ADMIN_KEY": "admin_key",
+        "MLX_GATEWAY_MODELS_DIR": "models_dir",
+        "MLX_GATEWAY_CACHE_DIR": "cache_dir",
+        "MLX_GATEWAY_LOG_LEVEL": "log_level",
+        "MLX_GATEWAY_BLAS": "blas",
+        "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
+    }
+    for var, key in env_map.items():
+        if var in env:
+            raw[key] = env[var]
+    if "MLX_GATEWAY_API_KEYS" in env:
+        raw["api_keys"] = _parse_keys(env["MLX_GATEWAY_API_KEYS"])
+    env_model = env.get("MLX_GATEWAY_MODEL")
+    if env_model:
+        raw["models"] = [_model_from_flag(env_model, env.get("MLX_GATEWAY_MODEL_NAME"))]
+
+    for key in ("host", "port", "cache_dir", "models_dir"):
+        if key in flags:
+            raw[key] = flags[key]
+    if "model" in flags:
+        raw["models"] = [_model_from_flag(flags["model"], flags.get("model_name"))]
+    if not raw.get("models"):
+        raw["models"] = [_model_from_flag(DEFAULT_MODEL, None)]
+
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    names = [m.name for m in config.models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be unique: {names}")
+    return config

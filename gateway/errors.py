@@ -1,0 +1,93 @@
+"""Every error the API returns, in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+One base class carries the status and the fields; the app's handler table (``gateway.app``) turns these,
+Litestar's own HTTP errors and anything unexpected into responses.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "ContextLengthExceeded",
+    "ErrorBody",
+    "ErrorResponse",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "ServerError",
+    "ServiceUnavailable",
+]
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorBody
+
+
+class APIError(Exception):
+    status_code: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    # Whether the openai SDK may retry: it retries 408/409/429/5xx unless told otherwise.
+    retryable: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retryable else {"x-should-retry": "false"}
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ServerError(APIError):
+    status_code = 500
+    type = "server_error"
+    retryable = True
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
+    retryable = True

@@ -1,0 +1,248 @@
+"""Request planning: a decoded OpenAI request becomes engine plans (tokens, limits, sampling, tenant).
+
+Pure apart from the tokenizer: every error that can be known before the first byte is raised here,
+as an :class:`~gateway.errors.APIError` that names the offending parameter.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from adapters.base import Plan, PromptTokenizer, SamplingParams
+from gateway.config import ModelConfig
+from gateway.errors import ContextLengthExceeded, InvalidRequest
+from gateway.schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+__all__ = ["PlannedRequest", "plan_chat", "plan_completion"]
+
+MAX_N = 128
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    kind: Literal["chat", "completion"]
+    id: str
+    created: int
+    model: str
+    plans: tuple[Plan, ...]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    echo: tuple[str, ...] = ()
+
+
+def _check_range(value: float | None, low: float, high: float, param: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(f"'{param}' must be between {low:g} and {high:g}, got {value:g}", param=param)
+
+
+def _sampling_base(
+    req: ChatCompletionRequest | CompletionRequest,
+    tokenizer: PromptTokenizer,
+    *,
+    logprobs: bool,
+    top_logprobs: int,
+    max_tokens: int | None,
+    max_tokens_param: str,
+) -> tuple[SamplingParams, int | None]:
+    _check_range(req.temperature, 0.0, 2.0, "temperature")
+    _check_range(req.top_p, 0.0, 1.0, "top_p")
+    _check_range(req.presence_penalty, -2.0, 2.0, "presence_penalty")
+    _check_range(req.frequency_penalty, -2.0, 2.0, "frequency_penalty")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest(f"'{max_tokens_param}' must be at least 1, got {max_tokens}", param=max_tokens_param)
+    stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if len(stop) > MAX_STOP:
+        raise InvalidRequest(f"'stop' takes at most {MAX_STOP} strings", param="stop")
+    bias: list[tuple[int, float]] = []
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequest(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias") from None
+        if not 0 <= token < tokenizer.vocab_size:
+            raise InvalidRequest(
+                f"'logit_bias' token id {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                param="logit_bias",
+            )
+        _check_range(value, -100.0, 100.0, "logit_bias")
+        bias.append((token, float(value)))
+    params = SamplingParams(
+        max_tokens=max_tokens or 1,  # resolved against the prompt length in _with_limits
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=stop,
+        seed=req.seed,
+        n=n,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=tuple(bias),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    return params, max_tokens
+
+
+def _with_limits(
+    params: SamplingParams,
+    requested: int | None,
+    prompt_len: int,
+    model: ModelConfig,
+    context_length: int,
+    param: str,
+    prompt_param: str,
+) -> SamplingParams:
+    if prompt_len == 0:
+        raise InvalidRequest("The prompt is empty", param=prompt_param)
+    room = context_length - prompt_len
+    if requested is None:
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens. However, your prompt is "
+                f"{prompt_len} tokens, leaving no room for a completion.",
+                param=prompt_param,
+            )
+        budget = room if model.default_max_tokens is None else min(room, model.default_max_tokens)
+    else:
+        if prompt_len + requested > context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                "completion). Please reduce the prompt or the completion length.",
+                param=param,
+            )
+        budget = requested
+    return SamplingParams(**{**params.__dict__, "max_tokens": budget})
+
+
+def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
+    content: str | None
+    if isinstance(message.content, list):
+        texts = []
+        for j, part in enumerate(message.content):
+            if part.type not in ("text", "input_text"):
+                raise InvalidRequest(
+                    f"Content parts of type '{part.type}' are not supported by this model; only text is",
+                    param=f"messages[{i}].content[{j}].type",
+                )
+            texts.append(part.text or "")
+        content = "".join(texts)
+    else:
+        content = message.content
+    # Chat templates know system/user/assistant/tool; OpenAI's newer names map onto them.
+    role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
+    out: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls is not None:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def render_messages(tokenizer: PromptTokenizer, messages: Sequence[ChatMessage], tools: Any = None) -> str:
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message", param="messages")
+    dicts = [_message_dict(i, m) for i, m in enumerate(messages)]
+    try:
+        return tokenizer.render_chat(dicts, add_generation_prompt=True, tools=tools)
+    except Exception as exc:  # a template raising (e.g. on role order) is the request's fault
+        raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
+
+
+def plan_chat(
+    req: ChatCompletionRequest, tokenizer: PromptTokenizer, model: ModelConfig, context_length: int, tenant: str
+) -> PlannedRequest:
+    if req.response_format is not None and req.response_format.get("type") not in (None, "text"):
+        raise InvalidRequest(
+            f"response_format type '{req.response_format.get('type')}' is not supported yet",
+            param="response_format",
+        )
+    top = req.top_logprobs or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    if top and not req.logprobs:
+        raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params, requested = _sampling_base(
+        req, tokenizer, logprobs=bool(req.logprobs), top_logprobs=top, max_tokens=max_tokens,
+        max_tokens_param=max_param,
+    )
+    tokens = tokenizer.encode(render_messages(tokenizer, req.messages, req.tools))
+    params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    plan = Plan(rid, model.name, tenant, tuple(tokens), params)
+    return PlannedRequest(
+        "chat", rid, int(time.time()), model.name, (plan,), params.n, bool(req.stream),
+        bool(req.stream_options and req.stream_options.include_usage), params.logprobs, top,
+    )
+
+
+def _prompts(req: CompletionRequest, tokenizer: PromptTokenizer) -> list[tuple[list[int], str]]:
+    """Each prompt's tokens and text (for ``echo``); OpenAI's four prompt forms."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [(tokenizer.encode(p), p)]
+    if not p:
+        raise InvalidRequest("'prompt' must not be empty", param="prompt")
+    if all(isinstance(x, str) for x in p):
+        return [(tokenizer.encode(x), x) for x in p]  # type: ignore[arg-type]
+    if all(isinstance(x, int) for x in p):
+        return [_checked_ids(p, tokenizer, "prompt")]  # type: ignore[arg-type]
+    if all(isinstance(x, list) for x in p):
+        return [_checked_ids(x, tokenizer, f"prompt[{i}]") for i, x in enumerate(p)]  # type: ignore[arg-type]
+    raise InvalidRequest(
+        "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        param="prompt",
+    )
+
+
+def _checked_ids(ids: list[int], tokenizer: PromptTokenizer, param: str) -> tuple[list[int], str]:
+    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", param=param)
+    return list(ids), tokenizer.decode(ids)
+
+
+def plan_completion(
+    req: CompletionRequest, tokenizer: PromptTokenizer, model: ModelConfig, context_length: int, tenant: str
+) -> PlannedRequest:
+    if req.suffix:
+        raise InvalidRequest("'suffix' is not supported", param="suffix")
+    k = req.logprobs
+    if k is not None and not 0 <= k <= MAX_COMPLETION_LOGPROBS:
+        raise InvalidRequest(f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}", param="logprobs")
+    if req.echo and k is not None:
+        raise InvalidRequest("'echo' together with 'logprobs' is not supported", param="echo")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise InvalidRequest("'best_of' other than 'n' is not supported", param="best_of")
+    params, requested = _sampling_base(
+        req, tokenizer, logprobs=k is not None, top_logprobs=k or 0, max_tokens=req.max_tokens,
+        max_tokens_param="max_tokens",
+    )
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    plans = []
+    prompts = _prompts(req, tokenizer)
+    for i, (tokens, _) in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        limited = _with_limits(params, requested, len(tokens), model, context_length, "max_tokens", param)
+        plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(tokens), limited))
+    return PlannedRequest(
+        "completion", rid, int(time.time()), model.name, tuple(plans), params.n, bool(req.stream),
+        bool(req.stream_options and req.stream_options.include_usage), params.logprobs, k or 0,
+        echo=tuple(text for _, text in prompts) if req.echo else (),
+    )

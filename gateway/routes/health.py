@@ -1,0 +1,51 @@
+"""Operational routes: ``GET /health`` and ``GET /`` (what this server is and where things are)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get
+from litestar.datastructures import State
+
+from gateway import __version__
+
+__all__ = ["health", "index"]
+
+ENDPOINTS = {
+    "GET /v1/models": "list the served models",
+    "GET /v1/models/{id}": "one model",
+    "POST /v1/chat/completions": "chat completions (OpenAI), streaming with stream=true",
+    "POST /v1/completions": "text completions (OpenAI), streaming with stream=true",
+    "GET /health": "engine, models and memory",
+    "GET /docs": "interactive API documentation (OpenAPI schema at /docs/openapi.json)",
+}
+
+
+@get("/health", tags=["Operations"])
+async def health(state: State) -> Response[dict[str, Any]]:
+    """Engine alive, models loaded, memory in use. 200 when ready to serve, else 503."""
+    report = state.engine.health()
+    models = report["models"]
+    if not report["engine_alive"]:
+        status = "unhealthy"
+    elif any(m["state"] == "loading" for m in models.values()):
+        status = "loading"
+    elif any(m["state"] == "failed" for m in models.values()):
+        status = "degraded"
+    else:
+        status = "ok"
+    body = {"status": status, "version": __version__, **report}
+    return Response(body, status_code=200 if status in ("ok", "degraded") else 503)
+
+
+@get("/", tags=["Operations"])
+async def index(state: State) -> dict[str, Any]:
+    return {
+        "name": "mlx-gateway",
+        "version": __version__,
+        "description": "OpenAI-compatible LLM gateway on mlx / mlx-lm. Point an OpenAI client at /v1.",
+        "models": [m.id for m in state.engine.models()],
+        "auth": "bearer API key" if state.config.auth_enabled else "off",
+        "endpoints": ENDPOINTS,
+        "docs": "/docs",
+    }

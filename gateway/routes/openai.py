@@ -1,0 +1,144 @@
+"""The OpenAI routes: thin. Decode, plan, submit, return."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import anyio.to_thread
+from litestar import Request, Router, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.response.base import ASGIResponse
+from litestar.types import ASGIApp
+
+from adapters.base import Engine, ModelInfo, UnknownModel
+from gateway.config import Config, ModelConfig
+from gateway.encoding import encode
+from gateway.errors import AuthenticationError
+from gateway.planning import PlannedRequest, plan_chat, plan_completion
+from gateway.schemas.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionResponse,
+    Model,
+    ModelList,
+)
+from gateway.serving import collect, stream_chunks
+from gateway.sse import sse_response
+
+__all__ = ["openai_router", "provide_tenant"]
+
+logger = logging.getLogger(__name__)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def provide_tenant(request: Request, state: State) -> str:
+    """The tenant a request belongs to: its API key's, or the default tenant when auth is off."""
+    config: Config = state.config
+    if not config.auth_enabled:
+        return config.default_tenant
+    token = bearer_token(request)
+    if token is None:
+        raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'")
+    tenant = config.api_keys.get(token)
+    if tenant is None:
+        raise AuthenticationError("Incorrect API key provided")
+    return tenant
+
+
+def _model_info(engine: Engine, name: str) -> ModelInfo:
+    for info in engine.models():
+        if info.id == name:
+            return info
+    raise UnknownModel(name)
+
+
+def _fingerprint(info: ModelInfo) -> str:
+    return f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
+
+
+async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> ASGIApp:
+    config: Config = state.config
+    engine: Engine = state.engine
+    headers = {"x-request-id": planned.id}
+    logger.info(
+        "[%s] %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
+        planned.id, planned.kind, planned.model, len(planned.plans),
+        ",".join(str(len(p.prompt_tokens)) for p in planned.plans), planned.n, planned.stream,
+    )
+    if planned.stream:
+        return sse_response(
+            stream_chunks(engine, planned, _fingerprint(info)),
+            request_id=planned.id,
+            ping_seconds=config.sse_ping_seconds,
+            send_timeout=config.sse_send_timeout_seconds,
+            headers=headers,
+        )
+    body = await collect(engine, planned, _fingerprint(info))
+    return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
+
+
+def _resolve(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
+    config: Config = state.config
+    model = config.model(name)
+    if model is None:
+        raise UnknownModel(name)
+    return model, _model_info(state.engine, name)
+
+
+@post(
+    "/chat/completions",
+    status_code=200,
+    responses={200: ResponseSpec(data_container=ChatCompletion, description="A chat completion, or SSE chunks")},
+)
+async def chat_completions(data: ChatCompletionRequest, tenant: str, state: State) -> ASGIApp:
+    model, info = _resolve(state, data.model)
+    tokenizer = state.engine.tokenizer(data.model)
+    planned = await anyio.to_thread.run_sync(
+        partial(plan_chat, data, tokenizer, model, info.context_length, tenant)
+    )
+    return await _respond(state, planned, info)
+
+
+@post(
+    "/completions",
+    status_code=200,
+    responses={200: ResponseSpec(data_container=CompletionResponse, description="A completion, or SSE chunks")},
+)
+async def completions(data: CompletionRequest, tenant: str, state: State) -> ASGIApp:
+    model, info = _resolve(state, data.model)
+    tokenizer = state.engine.tokenizer(data.model)
+    planned = await anyio.to_thread.run_sync(
+        partial(plan_completion, data, tokenizer, model, info.context_length, tenant)
+    )
+    return await _respond(state, planned, info)
+
+
+def _model_out(info: ModelInfo) -> Model:
+    return Model(id=info.id, created=info.created, owned_by=info.owned_by)
+
+
+@get("/models")
+async def list_models(state: State, tenant: str) -> ModelList:
+    return ModelList(data=[_model_out(m) for m in state.engine.models()])
+
+
+@get("/models/{model_id:path}")
+async def get_model(model_id: str, state: State, tenant: str) -> Model:
+    return _model_out(_model_info(state.engine, model_id.lstrip("/")))
+
+
+openai_router = Router(
+    "/v1",
+    route_handlers=[chat_completions, completions, list_models, get_model],
+    dependencies={"tenant": Provide(provide_tenant)},
+    tags=["OpenAI"],
+)

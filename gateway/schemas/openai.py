@@ -1,0 +1,215 @@
+"""OpenAI wire shapes (requests and responses) as msgspec Structs.
+
+Request Structs accept unknown fields: SDKs and frameworks send extras (``user``, ``metadata``,
+``prompt_cache_key``, ``parallel_tool_calls`` ...). Response fields that OpenAI sends as ``null`` are
+``None`` here, not omitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "ChatChoice",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatLogprobs",
+    "ChatMessage",
+    "ChatMessageOut",
+    "ChunkChoice",
+    "CompletionChoice",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ContentPart",
+    "Delta",
+    "LogprobContent",
+    "Model",
+    "ModelList",
+    "PromptTokensDetails",
+    "StreamOptions",
+    "TopLogprobEntry",
+    "Usage",
+]
+
+
+class _Request(msgspec.Struct, kw_only=True):
+    pass
+
+
+class StreamOptions(_Request, kw_only=True):
+    include_usage: bool = False
+
+
+class ContentPart(_Request, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(_Request, kw_only=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Sampling(_Request, kw_only=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    prompt: str | list[str | int | list[int]]
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+
+class _Response(msgspec.Struct, kw_only=True):
+    pass
+
+
+class PromptTokensDetails(_Response, kw_only=True):
+    cached_tokens: int = 0
+
+
+class Usage(_Response, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprobEntry(_Response, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class LogprobContent(_Response, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobEntry]
+
+
+class ChatLogprobs(_Response, kw_only=True):
+    content: list[LogprobContent] | None
+    refusal: None = None
+
+
+class ChatMessageOut(_Response, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+    refusal: None = None
+
+
+class ChatChoice(_Response, kw_only=True):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(_Response, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    service_tier: None = None
+
+
+class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str | msgspec.UnsetType = msgspec.UNSET
+    content: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChunkChoice(_Response, kw_only=True):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response, kw_only=True):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Response, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(_Response, kw_only=True):
+    """Both the whole response and a streamed chunk (OpenAI uses one shape, ``text_completion``)."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class Model(_Response, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response, kw_only=True):
+    object: str = "list"
+    data: list[Model] = []

@@ -1,0 +1,55 @@
+"""Server-sent events, in one place: framing, ``data: [DONE]``, keep-alive comments, send timeouts.
+
+Built on sse-starlette (Litestar 2's own ServerSentEvent has no pings or send timeout). A failure after
+the first byte becomes one ``data: {"error": ...}`` event, then the stream ends without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import msgspec
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from gateway.errors import APIError, ServerError
+
+__all__ = ["sse_response"]
+
+logger = logging.getLogger(__name__)
+_encoder = msgspec.json.Encoder()
+
+
+async def _frames(chunks: AsyncIterator[msgspec.Struct], request_id: str) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for chunk in chunks:
+            yield ServerSentEvent(data=_encoder.encode(chunk).decode())
+    except APIError as exc:
+        logger.warning("[%s] stream failed: %s", request_id, exc.message)
+        yield ServerSentEvent(data=_encoder.encode(exc.body()).decode())
+        return
+    except Exception:
+        logger.exception("[%s] stream failed", request_id)
+        yield ServerSentEvent(data=_encoder.encode(ServerError("The server failed mid-stream").body()).decode())
+        return
+    yield ServerSentEvent(data="[DONE]")
+
+
+def sse_response(
+    chunks: AsyncIterator[msgspec.Struct],
+    *,
+    request_id: str,
+    ping_seconds: float,
+    send_timeout: float,
+    headers: Mapping[str, str] | None = None,
+) -> EventSourceResponse:
+    """An ASGI response streaming ``chunks`` as OpenAI-style SSE."""
+    return EventSourceResponse(
+        _frames(chunks, request_id),
+        headers=dict(headers or {}),
+        ping=ping_seconds,
+        sep="\n",
+        send_timeout=send_timeout,
+        # Litestar shuts down on its own; sse-starlette's exit patch must not end streams early.
+        shutdown_grace_period=0,
+    )
