@@ -4,6 +4,7 @@ OpenAI-shaped responses."""
 from __future__ import annotations
 
 import logging
+import re
 
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
@@ -40,15 +41,24 @@ def _api_error(_: Request, exc: APIError) -> Response[ErrorResponse]:
     return _respond(exc)
 
 
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
 def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     details = [e for e in extra if isinstance(e, dict)]
     if not details:
         return str(exc.detail), None
-    first = details[0]
-    param = first.get("key") or None
-    text = "; ".join(f"{d.get('key')}: {d.get('message')}" if d.get("key") else str(d.get("message")) for d in details)
-    return f"Invalid request: {text}", param
+    texts, params = [], []
+    for d in details:
+        key, message = d.get("key"), str(d.get("message"))
+        missing = _MISSING.search(message)
+        if key in (None, "data") and missing:  # msgspec names the missing field only in the message
+            key = missing.group(1)
+            message = "this field is required"
+        texts.append(f"'{key}': {message}" if key else message)
+        params.append(key)
+    return f"Invalid request: {'; '.join(texts)}", params[0]
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:

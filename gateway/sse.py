@@ -20,19 +20,24 @@ logger = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 
 
+def _event(data: str) -> ServerSentEvent:
+    # OpenAI frames events with "\n\n"; sse-starlette's default is "\r\n".
+    return ServerSentEvent(data=data, sep="\n")
+
+
 async def _frames(chunks: AsyncIterator[msgspec.Struct], request_id: str) -> AsyncIterator[ServerSentEvent]:
     try:
         async for chunk in chunks:
-            yield ServerSentEvent(data=_encoder.encode(chunk).decode())
+            yield _event(_encoder.encode(chunk).decode())
     except APIError as exc:
         logger.warning("[%s] stream failed: %s", request_id, exc.message)
-        yield ServerSentEvent(data=_encoder.encode(exc.body()).decode())
+        yield _event(_encoder.encode(exc.body()).decode())
         return
     except Exception:
         logger.exception("[%s] stream failed", request_id)
-        yield ServerSentEvent(data=_encoder.encode(ServerError("The server failed mid-stream").body()).decode())
+        yield _event(_encoder.encode(ServerError("The server failed mid-stream").body()).decode())
         return
-    yield ServerSentEvent(data="[DONE]")
+    yield _event("[DONE]")
 
 
 def sse_response(

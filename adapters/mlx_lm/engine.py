@@ -88,6 +88,7 @@ class MlxEngine:
         self._crashed: str | None = None
         self._stats: dict[str, Any] = {"active_memory": 0, "peak_memory": 0, "cache_memory": 0}
         self._started = time.time()
+        self._counters = {"completed": 0, "cancelled": 0, "failed": 0}
         self.device = "unknown"
 
     # ---- the HTTP side's interface -------------------------------------------------------------
@@ -112,6 +113,7 @@ class MlxEngine:
                     context_length=loaded.context_length if loaded else 0,
                     ready=slot.state == "ready",
                     source=slot.spec.source,
+                    fingerprint=loaded.fingerprint if loaded else "",
                 )
             )
         return out
@@ -150,6 +152,7 @@ class MlxEngine:
             "engine_error": self._crashed,
             "device": self.device,
             "active_requests": len(self._active),
+            "requests": dict(self._counters),
             "models": {
                 name: {"state": s.state, "error": s.error, "dtype": s.loaded.dtype if s.loaded else None}
                 for name, s in self._slots.items()
@@ -223,16 +226,19 @@ class MlxEngine:
         request = self._active.popleft()
         if request.cancelled.is_set():
             logger.info("request %s cancelled", request.plan.request_id)
+            self._counters["cancelled"] += 1
             return
         try:
             done = self._step(request)
         except Exception as exc:
             logger.exception("request %s failed", request.plan.request_id)
             request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
+            self._counters["failed"] += 1
             return
         if done:
             plan = request.plan
             request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, 0))
+            self._counters["completed"] += 1
             self._record_memory()
         else:
             self._active.append(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -102,6 +103,7 @@ class LoadedModel:
     vocab_size: int
     dtype: str
     created: int
+    fingerprint: str
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
@@ -150,7 +152,26 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         ctx,
         mx.default_device(),
     )
-    return LoadedModel(spec, model, tokenizer, local, ctx, vocab, dtype, created)
+    return LoadedModel(spec, model, tokenizer, local, ctx, vocab, dtype, created, model_fingerprint(local, dtype))
+
+
+def model_fingerprint(path: Path, dtype: str) -> str:
+    """A cheap but telling digest of a model: its config and tokenizer files in full, and for each
+    weight file its size plus its first and last MiB (the safetensors header names every tensor)."""
+    digest = hashlib.sha256(dtype.encode())
+    if not path.is_dir():
+        return digest.hexdigest()
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".json" or file.name.startswith("tokenizer"):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        elif file.suffix == ".safetensors":
+            size = file.stat().st_size
+            with file.open("rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(0, size - (1 << 20)))
+                tail = fh.read(1 << 20)
+            digest.update(f"{file.name}:{size}".encode() + head + tail)
+    return digest.hexdigest()
 
 
 def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:

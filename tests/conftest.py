@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import Server, run_server
+
+CONFIG = """
+[[models]]
+name = "tiny"
+path = "tiny"
+
+[[models]]
+name = "tiny-short"
+path = "tiny"
+context_length = 64
+"""
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def server(models_dir: Path, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real server on the tiny model (and a copy with a 64-token context), auth off."""
+    config = tmp_path_factory.mktemp("config") / "gateway.toml"
+    config.write_text(CONFIG)
+    with run_server(["--config", str(config)], models_dir=models_dir, log_dir=log_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def auth_server(models_dir: Path, log_dir: Path) -> Iterator[Server]:
+    """The real server with API keys for two tenants and an admin key."""
+    env = {"MLX_GATEWAY_API_KEYS": "key-alpha:alpha,key-beta:beta", "MLX_GATEWAY_ADMIN_KEY": "admin-secret"}
+    with run_server(["--model", "tiny"], models_dir=models_dir, log_dir=log_dir, env=env) as srv:
+        yield srv
