@@ -289,7 +289,7 @@ class MlxEngine:
             # Each choice decodes into a cache of its own; generation mutates caches in place.
             cache = request.cache if i == params.n - 1 else copy.deepcopy(request.cache)
             sampler = ChoiceSampler(params, loaded.vocab_size, loaded.tokenizer.vocab_size, keys[i])
-            text = StopTextAssembler(loaded.tokenizer.wrapper.detokenizer, params.stop)
+            text = StopTextAssembler(loaded.tokenizer.detokenizer(), params.stop)
             request.choices.append(_Choice(i, cache, sampler, text))
         request.cache = None
         for choice in request.choices:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.tokenizer_utils import TokenizerWrapper, _byte_decoder
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
 from mlx_lm.utils import load
 
 from adapters.mlx_lm.presets import PRESETS, build_model
@@ -49,6 +50,20 @@ class MlxTokenizer:
         self._vocab_size = vocab_size
         self._byte_level = type(wrapper._detokenizer).__name__ == "BPEStreamingDetokenizer"
         self._id_to_piece: list[str] = self._hf.convert_ids_to_tokens(list(range(len(self._hf))))
+        self._detokenizer: Any = copy.copy(wrapper._detokenizer)
+        if self._byte_level:
+            self._detokenizer.__class__ = _ExactBPEDetokenizer
+        elif hasattr(self._detokenizer, "trim_space"):
+            self._detokenizer.trim_space = False
+
+    def detokenizer(self) -> Any:
+        """A fresh streaming detokenizer whose text is exactly the tokens' decoding.
+
+        mlx-lm's own drops the first leading space, which loses text for completions (``x =`` + `` 5``).
+        """
+        detok = copy.copy(self._detokenizer)
+        detok.reset()
+        return detok
 
     @property
     def vocab_size(self) -> int:
@@ -75,6 +90,11 @@ class MlxTokenizer:
     def token_text(self, token: int) -> tuple[str, tuple[int, ...]]:
         """A single token's text and its exact bytes (for logprobs)."""
         return _token_text(self, token)
+
+
+class _ExactBPEDetokenizer(BPEStreamingDetokenizer):
+    def _maybe_trim_space(self, current_text: str) -> str:
+        return current_text
 
 
 @cache

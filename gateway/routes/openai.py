@@ -8,8 +8,9 @@ from functools import partial
 import anyio.to_thread
 from litestar import Request, Router, get, post
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, JSONBody
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
@@ -99,7 +100,9 @@ def _resolve(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
     status_code=200,
     responses={200: ResponseSpec(data_container=ChatCompletion, description="A chat completion, or SSE chunks")},
 )
-async def chat_completions(data: ChatCompletionRequest, tenant: str, state: State) -> ASGIApp:
+async def chat_completions(
+    data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State
+) -> ASGIApp:
     model, info = _resolve(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
@@ -113,7 +116,9 @@ async def chat_completions(data: ChatCompletionRequest, tenant: str, state: Stat
     status_code=200,
     responses={200: ResponseSpec(data_container=CompletionResponse, description="A completion, or SSE chunks")},
 )
-async def completions(data: CompletionRequest, tenant: str, state: State) -> ASGIApp:
+async def completions(
+    data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State
+) -> ASGIApp:
     model, info = _resolve(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
@@ -127,12 +132,12 @@ def _model_out(info: ModelInfo) -> Model:
 
 
 @get("/models")
-async def list_models(state: State, tenant: str) -> ModelList:
+async def list_models(state: State, tenant: NamedDependency[str]) -> ModelList:
     return ModelList(data=[_model_out(m) for m in state.engine.models()])
 
 
 @get("/models/{model_id:path}")
-async def get_model(model_id: str, state: State, tenant: str) -> Model:
+async def get_model(model_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Model:
     return _model_out(_model_info(state.engine, model_id.lstrip("/")))
 
 
