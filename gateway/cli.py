@@ -48,8 +48,12 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, engine)
     logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, config.port)
     uvicorn.run(
-        app, host=config.host, port=config.port, log_level=config.log_level,
-        log_config=None, timeout_graceful_shutdown=30,
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        log_config=None,
+        timeout_graceful_shutdown=30,
     )
     return 0
 

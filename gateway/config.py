@@ -114,9 +114,9 @@ def load_config(
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
     }
     for var, key in env_map.items():
-        if var in env:
+        if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"
             raw[key] = env[var]
-    if "MLX_GATEWAY_API_KEYS" in env:
+    if env.get("MLX_GATEWAY_API_KEYS"):
         raw["api_keys"] = _parse_keys(env["MLX_GATEWAY_API_KEYS"])
     env_model = env.get("MLX_GATEWAY_MODEL")
     if env_model:

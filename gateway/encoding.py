@@ -150,8 +150,10 @@ class ChunkEncoder:
         """The role delta of every chat choice (OpenAI sends it before any content), or echoed prompts."""
         p = self._p
         if p.kind == "chat":
-            return [self._chat(ChunkChoice(index=i, delta=Delta(role="assistant", content=""))) for i in
-                    range(len(self._offsets))]
+            return [
+                self._chat(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+                for i in range(len(self._offsets))
+            ]
         out: list[Chunk] = []
         for i, echo in enumerate(p.echo):
             for c in range(p.n):
@@ -180,7 +182,11 @@ class ChunkEncoder:
         p, usage = self._p, usage_of(self._finished)
         if p.kind == "chat":
             return ChatCompletionChunk(
-                id=p.id, created=p.created, model=p.model, choices=[], system_fingerprint=self._fingerprint,
+                id=p.id,
+                created=p.created,
+                model=p.model,
+                choices=[],
+                system_fingerprint=self._fingerprint,
                 usage=usage,
             )
         return CompletionResponse(

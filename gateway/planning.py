@@ -179,7 +179,11 @@ def plan_chat(
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params, requested = _sampling_base(
-        req, tokenizer, logprobs=bool(req.logprobs), top_logprobs=top, max_tokens=max_tokens,
+        req,
+        tokenizer,
+        logprobs=bool(req.logprobs),
+        top_logprobs=top,
+        max_tokens=max_tokens,
         max_tokens_param=max_param,
     )
     tokens = tokenizer.encode(render_messages(tokenizer, req.messages, req.tools))
@@ -187,8 +191,16 @@ def plan_chat(
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     plan = Plan(rid, model.name, tenant, tuple(tokens), params)
     return PlannedRequest(
-        "chat", rid, int(time.time()), model.name, (plan,), params.n, bool(req.stream),
-        bool(req.stream_options and req.stream_options.include_usage), params.logprobs, top,
+        "chat",
+        rid,
+        int(time.time()),
+        model.name,
+        (plan,),
+        params.n,
+        bool(req.stream),
+        bool(req.stream_options and req.stream_options.include_usage),
+        params.logprobs,
+        top,
     )
 
 
@@ -231,7 +243,11 @@ def plan_completion(
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise InvalidRequest("'best_of' other than 'n' is not supported", param="best_of")
     params, requested = _sampling_base(
-        req, tokenizer, logprobs=k is not None, top_logprobs=k or 0, max_tokens=req.max_tokens,
+        req,
+        tokenizer,
+        logprobs=k is not None,
+        top_logprobs=k or 0,
+        max_tokens=req.max_tokens,
         max_tokens_param="max_tokens",
     )
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -242,7 +258,15 @@ def plan_completion(
         limited = _with_limits(params, requested, len(tokens), model, context_length, "max_tokens", param)
         plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(tokens), limited))
     return PlannedRequest(
-        "completion", rid, int(time.time()), model.name, tuple(plans), params.n, bool(req.stream),
-        bool(req.stream_options and req.stream_options.include_usage), params.logprobs, k or 0,
+        "completion",
+        rid,
+        int(time.time()),
+        model.name,
+        tuple(plans),
+        params.n,
+        bool(req.stream),
+        bool(req.stream_options and req.stream_options.include_usage),
+        params.logprobs,
+        k or 0,
         echo=tuple(text for _, text in prompts) if req.echo else (),
     )

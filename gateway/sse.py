@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import cast
 
 import msgspec
+from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway.errors import APIError, ServerError
@@ -47,9 +49,9 @@ def sse_response(
     ping_seconds: float,
     send_timeout: float,
     headers: Mapping[str, str] | None = None,
-) -> EventSourceResponse:
+) -> ASGIApp:
     """An ASGI response streaming ``chunks`` as OpenAI-style SSE."""
-    return EventSourceResponse(
+    response = EventSourceResponse(
         _frames(chunks, request_id),
         headers=dict(headers or {}),
         ping=ping_seconds,
@@ -58,3 +60,5 @@ def sse_response(
         # Litestar shuts down on its own; sse-starlette's exit patch must not end streams early.
         shutdown_grace_period=0,
     )
+    # Starlette's and Litestar's ASGI type aliases differ only in their TypedDict spellings.
+    return cast(ASGIApp, response)

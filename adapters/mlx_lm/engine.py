@@ -9,6 +9,7 @@ failed alone; the loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import queue
@@ -130,10 +131,8 @@ class MlxEngine:
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
         def emit(event: EngineEvent) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop closed (shutdown): nobody is listening
-                pass
 
         request = _Request(plan, loaded, emit)
         self._inbox.put(request)

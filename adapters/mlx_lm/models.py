@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
 from mlx_lm.utils import load
@@ -151,8 +152,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     on_cpu = mx.default_device() == mx.cpu
     if on_cpu:
         model.set_dtype(mx.float32)
-    params = dict(_leaves(model.parameters()))
-    dtype = str(next(iter(params.values())).dtype).replace("mlx.core.", "") if params else "unknown"
+    arrays: list[mx.array] = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
+    dtype = str(arrays[0].dtype).replace("mlx.core.", "") if arrays else "unknown"
     mx.eval(model.parameters())
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 0)
     hf_vocab = len(wrapper._tokenizer)
@@ -192,9 +193,3 @@ def model_fingerprint(path: Path, dtype: str) -> str:
                 tail = fh.read(1 << 20)
             digest.update(f"{file.name}:{size}".encode() + head + tail)
     return digest.hexdigest()
-
-
-def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    from mlx.utils import tree_flatten
-
-    return list(tree_flatten(tree))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from dataclasses import dataclass
+from typing import cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p
@@ -85,11 +86,10 @@ class ChoiceSampler:
                 top_vals = logprobs[top_ids]
                 outputs += [top_ids, top_vals]
         mx.eval(*outputs)
-        tok = int(token.item())
+        tok = cast(int, token.item())
         self._counts[tok] += 1
         top: tuple[tuple[int, float], ...] = ()
         if top_ids is not None and top_vals is not None:
-            top = tuple(sorted(zip(top_ids.tolist(), top_vals.tolist()), key=lambda t: -t[1]))
-        return SampledToken(tok, float(chosen.item()) if chosen is not None else None, top)
-
-
+            pairs = zip(cast(list[int], top_ids.tolist()), cast(list[float], top_vals.tolist()), strict=True)
+            top = tuple(sorted(pairs, key=lambda t: -t[1]))
+        return SampledToken(tok, cast(float, chosen.item()) if chosen is not None else None, top)

@@ -72,8 +72,13 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     headers = {"x-request-id": planned.id}
     logger.info(
         "[%s] %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
-        planned.id, planned.kind, planned.model, len(planned.plans),
-        ",".join(str(len(p.prompt_tokens)) for p in planned.plans), planned.n, planned.stream,
+        planned.id,
+        planned.kind,
+        planned.model,
+        len(planned.plans),
+        ",".join(str(len(p.prompt_tokens)) for p in planned.plans),
+        planned.n,
+        planned.stream,
     )
     if planned.stream:
         return sse_response(
@@ -105,9 +110,7 @@ async def chat_completions(
 ) -> ASGIApp:
     model, info = _resolve(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
-    planned = await anyio.to_thread.run_sync(
-        partial(plan_chat, data, tokenizer, model, info.context_length, tenant)
-    )
+    planned = await anyio.to_thread.run_sync(partial(plan_chat, data, tokenizer, model, info.context_length, tenant))
     return await _respond(state, planned, info)
 
 
@@ -116,9 +119,7 @@ async def chat_completions(
     status_code=200,
     responses={200: ResponseSpec(data_container=CompletionResponse, description="A completion, or SSE chunks")},
 )
-async def completions(
-    data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State
-) -> ASGIApp:
+async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State) -> ASGIApp:
     model, info = _resolve(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(

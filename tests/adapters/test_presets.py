@@ -21,7 +21,11 @@ def test_same_preset_and_seed_give_identical_files(tmp_path: Path, models_dir: P
 def test_model_directory_is_a_real_mlx_lm_model(models_dir: Path) -> None:
     path = build_model("tiny", models_dir=models_dir)
     assert {p.name for p in path.iterdir()} == {
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 32000
     tok = load_tokenizer(path)

@@ -29,8 +29,12 @@ def test_flags_over_env_over_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ['port = "many"', '[[models]]\nname = "a"\npath = "tiny"\nunknown = 1',
-     '[[models]]\nname = "a"\npath = "x"\n[[models]]\nname = "a"\npath = "y"', "not toml ["],
+    [
+        'port = "many"',
+        '[[models]]\nname = "a"\npath = "tiny"\nunknown = 1',
+        '[[models]]\nname = "a"\npath = "x"\n[[models]]\nname = "a"\npath = "y"',
+        "not toml [",
+    ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
     f = tmp_path / "c.toml"

@@ -41,8 +41,9 @@ class FakeTokenizer:
     def decode(self, tokens: Sequence[int]) -> str:
         return bytes(tokens).decode(errors="replace")
 
-    def render_chat(self, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool,
-                    tools: object = None) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool, tools: object = None
+    ) -> str:
         return "".join(str(m["content"]) for m in messages)
 
 
@@ -90,7 +91,8 @@ def fake() -> Iterator[tuple[str, FakeEngine]]:
     config = load_config({"model": "fake"}, environ={})
     config = type(config)(**{**{f: getattr(config, f) for f in config.__struct_fields__}, "sse_ping_seconds": 0.1})
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(config, engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -101,8 +103,11 @@ def fake() -> Iterator[tuple[str, FakeEngine]]:
 
 
 def chat(url: str, content: str, stream: bool) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=10, json={
-        "model": "fake", "messages": [{"role": "user", "content": content}], "max_tokens": 1, "stream": stream})
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=10,
+        json={"model": "fake", "messages": [{"role": "user", "content": content}], "max_tokens": 1, "stream": stream},
+    )
 
 
 def test_keepalive_pings_while_waiting(fake: tuple[str, FakeEngine]) -> None:

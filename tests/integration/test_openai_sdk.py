@@ -47,7 +47,11 @@ def test_chat_non_streaming(client: openai.OpenAI) -> None:
 def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
     stream = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -64,7 +68,11 @@ def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
 
 def test_max_completion_tokens_wins(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=20, max_completion_tokens=3, temperature=0,
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=20,
+        max_completion_tokens=3,
+        temperature=0,
         logit_bias={"0": -100, "2": -100},
     )
     assert r.usage is not None and r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
@@ -88,10 +96,16 @@ def test_completion_prompt_forms(client: openai.OpenAI) -> None:
 
 def test_completion_streaming_and_echo(client: openai.OpenAI) -> None:
     whole = client.completions.create(model="tiny", prompt="for i in range(", max_tokens=8, temperature=0)
-    chunks = list(client.completions.create(
-        model="tiny", prompt="for i in range(", max_tokens=8, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="for i in range(",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     echoed = client.completions.create(model="tiny", prompt="for i in range(", max_tokens=8, temperature=0, echo=True)
@@ -100,7 +114,11 @@ def test_completion_streaming_and_echo(client: openai.OpenAI) -> None:
 
 def test_extra_body_and_unknown_fields_are_accepted(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, user="someone",
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        user="someone",
         extra_body={"prompt_cache_key": "abc", "some_future_field": {"x": 1}, "metadata": {"a": "b"}},
     )
     assert r.choices[0].message.content is not None
@@ -139,8 +157,11 @@ def test_n_choices(client: openai.OpenAI) -> None:
     per_choice = [len(c.logprobs.content or []) for c in r.choices if c.logprobs]
     assert r.usage is not None and r.usage.completion_tokens == sum(per_choice) and len(per_choice) == 3
     assert r.usage.prompt_tokens > 0
-    stream = list(client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, n=2, seed=7, stream=True))
+    stream = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, n=2, seed=7, stream=True
+        )
+    )
     roles = sorted(c.choices[0].index for c in stream if c.choices and c.choices[0].delta.role)
     assert roles == [0, 1]
     finishes = sorted(c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason)
@@ -212,8 +233,11 @@ def test_message_forms(client: openai.OpenAI) -> None:
         messages=[
             {"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
             {"role": "tool", "content": "42", "tool_call_id": "call_1"},
             {"role": "user", "content": "Thanks"},
         ],

@@ -14,8 +14,18 @@ NO_EOS = {"0": -100, "2": -100}
 
 
 def greedy_tokens(server: Server, prompt: str, n: int) -> list[str]:
-    r = httpx.post(f"{server.v1}/completions", timeout=30, json={
-        "model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 0, "logit_bias": NO_EOS})
+    r = httpx.post(
+        f"{server.v1}/completions",
+        timeout=30,
+        json={
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": n,
+            "temperature": 0,
+            "logprobs": 0,
+            "logit_bias": NO_EOS,
+        },
+    )
     return r.json()["choices"][0]["logprobs"]["tokens"]
 
 
@@ -27,8 +37,14 @@ def test_stop_string_across_tokens(server: Server, prompt: str) -> None:
     k = next(i for i in range(1, len(tokens) - 1) if len(tokens[i]) >= 2 and len(tokens[i + 1]) >= 2)
     stop = tokens[k][-2:] + tokens[k + 1][:2]
     expected = text[: text.index(stop)]
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0, "stop": [stop, "\x00never"],
-            "logit_bias": NO_EOS}
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": 40,
+        "temperature": 0,
+        "stop": [stop, "\x00never"],
+        "logit_bias": NO_EOS,
+    }
     whole = httpx.post(f"{server.v1}/completions", json=body, timeout=30).json()
     assert whole["choices"][0]["text"] == expected
     assert whole["choices"][0]["finish_reason"] == "stop"
@@ -59,12 +75,24 @@ def test_stop_that_never_matches_releases_held_text(server: Server) -> None:
 
 def test_chat_stop(server: Server) -> None:
     msgs = [{"role": "user", "content": "hello there"}]
-    base = httpx.post(f"{server.v1}/chat/completions", timeout=30, json={
-        "model": "tiny", "messages": msgs, "max_tokens": 20, "temperature": 0, "logit_bias": NO_EOS}).json()
+    base = httpx.post(
+        f"{server.v1}/chat/completions",
+        timeout=30,
+        json={"model": "tiny", "messages": msgs, "max_tokens": 20, "temperature": 0, "logit_bias": NO_EOS},
+    ).json()
     content = base["choices"][0]["message"]["content"]
     stop = content[5:8]
-    r = httpx.post(f"{server.v1}/chat/completions", timeout=30, json={
-        "model": "tiny", "messages": msgs, "max_tokens": 20, "temperature": 0, "stop": stop,
-        "logit_bias": NO_EOS}).json()
+    r = httpx.post(
+        f"{server.v1}/chat/completions",
+        timeout=30,
+        json={
+            "model": "tiny",
+            "messages": msgs,
+            "max_tokens": 20,
+            "temperature": 0,
+            "stop": stop,
+            "logit_bias": NO_EOS,
+        },
+    ).json()
     assert r["choices"][0]["message"]["content"] == content[: content.index(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"

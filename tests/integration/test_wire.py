@@ -22,7 +22,7 @@ def sse_events(text: str) -> list[str]:
         if not lines:
             continue
         assert len(lines) == 1 and lines[0].startswith("data: "), block
-        out.append(lines[0][len("data: "):])
+        out.append(lines[0][len("data: ") :])
     return out
 
 
@@ -63,8 +63,11 @@ def test_chat_stream_wire(server: Server) -> None:
 
 
 def test_stream_without_usage_has_no_usage_chunk(server: Server) -> None:
-    r = httpx.post(f"{server.v1}/completions", json={
-        "model": "tiny", "prompt": "a", "max_tokens": 3, "temperature": 0, "stream": True}, timeout=30)
+    r = httpx.post(
+        f"{server.v1}/completions",
+        json={"model": "tiny", "prompt": "a", "max_tokens": 3, "temperature": 0, "stream": True},
+        timeout=30,
+    )
     chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
     assert all(c["object"] == "text_completion" and c["choices"] for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -95,8 +98,10 @@ def test_non_streaming_shape(server: Server) -> None:
         ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias"),
         ({**CHAT, "top_logprobs": 3}, "top_logprobs"),
         ({**CHAT, "messages": []}, "messages"),
-        ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages[0].content[0].type"),
+        (
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
         ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
@@ -126,8 +131,12 @@ def test_invalid_completion_requests_are_400(server: Server, body: dict, param: 
 
 
 def test_invalid_json_is_400(server: Server) -> None:
-    r = httpx.post(f"{server.v1}/chat/completions", content=b'{"model": "tiny", "messages": [', timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.v1}/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, 400, "invalid_request_error", None)
 
 
@@ -145,16 +154,23 @@ def test_unknown_route_is_404(server: Server) -> None:
 
 def test_context_length_exceeded(server: Server) -> None:
     long = "word " * 200  # far more than tiny-short's 64-token context
-    r = httpx.post(f"{server.v1}/chat/completions", timeout=30, json={
-        **CHAT, "model": "tiny-short", "messages": [{"role": "user", "content": long}]})
+    r = httpx.post(
+        f"{server.v1}/chat/completions",
+        timeout=30,
+        json={**CHAT, "model": "tiny-short", "messages": [{"role": "user", "content": long}]},
+    )
     err = assert_error(r, 400, "invalid_request_error", "context_length_exceeded")
     assert "64" in err["message"]
-    r = httpx.post(f"{server.v1}/completions", timeout=30, json={
-        "model": "tiny-short", "prompt": "hello", "max_tokens": 100})
+    r = httpx.post(
+        f"{server.v1}/completions", timeout=30, json={"model": "tiny-short", "prompt": "hello", "max_tokens": 100}
+    )
     assert_error(r, 400, "invalid_request_error", "context_length_exceeded", "max_tokens")
     # Without max_tokens the completion gets the room that is left.
-    r = httpx.post(f"{server.v1}/completions", timeout=60, json={
-        "model": "tiny-short", "prompt": [5] * 60, "temperature": 0, "logit_bias": {"0": -100, "2": -100}})
+    r = httpx.post(
+        f"{server.v1}/completions",
+        timeout=60,
+        json={"model": "tiny-short", "prompt": [5] * 60, "temperature": 0, "logit_bias": {"0": -100, "2": -100}},
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
@@ -179,8 +195,14 @@ def test_health_and_index(server: Server) -> None:
 
 def test_disconnect_stops_generation(server: Server) -> None:
     before = httpx.get(f"{server.url}/health", timeout=30).json()["requests"]["cancelled"]
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 8000, "stream": True, "temperature": 0,
-            "logit_bias": {"0": -100, "2": -100}}
+    body = {
+        "model": "tiny",
+        "prompt": "x",
+        "max_tokens": 8000,
+        "stream": True,
+        "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100},
+    }
     with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=30) as r:
         for _ in r.iter_lines():
             break  # one line, then hang up

@@ -1,0 +1,1 @@
+"""The persistent store of named prefix caches (built in the prefix-cache issue)."""
