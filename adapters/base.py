@@ -10,7 +10,16 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from prefix_caches.manifest import Manifest
+from prefix_caches.store import PrefixCacheStore
+
 __all__ = [
+    "BuildEvent",
+    "BuildProgress",
+    "PrefixBuild",
+    "PrefixBuilt",
+    "PrefixUse",
+    "Started",
     "ChoiceFinished",
     "Engine",
     "EngineError",
@@ -70,6 +79,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class PrefixUse:
+    """Reuse the first ``reuse`` tokens of the named cache's KV (planning checked they match)."""
+
+    tenant: str
+    name: str
+    reuse: int
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs for one request, decided before it is submitted."""
 
@@ -78,6 +96,39 @@ class Plan:
     tenant: str
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
+    prefix: PrefixUse | None = None
+
+
+@dataclass(frozen=True)
+class PrefixBuild:
+    """Build (or rebuild) a named prefix cache from ``tokens``; the manifest says what it is for."""
+
+    request_id: str
+    model: str
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class Started:
+    """The engine admitted the request; what a named prefix cache gave it."""
+
+    cached_tokens: int
+    prefix_hit: bool = False
+    prefix_resident: bool = False
+    prefix_load_ms: float = 0.0
+    prefix_miss_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class PrefixBuilt:
+    manifest: Manifest
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -125,7 +176,8 @@ class Failed:
     error: EngineError
 
 
-EngineEvent = TokenEvent | ChoiceFinished | Finished | Failed
+EngineEvent = Started | TokenEvent | ChoiceFinished | Finished | Failed
+BuildEvent = BuildProgress | PrefixBuilt | Failed
 
 
 class PromptTokenizer(Protocol):
@@ -153,6 +205,17 @@ class Engine(Protocol):
     def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
         """Queue ``plan``; the iterator yields its events and cancels it when closed early."""
         ...
+
+    def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
+        """Queue a prefix-cache build; it is prefilled in chunks between other requests' steps."""
+        ...
+
+    async def verify_prefix(self, tenant: str, name: str) -> dict[str, object]:
+        """Integrity of a stored cache: digests of its resident arrays and its file."""
+        ...
+
+    @property
+    def prefix_store(self) -> PrefixCacheStore | None: ...
 
     def health(self) -> dict[str, object]: ...
 

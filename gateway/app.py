@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.errors import (
     APIError,
     AuthenticationError,
+    Conflict,
     ErrorResponse,
     InvalidRequest,
     NotFound,
@@ -27,6 +28,12 @@ from gateway.errors import (
 )
 from gateway.routes.health import health, index
 from gateway.routes.openai import openai_router
+from prefix_caches import (
+    InvalidCacheName,
+    PrefixCacheError,
+    PrefixCacheExists,
+    PrefixCacheNotFound,
+)
 
 __all__ = ["create_app"]
 
@@ -89,6 +96,16 @@ def _engine_error(_: Request, exc: EngineError) -> Response[ErrorResponse]:
     return _respond(ServerError(str(exc)))
 
 
+def _prefix_error(_: Request, exc: PrefixCacheError) -> Response[ErrorResponse]:
+    if isinstance(exc, PrefixCacheNotFound):
+        return _respond(NotFound(str(exc), param="prefix_cache", code="prefix_cache_not_found"))
+    if isinstance(exc, PrefixCacheExists):
+        return _respond(Conflict(str(exc), param="name", code="prefix_cache_exists"))
+    if isinstance(exc, InvalidCacheName):
+        return _respond(InvalidRequest(str(exc), param="name", code="invalid_prefix_cache_name"))
+    return _respond(InvalidRequest(str(exc), param="prefix_cache", code="prefix_cache_unusable"))
+
+
 def _unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _respond(ServerError("The server had an error while processing your request"))
@@ -104,6 +121,7 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         exception_handlers={
             APIError: _api_error,
             EngineError: _engine_error,
+            PrefixCacheError: _prefix_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

@@ -94,7 +94,11 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
         )
         for m in config.models
     ]
-    return MlxEngine(specs)
+    from prefix_caches import PrefixCacheStore
+
+    store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes)
+    store.scan()
+    return MlxEngine(specs, store)
 
 
 def _build_model(args: argparse.Namespace) -> int:

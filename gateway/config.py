@@ -50,6 +50,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     default_tenant: str = "default"
     models_dir: str | None = None
     cache_dir: str | None = None
+    # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
+    prefix_cache_memory_bytes: int = 2 * 1024**3
     max_body_bytes: int = 16 * 1024 * 1024
     # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
     sse_ping_seconds: float = 10.0
@@ -61,6 +63,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(os.path.expanduser("~/.cache")) / "mlx-gateway" / "prefix-caches"
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -112,6 +120,7 @@ def load_config(
         "MLX_GATEWAY_LOG_LEVEL": "log_level",
         "MLX_GATEWAY_BLAS": "blas",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
+        "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
     }
     for var, key in env_map.items():
         if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"

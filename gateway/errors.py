@@ -11,6 +11,7 @@ import msgspec
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "Conflict",
     "ContextLengthExceeded",
     "ErrorBody",
     "ErrorResponse",
@@ -71,6 +72,11 @@ class AuthenticationError(APIError):
 
 class NotFound(APIError):
     status_code = 404
+    type = "invalid_request_error"
+
+
+class Conflict(APIError):
+    status_code = 409
     type = "invalid_request_error"
 
 

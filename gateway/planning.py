@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from adapters.base import Plan, PromptTokenizer, SamplingParams
+from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
-from gateway.schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from gateway.schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, PrefixCacheRef
+from prefix_caches import Manifest, PrefixCacheStore
 
 __all__ = ["PlannedRequest", "plan_chat", "plan_completion"]
 
@@ -38,6 +39,60 @@ class PlannedRequest:
     logprobs: bool
     top_logprobs: int
     echo: tuple[str, ...] = ()
+    prefix_name: str | None = None
+    prefix_miss_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """A named cache as planning sees it: the tokens a request must start with, or why not used."""
+
+    name: str
+    manifest: Manifest | None
+    on_mismatch: str
+    unusable: str | None = None
+
+
+def _lookup_prefix(
+    ref: str | PrefixCacheRef | None, store: PrefixCacheStore | None, tenant: str, model: str
+) -> _Prefix | None:
+    if ref is None:
+        return None
+    name, on_mismatch = (ref, "error") if isinstance(ref, str) else (ref.name, ref.on_mismatch)
+    if store is None:
+        raise InvalidRequest("Prefix caches are not enabled on this server", param="prefix_cache")
+    manifest = store.get(tenant, name)  # PrefixCacheNotFound / InvalidCacheName -> 404 / 400
+    if manifest.model != model:
+        raise InvalidRequest(
+            f"The prefix cache '{name}' was built for model '{manifest.model}', not '{model}'",
+            param="prefix_cache",
+            code="prefix_cache_mismatch",
+        )
+    status = store.status(tenant, name)
+    unusable = None if status.state == "ready" else f"cache is {status.state}: {status.reason}"
+    return _Prefix(name, manifest, on_mismatch, unusable)
+
+
+def _prefix_use(prefix: _Prefix | None, tokens: list[int], tenant: str) -> tuple[PrefixUse | None, str | None]:
+    """Whether ``tokens`` start with the cache's tokens; the reuse (at most all but the last token)."""
+    if prefix is None or prefix.manifest is None:
+        return None, None
+    cached = prefix.manifest.tokens
+    if tokens[: len(cached)] != cached:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(tokens, cached, strict=False)) if a != b), min(len(tokens), len(cached))
+        )
+        message = (
+            f"The request does not start with the prefix cache '{prefix.name}': its tokens differ from the "
+            f"cache's at position {at} of {len(cached)}"
+        )
+        if prefix.on_mismatch == "error":
+            raise InvalidRequest(message, param="prefix_cache", code="prefix_cache_mismatch")
+        return None, "mismatch: recomputed"
+    if prefix.unusable is not None:
+        return None, prefix.unusable
+    # An exact hit still leaves the last token to compute: it gives the logits of the first new token.
+    return PrefixUse(tenant, prefix.name, min(len(cached), len(tokens) - 1)), None
 
 
 def _check_range(value: float | None, low: float, high: float, param: str) -> None:
@@ -164,7 +219,12 @@ def render_messages(tokenizer: PromptTokenizer, messages: Sequence[ChatMessage],
 
 
 def plan_chat(
-    req: ChatCompletionRequest, tokenizer: PromptTokenizer, model: ModelConfig, context_length: int, tenant: str
+    req: ChatCompletionRequest,
+    tokenizer: PromptTokenizer,
+    model: ModelConfig,
+    context_length: int,
+    tenant: str,
+    store: PrefixCacheStore | None = None,
 ) -> PlannedRequest:
     if req.response_format is not None and req.response_format.get("type") not in (None, "text"):
         raise InvalidRequest(
@@ -231,7 +291,12 @@ def _checked_ids(ids: list[int], tokenizer: PromptTokenizer, param: str) -> tupl
 
 
 def plan_completion(
-    req: CompletionRequest, tokenizer: PromptTokenizer, model: ModelConfig, context_length: int, tenant: str
+    req: CompletionRequest,
+    tokenizer: PromptTokenizer,
+    model: ModelConfig,
+    context_length: int,
+    tenant: str,
+    store: PrefixCacheStore | None = None,
 ) -> PlannedRequest:
     if req.suffix:
         raise InvalidRequest("'suffix' is not supported", param="suffix")

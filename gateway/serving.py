@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from adapters.base import Engine, EngineEvent, Failed, Plan
+from adapters.base import Engine, EngineEvent, Failed, Plan, Started
 from gateway.encoding import ChunkEncoder, ResponseEncoder
 from gateway.errors import ServerError
 from gateway.planning import PlannedRequest
 from gateway.schemas.openai import ChatCompletion, CompletionResponse
 
-__all__ = ["collect", "stream_chunks"]
+__all__ = ["Running", "collect", "prefix_header", "stream_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +61,85 @@ def _failure(event: Failed, planned: PlannedRequest) -> ServerError:
     return ServerError(f"The engine failed on this request: {event.error}")
 
 
-async def collect(engine: Engine, planned: PlannedRequest, fingerprint: str) -> ChatCompletion | CompletionResponse:
-    encoder = ResponseEncoder(planned, fingerprint)
-    async for index, event in _events(engine, planned.plans):
-        if isinstance(event, Failed):
-            raise _failure(event, planned)
-        encoder.feed(index, event)
+class Running:
+    """A submitted request's events; ``started()`` waits until the engine admitted every prompt."""
+
+    def __init__(self, engine: Engine, planned: PlannedRequest) -> None:
+        self.planned = planned
+        self._events = _events(engine, planned.plans)
+        self._held: list[tuple[int, EngineEvent]] = []
+        self.started: list[Started] = []
+
+    async def wait_started(self) -> list[Started]:
+        while len(self.started) < len(self.planned.plans):
+            try:
+                index, event = await anext(self._events)
+            except StopAsyncIteration:
+                break
+            if isinstance(event, Failed):
+                await self.aclose()
+                raise _failure(event, self.planned)
+            if isinstance(event, Started):
+                self.started.append(event)
+            else:
+                self._held.append((index, event))
+        return self.started
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, EngineEvent]]:
+        held, self._held = self._held, []
+        for item in held:
+            yield item
+        async for index, event in self._events:
+            if isinstance(event, Failed):
+                raise _failure(event, self.planned)
+            if isinstance(event, Started):
+                self.started.append(event)
+                continue
+            yield index, event
+
+    async def aclose(self) -> None:
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(running: Running, fingerprint: str) -> ChatCompletion | CompletionResponse:
+    encoder = ResponseEncoder(running.planned, fingerprint)
+    try:
+        async for index, event in running:
+            encoder.feed(index, event)  # type: ignore[arg-type]
+    finally:
+        await running.aclose()
     return encoder.build()
 
 
-async def stream_chunks(engine: Engine, planned: PlannedRequest, fingerprint: str) -> AsyncIterator[msgspec.Struct]:
+async def stream_chunks(running: Running, fingerprint: str) -> AsyncIterator[msgspec.Struct]:
+    planned = running.planned
     encoder = ChunkEncoder(planned, fingerprint)
     for chunk in encoder.opening():
         yield chunk
-    events = _events(engine, planned.plans)
     try:
-        async for index, event in events:
-            if isinstance(event, Failed):
-                raise _failure(event, planned)
-            for chunk in encoder.feed(index, event):
+        async for index, event in running:
+            for chunk in encoder.feed(index, event):  # type: ignore[arg-type]
                 yield chunk
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await running.aclose()
     if planned.include_usage:
         yield encoder.usage()
+
+
+def prefix_header(planned: PlannedRequest, started: list[Started]) -> str | None:
+    """The ``x-prefix-cache`` header: name, hit, cached tokens, load time (or why it missed)."""
+    if planned.prefix_name is None:
+        return None
+    parts = [f"name={planned.prefix_name}"]
+    first = started[0] if started else None
+    if first is not None and first.prefix_hit:
+        parts += [
+            "hit=true",
+            f"cached_tokens={first.cached_tokens}",
+            f"load_ms={first.prefix_load_ms:.2f}",
+            f"resident={'true' if first.prefix_resident else 'false'}",
+        ]
+    else:
+        reason = planned.prefix_miss_reason or (first.prefix_miss_reason if first else None) or "unknown"
+        parts += ["hit=false", "cached_tokens=0", f"reason={reason}"]
+    return "; ".join(parts)

@@ -1,1 +1,24 @@
-"""The persistent store of named prefix caches (built in the prefix-cache issue)."""
+"""Named, persistent prefix caches: the KV state of a prompt prefix, built once, kept on disk and in
+memory under a byte budget, and handed to each request as its own copy."""
+
+from prefix_caches.errors import (
+    InvalidCacheName,
+    PrefixCacheError,
+    PrefixCacheExists,
+    PrefixCacheNotFound,
+    PrefixCacheUnusable,
+)
+from prefix_caches.manifest import Manifest
+from prefix_caches.names import validate_name
+from prefix_caches.store import PrefixCacheStore
+
+__all__ = [
+    "InvalidCacheName",
+    "Manifest",
+    "PrefixCacheError",
+    "PrefixCacheExists",
+    "PrefixCacheNotFound",
+    "PrefixCacheStore",
+    "PrefixCacheUnusable",
+    "validate_name",
+]

@@ -24,6 +24,8 @@ import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
 
 from adapters.base import (
+    BuildEvent,
+    BuildProgress,
     ChoiceFinished,
     EngineError,
     EngineEvent,
@@ -32,6 +34,9 @@ from adapters.base import (
     Finished,
     ModelInfo,
     Plan,
+    PrefixBuild,
+    PrefixBuilt,
+    Started,
     TokenEvent,
     TokenLogprob,
     TopLogprob,
@@ -40,6 +45,11 @@ from adapters.base import (
 from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_model
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
+from prefix_caches import kv
+from prefix_caches.errors import PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
+from prefix_caches.manifest import Manifest
+from prefix_caches.names import cache_paths
+from prefix_caches.store import PrefixCacheStore, file_sha256, tokens_sha256
 
 __all__ = ["MlxEngine"]
 
@@ -65,8 +75,28 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cache: list[Any] | None = None
     prefilled: int = 0
+    cached_tokens: int = 0
     choices: list[_Choice] = field(default_factory=list)
     completion_tokens: int = 0
+
+
+@dataclass
+class _Build:
+    job: PrefixBuild
+    model: LoadedModel
+    emit: Any
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cache: list[Any] | None = None
+    prefilled: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Call:
+    """A function to run on the engine thread (it owns every MLX array)."""
+
+    fn: Any
+    future: Any  # concurrent.futures.Future
 
 
 @dataclass
@@ -80,10 +110,11 @@ class _ModelSlot:
 class MlxEngine:
     """Implements :class:`adapters.base.Engine` on mlx-lm."""
 
-    def __init__(self, specs: list[ModelSpec]) -> None:
+    def __init__(self, specs: list[ModelSpec], store: PrefixCacheStore | None = None) -> None:
         self._slots = {s.name: _ModelSlot(s) for s in specs}
-        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._active: deque[_Request] = deque()
+        self._store = store
+        self._inbox: queue.SimpleQueue[_Request | _Build | _Call | None] = queue.SimpleQueue()
+        self._active: deque[_Request | _Build] = deque()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._stopping = threading.Event()
         self._crashed: str | None = None
@@ -125,15 +156,13 @@ class MlxEngine:
     def loaded(self, model: str) -> LoadedModel:
         return self._ready(model)
 
+    @property
+    def prefix_store(self) -> PrefixCacheStore | None:
+        return self._store
+
     async def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
         loaded = self._ready(plan.model)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-
-        def emit(event: EngineEvent) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody is listening
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
+        events, emit = _channel()
         request = _Request(plan, loaded, emit)
         self._inbox.put(request)
         try:
@@ -144,6 +173,47 @@ class MlxEngine:
                     return
         finally:
             request.cancelled.set()
+
+    async def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
+        loaded = self._ready(job.model)
+        if self._store is None:
+            raise EngineError("prefix caches are not enabled")
+        events, emit = _channel()
+        build = _Build(job, loaded, emit)
+        self._inbox.put(build)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, PrefixBuilt | Failed):
+                    return
+        finally:
+            build.cancelled.set()
+
+    async def verify_prefix(self, tenant: str, name: str) -> dict[str, Any]:
+        store = self._store
+        if store is None:
+            raise EngineError("prefix caches are not enabled")
+        manifest = store.get(tenant, name)
+
+        def check() -> dict[str, Any]:
+            try:
+                cache, _ = store.arrays(manifest)
+                resident = kv.arrays_sha256(cache)
+            except PrefixCacheUnusable as exc:
+                return {"ok": False, "reason": str(exc)}
+            arrays_path, _ = cache_paths(store.root, tenant, name)
+            on_disk = file_sha256(arrays_path)
+            return {"ok": on_disk == manifest.file_sha256, "arrays_sha256": resident, "file_sha256": on_disk}
+
+        return await self._call(check)
+
+    async def _call(self, fn: Any) -> Any:
+        import concurrent.futures
+
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._inbox.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -157,6 +227,7 @@ class MlxEngine:
                 for name, s in self._slots.items()
             },
             "memory": dict(self._stats),
+            "prefix_caches": self._store.stats() if self._store else None,
         }
 
     def _ready(self, model: str) -> LoadedModel:
@@ -180,6 +251,7 @@ class MlxEngine:
                 try:
                     slot.loaded = load_model(slot.spec)
                     slot.state = "ready"
+                    self._check_stored_prefixes(slot.loaded)
                 except Exception as exc:  # a bad model must not take the others down
                     logger.exception("model %s failed to load", slot.spec.name)
                     slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -203,13 +275,21 @@ class MlxEngine:
                 self._idle()
             return
         while item is not None:
-            self._active.append(item)
+            if isinstance(item, _Call):
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as exc:
+                    item.future.set_exception(exc)
+            else:
+                self._active.append(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
     def _idle(self) -> None:
+        if self._store is not None:
+            self._store.flush()
         if mx.get_cache_memory() > 0:
             mx.clear_cache()
         self._record_memory()
@@ -223,6 +303,9 @@ class MlxEngine:
 
     def _turn(self) -> None:
         request = self._active.popleft()
+        if isinstance(request, _Build):
+            self._build_turn(request)
+            return
         if request.cancelled.is_set():
             logger.info("request %s cancelled", request.plan.request_id)
             self._counters["cancelled"] += 1
@@ -236,7 +319,7 @@ class MlxEngine:
             return
         if done:
             plan = request.plan
-            request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, 0))
+            request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
             self._counters["completed"] += 1
             self._record_memory()
         else:
@@ -244,6 +327,8 @@ class MlxEngine:
 
     def _step(self, request: _Request) -> bool:
         """Run one prefill chunk or one decode step. Returns True when the request is finished."""
+        if request.cache is None and not request.choices:
+            self._attach_prefix(request)
         if not request.choices:
             logits = self._prefill_chunk(request)
             if logits is not None:
@@ -255,11 +340,130 @@ class MlxEngine:
                     self._accept(request, choice, choice.sampler(logits))
         return all(c.done for c in request.choices) if request.choices else False
 
-    def _forward(self, loaded: LoadedModel, tokens: list[int], cache: list[Any]) -> mx.array:
+    def _forward(self, loaded: LoadedModel, tokens: list[int], cache: list[Any], quantize: bool = True) -> mx.array:
         logits = loaded.model(mx.array(tokens)[None], cache=cache)[0, -1, :]
         spec = loaded.spec
-        maybe_quantize_kv_cache(cache, spec.quantized_kv_start, spec.kv_group_size, spec.kv_bits)
+        if quantize:
+            maybe_quantize_kv_cache(cache, spec.quantized_kv_start, spec.kv_group_size, spec.kv_bits)
         return logits
+
+    def _attach_prefix(self, request: _Request) -> None:
+        """Give the request its own view of its named prefix cache, or a fresh cache on a miss."""
+        use, store = request.plan.prefix, self._store
+        if use is None or store is None:
+            request.cache = request.model.make_cache()
+            request.emit(Started(0))
+            return
+        start = time.perf_counter()
+        try:
+            manifest = store.get(use.tenant, use.name)
+            stored, resident = store.arrays(manifest)
+            request.cache = kv.view(stored, use.reuse)
+        except PrefixCacheError as exc:
+            reason = str(exc)
+            if isinstance(exc, PrefixCacheUnusable):
+                logger.warning("prefix cache %s unusable, recomputing: %s", use.name, reason)
+                store.set_status(use.tenant, use.name, "invalid", reason)
+                self._queue_rebuild(request.model, use.tenant, use.name)
+            store.record_miss()
+            request.cache = request.model.make_cache()
+            request.emit(Started(0, prefix_miss_reason=reason))
+            return
+        request.prefilled = use.reuse
+        request.cached_tokens = use.reuse
+        store.record_hit(use.tenant, use.name)
+        load_ms = (time.perf_counter() - start) * 1000
+        request.emit(Started(use.reuse, True, resident, load_ms))
+
+    # ---- prefix-cache builds -------------------------------------------------------------------
+
+    def _build_turn(self, build: _Build) -> None:
+        manifest = build.job.manifest
+        store = self._store
+        assert store is not None
+        if build.cancelled.is_set():
+            logger.info("prefix cache build %s cancelled", manifest.name)
+            store.set_status(manifest.tenant, manifest.name, "invalid", "build cancelled")
+            return
+        try:
+            if build.cache is None:
+                build.cache = build.model.make_cache()
+            tokens = manifest.tokens
+            step = build.model.spec.prefill_step_size
+            chunk = tokens[build.prefilled : build.prefilled + step]
+            self._forward(build.model, chunk, build.cache, quantize=False)
+            mx.eval([c.state for c in build.cache])
+            build.prefilled += len(chunk)
+            logger.info("prefix cache %s: %d/%d tokens", manifest.name, build.prefilled, len(tokens))
+            build.emit(BuildProgress(build.prefilled, len(tokens)))
+            if build.prefilled < len(tokens):
+                self._active.append(build)
+                return
+            cache = kv.exact(build.cache)
+            if manifest.kv_bits:
+                cache = kv.quantize(cache, manifest.kv_bits, manifest.kv_group_size)
+            seconds = time.perf_counter() - build.started
+            manifest.build_seconds = seconds
+            saved = store.save(manifest, cache)
+            logger.info(
+                "prefix cache %s built: %d tokens, %d bytes, %.2fs",
+                manifest.name,
+                len(tokens),
+                saved.size_bytes,
+                seconds,
+            )
+            build.emit(PrefixBuilt(saved, seconds))
+        except Exception as exc:
+            logger.exception("prefix cache build %s failed", manifest.name)
+            store.set_status(manifest.tenant, manifest.name, "invalid", f"build failed: {exc}")
+            build.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
+
+    def _check_stored_prefixes(self, loaded: LoadedModel) -> None:
+        """Stored caches built for other weights or library versions are never used: rebuild them."""
+        if self._store is None:
+            return
+        import mlx_lm
+
+        for manifest in self._store.all():
+            if manifest.model != loaded.spec.name:
+                continue
+            reasons = []
+            if manifest.model_fingerprint != loaded.fingerprint:
+                reasons.append("the model's weights or config changed")
+            if manifest.mlx_version != mx.__version__ or manifest.mlx_lm_version != mlx_lm.__version__:
+                reasons.append(f"written by mlx {manifest.mlx_version} / mlx-lm {manifest.mlx_lm_version}")
+            status = self._store.status(manifest.tenant, manifest.name)
+            if reasons or status.state != "ready":
+                reason = "; ".join(reasons) or status.reason or status.state
+                logger.warning("prefix cache %s is stale (%s): rebuilding", manifest.name, reason)
+                self._store.set_status(manifest.tenant, manifest.name, "stale", reason)
+                self._queue_rebuild(loaded, manifest.tenant, manifest.name)
+
+    def _queue_rebuild(self, loaded: LoadedModel, tenant: str, name: str) -> None:
+        """Rebuild from the manifest: its tokens where the tokenizer is the same, else its source text."""
+        store = self._store
+        assert store is not None
+        try:
+            old = store.get(tenant, name)
+        except PrefixCacheNotFound:
+            return
+        tokens = list(old.tokens)
+        if old.tokenizer_fingerprint != loaded.tokenizer_fingerprint or (
+            old.source == "messages" and old.chat_template_fingerprint != loaded.chat_template_fingerprint
+        ):
+            tok = loaded.tokenizer
+            if old.source == "messages" and old.messages is not None:
+                tokens = tok.encode(tok.render_chat(old.messages, add_generation_prompt=False))
+            elif old.prompt is not None:
+                tokens = tok.encode(old.prompt)
+            else:
+                store.set_status(tenant, name, "invalid", "built from token ids for another tokenizer")
+                return
+        manifest = new_manifest(
+            loaded, tenant, name, old.source, tokens, old.prompt, old.messages, old.kv_bits, old.kv_group_size
+        )
+        store.set_status(tenant, name, "building", "rebuilding")
+        self._active.append(_Build(PrefixBuild(f"rebuild-{name}", loaded.spec.name, manifest), loaded, _drop))
 
     def _prefill_chunk(self, request: _Request) -> mx.array | None:
         """Feed the next chunk of the prompt; return the last position's logits after the final one.
@@ -267,8 +471,7 @@ class MlxEngine:
         The whole prompt goes through the model once: the final chunk's last position gives the first
         token (mlx-lm's generate_step runs the last token as a second pass).
         """
-        if request.cache is None:
-            request.cache = request.model.make_cache()
+        assert request.cache is not None
         prompt = request.plan.prompt_tokens
         step = request.model.spec.prefill_step_size
         chunk = list(prompt[request.prefilled : request.prefilled + step])
@@ -323,3 +526,54 @@ class MlxEngine:
             t_text, t_raw = tokenizer.token_text(token_id)
             top.append(TopLogprob(t_text, lp, t_raw))
         return (TokenLogprob(text, sampled.token, sampled.logprob or 0.0, raw, tuple(top)),)
+
+
+def _channel() -> tuple[asyncio.Queue[Any], Any]:
+    """An asyncio queue and a thread-safe function that puts into it from the engine thread."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Any] = asyncio.Queue()
+
+    def emit(event: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody is listening
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    return events, emit
+
+
+def _drop(_: Any) -> None:
+    """The emitter of builds nobody listens to (rebuilds)."""
+
+
+def new_manifest(
+    loaded: LoadedModel,
+    tenant: str,
+    name: str,
+    source: str,
+    tokens: list[int],
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    kv_bits: int | None,
+    kv_group_size: int,
+) -> Manifest:
+    """The manifest of a cache about to be built for ``loaded``."""
+    import mlx_lm
+
+    return Manifest(
+        name=name,
+        tenant=tenant,
+        model=loaded.spec.name,
+        model_fingerprint=loaded.fingerprint,
+        tokenizer_fingerprint=loaded.tokenizer_fingerprint,
+        chat_template_fingerprint=loaded.chat_template_fingerprint,
+        mlx_version=mx.__version__,
+        mlx_lm_version=mlx_lm.__version__,
+        source=source,  # type: ignore[arg-type]
+        prompt=prompt,
+        messages=messages,
+        tokens=list(tokens),
+        tokens_sha256=tokens_sha256(list(tokens)),
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        dtype=loaded.dtype,
+        created_at=time.time(),
+    )

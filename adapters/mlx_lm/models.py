@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import msgspec
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
@@ -125,6 +126,8 @@ class LoadedModel:
     dtype: str
     created: int
     fingerprint: str
+    tokenizer_fingerprint: str = ""
+    chat_template_fingerprint: str = ""
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
@@ -173,7 +176,22 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         ctx,
         mx.default_device(),
     )
-    return LoadedModel(spec, model, tokenizer, local, ctx, vocab, dtype, created, model_fingerprint(local, dtype))
+    hf = wrapper._tokenizer
+    vocab_digest = hashlib.sha256(msgspec.json.encode(sorted(hf.get_vocab().items())))
+    template = getattr(hf, "chat_template", None) or ""
+    return LoadedModel(
+        spec,
+        model,
+        tokenizer,
+        local,
+        ctx,
+        vocab,
+        dtype,
+        created,
+        model_fingerprint(local, dtype),
+        vocab_digest.hexdigest(),
+        hashlib.sha256(str(template).encode()).hexdigest(),
+    )
 
 
 def model_fingerprint(path: Path, dtype: str) -> str:

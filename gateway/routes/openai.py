@@ -27,7 +27,7 @@ from gateway.schemas.openai import (
     Model,
     ModelList,
 )
-from gateway.serving import collect, stream_chunks
+from gateway.serving import Running, collect, prefix_header, stream_chunks
 from gateway.sse import sse_response
 
 __all__ = ["openai_router", "provide_tenant"]
@@ -70,6 +70,12 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     config: Config = state.config
     engine: Engine = state.engine
     headers = {"x-request-id": planned.id}
+    running = Running(engine, planned)
+    if planned.prefix_name is not None:
+        # The x-prefix-cache header says what the cache gave: wait for the engine to admit the request.
+        header = prefix_header(planned, await running.wait_started())
+        if header:
+            headers["x-prefix-cache"] = header
     logger.info(
         "[%s] %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
         planned.id,
@@ -82,13 +88,13 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     )
     if planned.stream:
         return sse_response(
-            stream_chunks(engine, planned, _fingerprint(info)),
+            stream_chunks(running, _fingerprint(info)),
             request_id=planned.id,
             ping_seconds=config.sse_ping_seconds,
             send_timeout=config.sse_send_timeout_seconds,
             headers=headers,
         )
-    body = await collect(engine, planned, _fingerprint(info))
+    body = await collect(running, _fingerprint(info))
     return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
 
 
@@ -110,7 +116,9 @@ async def chat_completions(
 ) -> ASGIApp:
     model, info = _resolve(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
-    planned = await anyio.to_thread.run_sync(partial(plan_chat, data, tokenizer, model, info.context_length, tenant))
+    planned = await anyio.to_thread.run_sync(
+        partial(plan_chat, data, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
+    )
     return await _respond(state, planned, info)
 
 
@@ -123,7 +131,7 @@ async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency
     model, info = _resolve(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
-        partial(plan_completion, data, tokenizer, model, info.context_length, tenant)
+        partial(plan_completion, data, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
     )
     return await _respond(state, planned, info)
 

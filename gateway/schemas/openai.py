@@ -29,6 +29,7 @@ __all__ = [
     "LogprobContent",
     "Model",
     "ModelList",
+    "PrefixCacheRef",
     "PromptTokensDetails",
     "StreamOptions",
     "TopLogprobEntry",
@@ -60,8 +61,15 @@ class ChatMessage(_Request, kw_only=True):
     tool_call_id: str | None = None
 
 
+class PrefixCacheRef(_Request, kw_only=True):
+    name: str
+    on_mismatch: Literal["error", "recompute"] = "error"
+
+
 class _Sampling(_Request, kw_only=True):
     model: str
+    # Ours: a named prefix cache to start from (SDKs send it through extra_body).
+    prefix_cache: str | PrefixCacheRef | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -50,6 +50,8 @@ class FakeTokenizer:
 class FakeEngine:
     """Scripted: 'slow' waits before its first token, 'fail' fails after one token, 'crash' raises."""
 
+    prefix_store = None
+
     def __init__(self) -> None:
         self.loading = False
 

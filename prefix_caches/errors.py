@@ -1,0 +1,29 @@
+"""The store's errors; the gateway maps them to OpenAI-shaped responses."""
+
+from __future__ import annotations
+
+__all__ = ["InvalidCacheName", "PrefixCacheError", "PrefixCacheExists", "PrefixCacheNotFound", "PrefixCacheUnusable"]
+
+
+class PrefixCacheError(Exception):
+    pass
+
+
+class InvalidCacheName(PrefixCacheError):
+    pass
+
+
+class PrefixCacheNotFound(PrefixCacheError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The prefix cache '{name}' does not exist")
+        self.name = name
+
+
+class PrefixCacheExists(PrefixCacheError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The prefix cache '{name}' already exists (send \"replace\": true to rebuild it)")
+        self.name = name
+
+
+class PrefixCacheUnusable(PrefixCacheError):
+    """A stored file is corrupt or was written for another model or library version."""

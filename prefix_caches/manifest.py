@@ -1,0 +1,41 @@
+"""The manifest we keep beside each cache file: what it was built from and for, and how it is used."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = ["FORMAT_VERSION", "Manifest"]
+
+FORMAT_VERSION = 1
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    format: int = FORMAT_VERSION
+    name: str
+    tenant: str
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    chat_template_fingerprint: str
+    mlx_version: str
+    mlx_lm_version: str
+    source: Literal["prompt", "messages"]
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tokens: list[int]
+    tokens_sha256: str
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    dtype: str = ""
+    size_bytes: int = 0
+    file_sha256: str = ""
+    created_at: float = 0.0
+    last_used_at: float | None = None
+    hits: int = 0
+    build_seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)

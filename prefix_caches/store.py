@@ -1,0 +1,278 @@
+"""The persistent store: one safetensors file and one manifest per cache, under a tenant's folder.
+
+Manifests (plain data) can be read from any thread; KV arrays are loaded, kept (LRU under a byte
+budget) and saved on the engine thread only. Every write is atomic: a temporary file in the same
+folder, fsync, ``os.replace``, fsync of the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheUnusable
+from prefix_caches.manifest import FORMAT_VERSION, Manifest
+from prefix_caches.names import cache_paths, validate_name
+
+__all__ = ["CacheStatus", "PrefixCacheStore", "file_sha256", "tokens_sha256"]
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (tenant, name)
+
+
+def tokens_sha256(tokens: list[int]) -> str:
+    return hashlib.sha256(msgspec.json.encode(tokens)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{suffix}"
+    try:
+        write(tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@dataclass
+class CacheStatus:
+    state: str = "ready"  # ready | stale | invalid | building
+    reason: str | None = None
+
+
+class PrefixCacheStore:
+    def __init__(self, root: Path, memory_budget_bytes: int = 2 * 1024**3) -> None:
+        self.root = root
+        self.memory_budget = memory_budget_bytes
+        self._lock = threading.Lock()
+        self._manifests: dict[Key, Manifest] = {}
+        self._status: dict[Key, CacheStatus] = {}
+        self._dirty: set[Key] = set()
+        # Engine thread only: resident KV arrays, least recently used first.
+        self._resident: OrderedDict[Key, tuple[list[Any], int, str]] = OrderedDict()
+        self._drop: set[Key] = set()
+        self.hits = 0
+        self.misses = 0
+
+    # ---- manifests (any thread) ----------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Read every manifest on disk (at start-up). Unreadable ones are reported, never used."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        found = 0
+        for path in sorted(self.root.glob("tenant-*/*.json")):
+            if path.name.startswith("."):
+                continue
+            try:
+                manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
+                validate_name(manifest.name)
+                arrays, manifest_path = cache_paths(self.root, manifest.tenant, manifest.name)
+                if manifest_path != path:
+                    raise PrefixCacheUnusable("manifest is not where its tenant and name put it")
+            except Exception as exc:
+                logger.warning("prefix cache manifest %s is unreadable and ignored: %s", path, exc)
+                continue
+            key = (manifest.tenant, manifest.name)
+            status = CacheStatus()
+            if manifest.format != FORMAT_VERSION:
+                status = CacheStatus("stale", f"written in store format {manifest.format}")
+            elif not arrays.exists():
+                status = CacheStatus("invalid", "its KV file is missing")
+            with self._lock:
+                self._manifests[key] = manifest
+                self._status[key] = status
+            found += 1
+        logger.info("prefix cache store %s: %d caches", self.root, found)
+
+    def get(self, tenant: str, name: str) -> Manifest:
+        validate_name(name)
+        with self._lock:
+            manifest = self._manifests.get((tenant, name))
+        if manifest is None:
+            raise PrefixCacheNotFound(name)
+        return manifest
+
+    def status(self, tenant: str, name: str) -> CacheStatus:
+        with self._lock:
+            return self._status.get((tenant, name), CacheStatus("invalid", "unknown"))
+
+    def set_status(self, tenant: str, name: str, state: str, reason: str | None = None) -> None:
+        with self._lock:
+            if (tenant, name) in self._manifests:
+                self._status[(tenant, name)] = CacheStatus(state, reason)
+
+    def list(self, tenant: str) -> list[Manifest]:
+        with self._lock:
+            return sorted((m for (t, _), m in self._manifests.items() if t == tenant), key=lambda m: m.name)
+
+    def all(self) -> list[Manifest]:
+        with self._lock:
+            return list(self._manifests.values())
+
+    def check_new(self, tenant: str, name: str, replace: bool) -> None:
+        cache_paths(self.root, tenant, name)
+        with self._lock:
+            if (tenant, name) in self._manifests and not replace:
+                raise PrefixCacheExists(name)
+
+    def delete(self, tenant: str, name: str) -> Manifest:
+        """Remove a cache. Requests already using it keep their own copy and finish normally."""
+        arrays, manifest_path = cache_paths(self.root, tenant, name)
+        with self._lock:
+            manifest = self._manifests.pop((tenant, name), None)
+            self._status.pop((tenant, name), None)
+            self._dirty.discard((tenant, name))
+            self._drop.add((tenant, name))
+        if manifest is None:
+            raise PrefixCacheNotFound(name)
+        # The manifest goes first: a crash in between leaves an orphan file, never a manifest without one.
+        for path in (manifest_path, arrays):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        _fsync_dir(manifest_path.parent)
+        return manifest
+
+    def record_hit(self, tenant: str, name: str) -> None:
+        with self._lock:
+            manifest = self._manifests.get((tenant, name))
+            if manifest is not None:
+                manifest.hits += 1
+                manifest.last_used_at = time.time()
+                self._dirty.add((tenant, name))
+            self.hits += 1
+
+    def record_miss(self) -> None:
+        with self._lock:
+            self.misses += 1
+
+    def flush(self) -> None:
+        """Write the manifests whose use counters changed (called periodically and at shutdown)."""
+        with self._lock:
+            dirty = [(k, msgspec.structs.replace(self._manifests[k])) for k in self._dirty if k in self._manifests]
+            self._dirty.clear()
+        for (tenant, name), manifest in dirty:
+            self._write_manifest(tenant, name, manifest)
+
+    def _write_manifest(self, tenant: str, name: str, manifest: Manifest) -> None:
+        _, manifest_path = cache_paths(self.root, tenant, name)
+        data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
+        _atomic_write(manifest_path, lambda p: p.write_bytes(data))
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            manifests = list(self._manifests.values())
+            hits, misses = self.hits, self.misses
+        resident = list(self._resident.values())
+        return {
+            "count": len(manifests),
+            "bytes_on_disk": sum(m.size_bytes for m in manifests),
+            "bytes_in_memory": sum(r[1] for r in resident),
+            "resident": len(resident),
+            "hits": hits,
+            "misses": misses,
+        }
+
+    # ---- KV arrays (engine thread only) --------------------------------------------------------
+
+    def save(self, manifest: Manifest, cache: list[Any]) -> Manifest:
+        """Write ``cache`` (already cut to the prefix) and its manifest; keep the arrays resident."""
+        from prefix_caches import kv
+
+        tenant, name = manifest.tenant, manifest.name
+        arrays_path, _ = cache_paths(self.root, tenant, name)
+        metadata = {"mlx_gateway_tokens_sha256": manifest.tokens_sha256, "mlx_gateway_name": name}
+        _atomic_write(arrays_path, lambda p: kv.save_kv(p, cache, metadata), suffix=".safetensors")
+        manifest.size_bytes = arrays_path.stat().st_size
+        manifest.file_sha256 = file_sha256(arrays_path)
+        self._write_manifest(tenant, name, manifest)
+        with self._lock:
+            self._manifests[(tenant, name)] = manifest
+            self._status[(tenant, name)] = CacheStatus()
+            self._drop.discard((tenant, name))
+        self._keep((tenant, name), cache, manifest.file_sha256)
+        return manifest
+
+    def arrays(self, manifest: Manifest) -> tuple[list[Any], bool]:
+        """The stored KV of ``manifest`` and whether it was already in memory.
+
+        Raises:
+            PrefixCacheUnusable: the file is missing, corrupt, or not the one the manifest describes.
+        """
+        from prefix_caches import kv
+
+        self._apply_drops()
+        key = (manifest.tenant, manifest.name)
+        entry = self._resident.get(key)
+        if entry is not None and entry[2] == manifest.file_sha256:
+            self._resident.move_to_end(key)
+            return entry[0], True
+        arrays_path, _ = cache_paths(self.root, *key)
+        if not arrays_path.exists():
+            raise PrefixCacheUnusable("its KV file is missing")
+        if file_sha256(arrays_path) != manifest.file_sha256:
+            raise PrefixCacheUnusable("its KV file does not match the manifest's checksum (corrupt or replaced)")
+        cache, metadata = kv.load_kv(arrays_path)
+        if metadata.get("mlx_gateway_tokens_sha256") != manifest.tokens_sha256:
+            raise PrefixCacheUnusable("its KV file was built from other tokens")
+        if {c.offset for c in cache} != {manifest.num_tokens}:
+            raise PrefixCacheUnusable("its KV file holds another number of tokens")
+        self._keep(key, cache, manifest.file_sha256)
+        return cache, False
+
+    def resident_sha256(self, tenant: str, name: str) -> str | None:
+        from prefix_caches import kv
+
+        self._apply_drops()
+        entry = self._resident.get((tenant, name))
+        return kv.arrays_sha256(entry[0]) if entry else None
+
+    def evict(self, tenant: str, name: str) -> None:
+        self._resident.pop((tenant, name), None)
+
+    def _keep(self, key: Key, cache: list[Any], sha: str) -> None:
+        from prefix_caches import kv
+
+        size = kv.cache_nbytes(cache)
+        self._resident[key] = (cache, size, sha)
+        self._resident.move_to_end(key)
+        while sum(r[1] for r in self._resident.values()) > self.memory_budget and len(self._resident) > 1:
+            old, _ = self._resident.popitem(last=False)
+            logger.info("prefix cache %s evicted from memory (budget %d bytes)", old[1], self.memory_budget)
+
+    def _apply_drops(self) -> None:
+        with self._lock:
+            drops, self._drop = self._drop, set()
+        for key in drops:
+            self._resident.pop(key, None)
