@@ -101,11 +101,18 @@ class Plan:
 
 @dataclass(frozen=True)
 class PrefixBuild:
-    """Build (or rebuild) a named prefix cache from ``tokens``; the manifest says what it is for."""
+    """Build a named prefix cache from ``tokens`` (its source is kept so that it can be rebuilt)."""
 
     request_id: str
     model: str
-    manifest: Manifest
+    tenant: str
+    name: str
+    tokens: tuple[int, ...]
+    source: str  # "prompt" | "messages"
+    prompt: str | None = None
+    messages: tuple[dict[str, object], ...] | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
 
 @dataclass(frozen=True)

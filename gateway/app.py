@@ -26,8 +26,10 @@ from gateway.errors import (
     ServerError,
     ServiceUnavailable,
 )
+from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
 from gateway.routes.openai import openai_router
+from gateway.routes.seed import seed_router
 from prefix_caches import (
     InvalidCacheName,
     PrefixCacheError,
@@ -114,7 +116,7 @@ def _unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     return Litestar(
-        route_handlers=[openai_router, health, index],
+        route_handlers=[openai_router, seed_router, admin_router, health, index],
         state=State({"config": config, "engine": engine}),
         on_startup=[lambda: engine.start()],
         on_shutdown=[lambda: engine.stop()],
@@ -133,4 +135,6 @@ def create_app(config: Config, engine: Engine) -> Litestar:
             render_plugins=[SwaggerRenderPlugin(path="/")],
         ),
         debug=False,
+        # Logging is configured once by the CLI; Litestar must not install its own handlers.
+        logging_config=None,
     )

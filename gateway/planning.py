@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
+
 from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
@@ -208,10 +210,15 @@ def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them (text parts joined, newer role names mapped)."""
+    return [_message_dict(i, m) for i, m in enumerate(messages)]
+
+
 def render_messages(tokenizer: PromptTokenizer, messages: Sequence[ChatMessage], tools: Any = None) -> str:
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
-    dicts = [_message_dict(i, m) for i, m in enumerate(messages)]
+    dicts = message_dicts(messages)
     try:
         return tokenizer.render_chat(dicts, add_generation_prompt=True, tools=tools)
     except Exception as exc:  # a template raising (e.g. on role order) is the request's fault
@@ -246,10 +253,16 @@ def plan_chat(
         max_tokens=max_tokens,
         max_tokens_param=max_param,
     )
-    tokens = tokenizer.encode(render_messages(tokenizer, req.messages, req.tools))
+    prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
+    messages = list(req.messages)
+    if prefix is not None and prefix.manifest is not None and prefix.manifest.source == "messages":
+        # A conversation-prefix cache: its messages come first, then the request's.
+        messages = [msgspec.convert(m, ChatMessage) for m in prefix.manifest.messages or []] + messages
+    tokens = tokenizer.encode(render_messages(tokenizer, messages, req.tools))
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
+    use, miss = _prefix_use(prefix, tokens, tenant)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    plan = Plan(rid, model.name, tenant, tuple(tokens), params)
+    plan = Plan(rid, model.name, tenant, tuple(tokens), params, use)
     return PlannedRequest(
         "chat",
         rid,
@@ -261,6 +274,8 @@ def plan_chat(
         bool(req.stream_options and req.stream_options.include_usage),
         params.logprobs,
         top,
+        prefix_name=prefix.name if prefix else None,
+        prefix_miss_reason=miss,
     )
 
 
@@ -318,10 +333,16 @@ def plan_completion(
     rid = f"cmpl-{uuid.uuid4().hex}"
     plans = []
     prompts = _prompts(req, tokenizer)
+    prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
+    # With a prefix cache the prompt continues the cached prefix: its tokens follow the cache's.
+    head = list(prefix.manifest.tokens) if prefix is not None and prefix.manifest is not None else []
+    miss = None
     for i, (tokens, _) in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        limited = _with_limits(params, requested, len(tokens), model, context_length, "max_tokens", param)
-        plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(tokens), limited))
+        full = head + tokens
+        limited = _with_limits(params, requested, len(full), model, context_length, "max_tokens", param)
+        use, miss = _prefix_use(prefix, full, tenant)
+        plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(full), limited, use))
     return PlannedRequest(
         "completion",
         rid,
@@ -334,4 +355,6 @@ def plan_completion(
         params.logprobs,
         k or 0,
         echo=tuple(text for _, text in prompts) if req.echo else (),
+        prefix_name=prefix.name if prefix else None,
+        prefix_miss_reason=miss,
     )

@@ -82,7 +82,7 @@ class _Request:
 
 @dataclass
 class _Build:
-    job: PrefixBuild
+    manifest: Manifest
     model: LoadedModel
     emit: Any
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -179,7 +179,18 @@ class MlxEngine:
         if self._store is None:
             raise EngineError("prefix caches are not enabled")
         events, emit = _channel()
-        build = _Build(job, loaded, emit)
+        manifest = new_manifest(
+            loaded,
+            job.tenant,
+            job.name,
+            job.source,
+            list(job.tokens),
+            job.prompt,
+            [dict(m) for m in job.messages] if job.messages is not None else None,
+            job.kv_bits,
+            job.kv_group_size,
+        )
+        build = _Build(manifest, loaded, emit)
         self._inbox.put(build)
         try:
             while True:
@@ -378,7 +389,7 @@ class MlxEngine:
     # ---- prefix-cache builds -------------------------------------------------------------------
 
     def _build_turn(self, build: _Build) -> None:
-        manifest = build.job.manifest
+        manifest = build.manifest
         store = self._store
         assert store is not None
         if build.cancelled.is_set():
@@ -463,7 +474,7 @@ class MlxEngine:
             loaded, tenant, name, old.source, tokens, old.prompt, old.messages, old.kv_bits, old.kv_group_size
         )
         store.set_status(tenant, name, "building", "rebuilding")
-        self._active.append(_Build(PrefixBuild(f"rebuild-{name}", loaded.spec.name, manifest), loaded, _drop))
+        self._active.append(_Build(manifest, loaded, _drop))
 
     def _prefill_chunk(self, request: _Request) -> mx.array | None:
         """Feed the next chunk of the prompt; return the last position's logits after the final one.

@@ -16,7 +16,11 @@ ENDPOINTS = {
     "GET /v1/models/{id}": "one model",
     "POST /v1/chat/completions": "chat completions (OpenAI), streaming with stream=true",
     "POST /v1/completions": "text completions (OpenAI), streaming with stream=true",
-    "GET /health": "engine, models and memory",
+    "POST /admin/prefix-caches": "build a named prefix cache (prompt or messages)",
+    "GET /admin/prefix-caches": "list this tenant's prefix caches",
+    "GET /admin/prefix-caches/{name}": "one prefix cache (?verify=true checks its digests)",
+    "DELETE /admin/prefix-caches/{name}": "delete a prefix cache",
+    "GET /health": "engine, models, memory and prefix-cache statistics",
     "GET /docs": "interactive API documentation (OpenAPI schema at /docs/openapi.json)",
 }
 
@@ -34,7 +38,8 @@ async def health(state: State) -> Response[dict[str, Any]]:
         status = "degraded"
     else:
         status = "ok"
-    body = {"status": status, "version": __version__, **report}
+    # Every request runs on its own cache; no automatic reuse across requests exists to turn on.
+    body = {"status": status, "version": __version__, "isolation_enabled": True, **report}
     return Response(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 

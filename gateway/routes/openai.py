@@ -98,7 +98,7 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
 
 
-def _resolve(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
+def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
     config: Config = state.config
     model = config.model(name)
     if model is None:
@@ -114,7 +114,7 @@ def _resolve(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State
 ) -> ASGIApp:
-    model, info = _resolve(state, data.model)
+    model, info = resolve_model(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
         partial(plan_chat, data, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
@@ -128,7 +128,7 @@ async def chat_completions(
     responses={200: ResponseSpec(data_container=CompletionResponse, description="A completion, or SSE chunks")},
 )
 async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State) -> ASGIApp:
-    model, info = _resolve(state, data.model)
+    model, info = resolve_model(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
         partial(plan_completion, data, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)

@@ -1,0 +1,135 @@
+"""Named prefix caches as the API sees them: create, list, get, delete. The admin routes and the seed
+API's aliases both call these."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import anyio.to_thread
+
+from adapters.base import BuildProgress, Engine, Failed, PrefixBuild, PrefixBuilt, UnknownModel
+from gateway.config import Config
+from gateway.errors import ContextLengthExceeded, InvalidRequest, ServerError
+from gateway.planning import message_dicts
+from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
+from prefix_caches import Manifest, PrefixCacheStore, validate_name
+
+__all__ = ["create", "delete", "describe", "get", "listing"]
+
+logger = logging.getLogger(__name__)
+
+
+def _store(engine: Engine) -> PrefixCacheStore:
+    store = engine.prefix_store
+    if store is None:
+        raise InvalidRequest("Prefix caches are not enabled on this server")
+    return store
+
+
+def describe(store: PrefixCacheStore, m: Manifest, integrity: dict[str, Any] | None = None) -> PrefixCacheOut:
+    status = store.status(m.tenant, m.name)
+    return PrefixCacheOut(
+        id=m.name,
+        model=m.model,
+        status=status.state,
+        status_reason=status.reason,
+        source=m.source,
+        num_tokens=m.num_tokens,
+        tokens_sha256=m.tokens_sha256,
+        kv_bits=m.kv_bits,
+        kv_group_size=m.kv_group_size,
+        dtype=m.dtype,
+        size_bytes=m.size_bytes,
+        created_at=m.created_at,
+        last_used_at=m.last_used_at,
+        hits=m.hits,
+        build_seconds=m.build_seconds,
+        model_fingerprint=m.model_fingerprint,
+        mlx_version=m.mlx_version,
+        mlx_lm_version=m.mlx_lm_version,
+        integrity=integrity,
+    )
+
+
+def _tokens(engine: Engine, config: Config, req: CreatePrefixCache) -> tuple[list[int], dict[str, Any]]:
+    model = config.model(req.model)
+    if model is None:
+        raise UnknownModel(req.model)
+    tokenizer = engine.tokenizer(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequest("Give exactly one of 'prompt' and 'messages'", param="prompt")
+    source: dict[str, Any]
+    if req.messages is not None:
+        if not req.messages:
+            raise InvalidRequest("'messages' must contain at least one message", param="messages")
+        dicts = message_dicts(req.messages)
+        try:
+            text = tokenizer.render_chat(dicts, add_generation_prompt=False)
+        except Exception as exc:
+            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
+        tokens = tokenizer.encode(text)
+        source = {"source": "messages", "messages": tuple(dicts)}
+    elif isinstance(req.prompt, str):
+        tokens = tokenizer.encode(req.prompt)
+        source = {"source": "prompt", "prompt": req.prompt}
+    else:
+        tokens = list(req.prompt or [])
+        bad = next((t for t in tokens if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"Token id {bad} is outside the vocabulary", param="prompt")
+        source = {"source": "prompt", "prompt": None}
+    if not tokens:
+        raise InvalidRequest("The prefix is empty", param="prompt" if req.prompt is not None else "messages")
+    context = next(m.context_length for m in engine.models() if m.id == req.model)
+    if len(tokens) >= context:
+        raise ContextLengthExceeded(
+            f"The prefix is {len(tokens)} tokens; this model's context is {context}, and a request needs at "
+            "least one more token",
+            param="prompt" if req.prompt is not None else "messages",
+        )
+    return tokens, source
+
+
+async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixCache) -> PrefixCacheOut:
+    store = _store(engine)
+    validate_name(req.name)
+    store.check_new(tenant, req.name, req.replace)
+    tokens, source = await anyio.to_thread.run_sync(_tokens, engine, config, req)
+    job = PrefixBuild(
+        request_id=f"pc-{uuid.uuid4().hex[:12]}",
+        model=req.model,
+        tenant=tenant,
+        name=req.name,
+        tokens=tuple(tokens),
+        kv_bits=req.kv_bits,
+        kv_group_size=req.kv_group_size,
+        **source,
+    )
+    logger.info("[%s] building prefix cache %s (%d tokens, model %s)", job.request_id, req.name, len(tokens), req.model)
+    async for event in engine.build_prefix(job):
+        if isinstance(event, Failed):
+            raise ServerError(f"Building the prefix cache failed: {event.error}")
+        if isinstance(event, PrefixBuilt):
+            return describe(store, event.manifest)
+        assert isinstance(event, BuildProgress)
+    raise ServerError("The prefix cache build ended without a result")
+
+
+def listing(engine: Engine, tenant: str) -> PrefixCacheList:
+    store = _store(engine)
+    return PrefixCacheList(data=[describe(store, m) for m in store.list(tenant)])
+
+
+async def get(engine: Engine, tenant: str, name: str, verify: bool) -> PrefixCacheOut:
+    store = _store(engine)
+    manifest = store.get(tenant, name)
+    integrity = await engine.verify_prefix(tenant, name) if verify else None
+    return describe(store, manifest, integrity)
+
+
+async def delete(engine: Engine, tenant: str, name: str) -> DeletedPrefixCache:
+    store = _store(engine)
+    await anyio.to_thread.run_sync(store.delete, tenant, name)
+    return DeletedPrefixCache(id=name)

@@ -1,0 +1,84 @@
+"""The seed API, kept working as aliases over the same code as the OpenAI and admin routes."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import anyio.to_thread
+from litestar import Router, delete, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody
+
+from gateway import prefix_service
+from gateway.planning import plan_completion
+from gateway.routes.openai import provide_tenant, resolve_model
+from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
+from gateway.schemas.openai import CompletionRequest, CompletionResponse
+from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
+from gateway.serving import Running, collect
+
+__all__ = ["seed_router"]
+
+
+@post("/prefix-cache/create", status_code=201)
+async def seed_create(data: JSONBody[SeedCreate], tenant: NamedDependency[str], state: State) -> PrefixCacheOut:
+    req = CreatePrefixCache(name=data.cache_name, model=data.model, prompt=data.prefix_prompt, replace=True)
+    return await prefix_service.create(state.engine, state.config, tenant, req)
+
+
+@get("/prefix-cache/list")
+async def seed_list(tenant: NamedDependency[str], state: State) -> PrefixCacheList:
+    return prefix_service.listing(state.engine, tenant)
+
+
+@delete("/prefix-cache/{name:str}", status_code=200)
+async def seed_delete(name: FromPath[str], tenant: NamedDependency[str], state: State) -> DeletedPrefixCache:
+    return await prefix_service.delete(state.engine, tenant, name)
+
+
+async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: str | None) -> SeedGenerated:
+    req = CompletionRequest(
+        model=data.model,
+        prompt=data.prompt,
+        max_tokens=data.max_tokens,
+        temperature=data.temperature,
+        stop=data.stop_strings,
+        prefix_cache=cache_name,
+    )
+    model, info = resolve_model(state, req.model)
+    tokenizer = state.engine.tokenizer(req.model)
+    planned = await anyio.to_thread.run_sync(
+        partial(plan_completion, req, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
+    )
+    result = await collect(Running(state.engine, planned), "")
+    assert isinstance(result, CompletionResponse) and result.usage is not None
+    choice = result.choices[0]
+    return SeedGenerated(
+        id=result.id,
+        model=result.model,
+        text=choice.text,
+        finish_reason=choice.finish_reason,
+        usage=result.usage,
+        cache_name=cache_name,
+    )
+
+
+@post("/generate", status_code=200)
+async def seed_generate(data: JSONBody[SeedGenerate], tenant: NamedDependency[str], state: State) -> SeedGenerated:
+    return await _generate(state, tenant, data, None)
+
+
+@post("/generate-with-prefix", status_code=200)
+async def seed_generate_with_prefix(
+    data: JSONBody[SeedGenerateWithPrefix], tenant: NamedDependency[str], state: State
+) -> SeedGenerated:
+    return await _generate(state, tenant, data, data.cache_name)
+
+
+seed_router = Router(
+    "/v1",
+    route_handlers=[seed_create, seed_list, seed_delete, seed_generate, seed_generate_with_prefix],
+    dependencies={"tenant": Provide(provide_tenant)},
+    tags=["Seed API (aliases)"],
+)
