@@ -32,6 +32,7 @@ from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
 from prefix_caches import (
     InvalidCacheName,
+    InvalidKVSettings,
     PrefixCacheError,
     PrefixCacheExists,
     PrefixCacheNotFound,
@@ -103,6 +104,8 @@ def _prefix_error(_: Request, exc: PrefixCacheError) -> Response[ErrorResponse]:
         return _respond(NotFound(str(exc), param="prefix_cache", code="prefix_cache_not_found"))
     if isinstance(exc, PrefixCacheExists):
         return _respond(Conflict(str(exc), param="name", code="prefix_cache_exists"))
+    if isinstance(exc, InvalidKVSettings):
+        return _respond(InvalidRequest(str(exc), param="kv_group_size", code="invalid_kv_settings"))
     if isinstance(exc, InvalidCacheName):
         return _respond(InvalidRequest(str(exc), param="name", code="invalid_prefix_cache_name"))
     return _respond(InvalidRequest(str(exc), param="prefix_cache", code="prefix_cache_unusable"))

@@ -3,6 +3,7 @@ memory under a byte budget, and handed to each request as its own copy."""
 
 from prefix_caches.errors import (
     InvalidCacheName,
+    InvalidKVSettings,
     PrefixCacheError,
     PrefixCacheExists,
     PrefixCacheNotFound,
@@ -14,6 +15,7 @@ from prefix_caches.store import PrefixCacheStore
 
 __all__ = [
     "InvalidCacheName",
+    "InvalidKVSettings",
     "Manifest",
     "PrefixCacheError",
     "PrefixCacheExists",

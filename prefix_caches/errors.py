@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["InvalidCacheName", "PrefixCacheError", "PrefixCacheExists", "PrefixCacheNotFound", "PrefixCacheUnusable"]
+__all__ = [
+    "InvalidKVSettings",
+    "InvalidCacheName",
+    "PrefixCacheError",
+    "PrefixCacheExists",
+    "PrefixCacheNotFound",
+    "PrefixCacheUnusable",
+]
 
 
 class PrefixCacheError(Exception):
@@ -23,6 +30,10 @@ class PrefixCacheExists(PrefixCacheError):
     def __init__(self, name: str) -> None:
         super().__init__(f"The prefix cache '{name}' already exists (send \"replace\": true to rebuild it)")
         self.name = name
+
+
+class InvalidKVSettings(PrefixCacheError):
+    """The requested KV quantisation does not fit the model."""
 
 
 class PrefixCacheUnusable(PrefixCacheError):

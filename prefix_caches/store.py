@@ -66,6 +66,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -
             tmp.unlink()
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
 @dataclass
 class CacheStatus:
     state: str = "ready"  # ready | stale | invalid | building
@@ -188,7 +192,7 @@ class PrefixCacheStore:
     def _write_manifest(self, tenant: str, name: str, manifest: Manifest) -> None:
         _, manifest_path = cache_paths(self.root, tenant, name)
         data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
-        _atomic_write(manifest_path, lambda p: p.write_bytes(data))
+        _atomic_write(manifest_path, lambda p: _write_bytes(p, data))
 
     def stats(self) -> dict[str, int]:
         with self._lock:

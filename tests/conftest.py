@@ -34,13 +34,18 @@ def server(models_dir: Path, log_dir: Path, tmp_path_factory: pytest.TempPathFac
     """The real server on the tiny model (and a copy with a 64-token context), auth off."""
     config = tmp_path_factory.mktemp("config") / "gateway.toml"
     config.write_text(CONFIG)
-    with run_server(["--config", str(config)], models_dir=models_dir, log_dir=log_dir) as srv:
+    cache_dir = tmp_path_factory.mktemp("prefix-caches")
+    with run_server(
+        ["--config", str(config), "--cache-dir", str(cache_dir)], models_dir=models_dir, log_dir=log_dir
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="session")
-def auth_server(models_dir: Path, log_dir: Path) -> Iterator[Server]:
+def auth_server(models_dir: Path, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real server with API keys for two tenants and an admin key."""
     env = {"MLX_GATEWAY_API_KEYS": "key-alpha:alpha,key-beta:beta", "MLX_GATEWAY_ADMIN_KEY": "admin-secret"}
-    with run_server(["--model", "tiny"], models_dir=models_dir, log_dir=log_dir, env=env) as srv:
+    cache_dir = tmp_path_factory.mktemp("auth-prefix-caches")
+    args = ["--model", "tiny", "--cache-dir", str(cache_dir)]
+    with run_server(args, models_dir=models_dir, log_dir=log_dir, env=env) as srv:
         yield srv

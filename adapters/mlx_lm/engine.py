@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import importlib.metadata
 import logging
 import queue
 import threading
@@ -46,7 +47,7 @@ from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_mo
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
 from prefix_caches import kv
-from prefix_caches.errors import PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
+from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
 from prefix_caches.manifest import Manifest
 from prefix_caches.names import cache_paths
 from prefix_caches.store import PrefixCacheStore, file_sha256, tokens_sha256
@@ -132,6 +133,8 @@ class MlxEngine:
         self._stopping.set()
         self._inbox.put(None)
         self._thread.join(timeout=10)
+        if self._store is not None:
+            self._store.flush()  # hit counters and last-used times
 
     def models(self) -> list[ModelInfo]:
         out = []
@@ -178,6 +181,10 @@ class MlxEngine:
         loaded = self._ready(job.model)
         if self._store is None:
             raise EngineError("prefix caches are not enabled")
+        if job.kv_bits and loaded.head_dim % job.kv_group_size:
+            raise InvalidKVSettings(
+                f"kv_group_size {job.kv_group_size} must divide the model's head dimension ({loaded.head_dim})"
+            )
         events, emit = _channel()
         manifest = new_manifest(
             loaded,
@@ -433,7 +440,6 @@ class MlxEngine:
         """Stored caches built for other weights or library versions are never used: rebuild them."""
         if self._store is None:
             return
-        import mlx_lm
 
         for manifest in self._store.all():
             if manifest.model != loaded.spec.name:
@@ -441,7 +447,7 @@ class MlxEngine:
             reasons = []
             if manifest.model_fingerprint != loaded.fingerprint:
                 reasons.append("the model's weights or config changed")
-            if manifest.mlx_version != mx.__version__ or manifest.mlx_lm_version != mlx_lm.__version__:
+            if manifest.mlx_version != _version("mlx") or manifest.mlx_lm_version != _version("mlx-lm"):
                 reasons.append(f"written by mlx {manifest.mlx_version} / mlx-lm {manifest.mlx_lm_version}")
             status = self._store.status(manifest.tenant, manifest.name)
             if reasons or status.state != "ready":
@@ -551,6 +557,10 @@ def _channel() -> tuple[asyncio.Queue[Any], Any]:
     return events, emit
 
 
+def _version(dist: str) -> str:
+    return importlib.metadata.version(dist)
+
+
 def _drop(_: Any) -> None:
     """The emitter of builds nobody listens to (rebuilds)."""
 
@@ -567,7 +577,6 @@ def new_manifest(
     kv_group_size: int,
 ) -> Manifest:
     """The manifest of a cache about to be built for ``loaded``."""
-    import mlx_lm
 
     return Manifest(
         name=name,
@@ -576,8 +585,8 @@ def new_manifest(
         model_fingerprint=loaded.fingerprint,
         tokenizer_fingerprint=loaded.tokenizer_fingerprint,
         chat_template_fingerprint=loaded.chat_template_fingerprint,
-        mlx_version=mx.__version__,
-        mlx_lm_version=mlx_lm.__version__,
+        mlx_version=_version("mlx"),
+        mlx_lm_version=_version("mlx-lm"),
         source=source,  # type: ignore[arg-type]
         prompt=prompt,
         messages=messages,

@@ -128,6 +128,7 @@ class LoadedModel:
     fingerprint: str
     tokenizer_fingerprint: str = ""
     chat_template_fingerprint: str = ""
+    head_dim: int = 0
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
@@ -179,18 +180,22 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     hf = wrapper._tokenizer
     vocab_digest = hashlib.sha256(msgspec.json.encode(sorted(hf.get_vocab().items())))
     template = getattr(hf, "chat_template", None) or ""
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", 0) or 0
+    head_dim = getattr(args, "head_dim", None) or (getattr(args, "hidden_size", 0) // heads if heads else 0)
     return LoadedModel(
-        spec,
-        model,
-        tokenizer,
-        local,
-        ctx,
-        vocab,
-        dtype,
-        created,
-        model_fingerprint(local, dtype),
-        vocab_digest.hexdigest(),
-        hashlib.sha256(str(template).encode()).hexdigest(),
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        path=local,
+        context_length=ctx,
+        vocab_size=vocab,
+        dtype=dtype,
+        created=created,
+        fingerprint=model_fingerprint(local, dtype),
+        tokenizer_fingerprint=vocab_digest.hexdigest(),
+        chat_template_fingerprint=hashlib.sha256(str(template).encode()).hexdigest(),
+        head_dim=int(head_dim),
     )
 
 

@@ -61,7 +61,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("tiny", 64, 2, 128, 4, 2, 8192, "float32"),
+        # head_dim 32: the smallest that KV quantisation's group sizes (32/64/128) divide.
+        Preset("tiny", 128, 2, 256, 4, 2, 8192, "float32"),
         Preset("small", 512, 8, 1536, 8, 4, 8192, "float32"),
         # Real shapes for GPU benchmarks: Llama-3.2-1B and Llama-3.1-8B (128K-entry vocabulary; the
         # tokenizer's 32K ids are the ones that can be sampled).
@@ -77,8 +78,15 @@ def default_models_dir() -> Path:
     return Path(base) / "mlx-gateway" / "models"
 
 
+# Bump when the builder's output changes, so that cached builds of older shapes are not reused.
+BUILDER_VERSION = 1
+
+
 def preset_dir(name: str, seed: int = 0, models_dir: Path | None = None) -> Path:
-    return (models_dir or default_models_dir()) / f"{name}-seed{seed}"
+    """A build's directory, named by preset, seed and a digest of everything that shapes the files."""
+    recipe = repr((PRESETS[name], BUILDER_VERSION, TOKENIZER_VOCAB, TOKENIZER_CORPUS_CHARS, CHAT_TEMPLATE))
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
+    return (models_dir or default_models_dir()) / f"{name}-seed{seed}-{digest}"
 
 
 def _corpus() -> list[str]:
