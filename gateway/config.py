@@ -35,7 +35,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     kv_group_size: int = 64
     quantized_kv_start: int = 0
     context_length: int | None = None
-    prefill_step_size: int = 512
+    # Tokens per prefill chunk (None: 512 on CPU, 2048 on a GPU); other streams wait at most one chunk.
+    prefill_step_size: int | None = None
     # Used when a request sets no max_tokens; None means "up to the context length".
     default_max_tokens: int | None = None
 

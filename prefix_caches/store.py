@@ -87,6 +87,7 @@ class PrefixCacheStore:
         # Engine thread only: resident KV arrays, least recently used first.
         self._resident: OrderedDict[Key, tuple[list[Any], int, str]] = OrderedDict()
         self._drop: set[Key] = set()
+        self._verified: dict[Key, tuple[tuple[int, int, int], str]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -245,8 +246,13 @@ class PrefixCacheStore:
         arrays_path, _ = cache_paths(self.root, *key)
         if not arrays_path.exists():
             raise PrefixCacheUnusable("its KV file is missing")
-        if file_sha256(arrays_path) != manifest.file_sha256:
-            raise PrefixCacheUnusable("its KV file does not match the manifest's checksum (corrupt or replaced)")
+        stat = arrays_path.stat()
+        identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if self._verified.get(key) != (identity, manifest.file_sha256):
+            # Checked once per file version: a re-read of an unchanged file skips the hash.
+            if file_sha256(arrays_path) != manifest.file_sha256:
+                raise PrefixCacheUnusable("its KV file does not match the manifest's checksum (corrupt or replaced)")
+            self._verified[key] = (identity, manifest.file_sha256)
         cache, metadata = kv.load_kv(arrays_path)
         if metadata.get("mlx_gateway_tokens_sha256") != manifest.tokens_sha256:
             raise PrefixCacheUnusable("its KV file was built from other tokens")
@@ -271,7 +277,7 @@ class PrefixCacheStore:
         size = kv.cache_nbytes(cache)
         self._resident[key] = (cache, size, sha)
         self._resident.move_to_end(key)
-        while sum(r[1] for r in self._resident.values()) > self.memory_budget and len(self._resident) > 1:
+        while self._resident and sum(r[1] for r in self._resident.values()) > self.memory_budget:
             old, _ = self._resident.popitem(last=False)
             logger.info("prefix cache %s evicted from memory (budget %d bytes)", old[1], self.memory_budget)
 

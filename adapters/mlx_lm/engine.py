@@ -407,7 +407,7 @@ class MlxEngine:
             if build.cache is None:
                 build.cache = build.model.make_cache()
             tokens = manifest.tokens
-            step = build.model.spec.prefill_step_size
+            step = build.model.spec.prefill_step_size or 512
             chunk = tokens[build.prefilled : build.prefilled + step]
             self._forward(build.model, chunk, build.cache, quantize=False)
             mx.eval([c.state for c in build.cache])
@@ -490,7 +490,7 @@ class MlxEngine:
         """
         assert request.cache is not None
         prompt = request.plan.prompt_tokens
-        step = request.model.spec.prefill_step_size
+        step = request.model.spec.prefill_step_size or 512
         chunk = list(prompt[request.prefilled : request.prefilled + step])
         request.prefilled += len(chunk)
         logits = self._forward(request.model, chunk, request.cache)

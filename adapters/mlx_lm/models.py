@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -39,7 +40,7 @@ class ModelSpec:
     kv_group_size: int = 64
     quantized_kv_start: int = 0
     context_length: int | None = None
-    prefill_step_size: int = 512
+    prefill_step_size: int | None = None  # None: 512 on CPU, 2048 on a GPU
     models_dir: str | None = None
 
 
@@ -156,6 +157,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     on_cpu = mx.default_device() == mx.cpu
     if on_cpu:
         model.set_dtype(mx.float32)
+    if spec.prefill_step_size is None:
+        spec = dataclasses.replace(spec, prefill_step_size=512 if on_cpu else 2048)
     arrays: list[mx.array] = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
     dtype = str(arrays[0].dtype).replace("mlx.core.", "") if arrays else "unknown"
     mx.eval(model.parameters())

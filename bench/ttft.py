@@ -1,0 +1,182 @@
+"""Time to first token with and without a named prefix cache: the seed's three scenarios.
+
+End to end over HTTP with the openai SDK, streaming: a 2K-token system prompt, a 4K-token RAG context and
+a 1K-token few-shot block, each followed by a short question. Modes: ``full`` (no cache: the whole
+prompt is prefilled), ``hot`` (the cache resident in memory) and ``cold`` (a second server whose memory
+budget is 0, so every use loads the cache file from disk).
+
+    python -m bench.ttft --device cpu            # model 'small'
+    python -m bench.ttft --device gpu            # model 'llama-8b'
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from bench.harness import DEFAULT_MODEL, Gateway, Texts, gateway, summary, write_result
+
+QUESTION_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    prefix_tokens: int
+    kind: str  # chat | completion
+
+
+SCENARIOS = (
+    Scenario("system-prompt-2k", 2048, "chat"),
+    Scenario("rag-context-4k", 4096, "chat"),
+    Scenario("few-shot-1k", 1024, "completion"),
+)
+
+
+def prefix_body(s: Scenario, texts: Texts) -> dict[str, Any]:
+    if s.name.startswith("system"):
+        return {"messages": [{"role": "system", "content": texts.text(s.prefix_tokens)}]}
+    if s.name.startswith("rag"):
+        doc = texts.text(s.prefix_tokens, offset=3000)
+        return {"messages": [{"role": "system", "content": "Answer only from this context.\n\n" + doc}]}
+    shots = texts.text(s.prefix_tokens, offset=9000)
+    return {"prompt": shots}
+
+
+def question(texts: Texts, i: int) -> str:
+    return texts.text(QUESTION_TOKENS, offset=20000 + i * QUESTION_TOKENS) + "?"
+
+
+def one(
+    client: openai.OpenAI, s: Scenario, prefix: dict[str, Any], q: str, cache: str | None, max_tokens: int
+) -> tuple[float, float, int, int]:
+    """(ttft, total seconds, prompt tokens, cached tokens) of one streamed request."""
+    extra = {"prefix_cache": cache} if cache else {}
+    start = time.perf_counter()
+    first = None
+    usage = None
+    if s.kind == "chat":
+        messages = ([] if cache else prefix["messages"]) + [{"role": "user", "content": q}]
+        stream = client.chat.completions.create(
+            model=client._model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,  # type: ignore[attr-defined]
+            logprobs=True,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
+        for chunk in stream:
+            if first is None and chunk.choices and (chunk.choices[0].logprobs or chunk.choices[0].finish_reason):
+                first = time.perf_counter() - start
+            usage = chunk.usage or usage
+    else:
+        prompt = ("" if cache else prefix["prompt"]) + "\n\nQ: " + q + "\nA:"
+        stream = client.completions.create(
+            model=client._model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,  # type: ignore[attr-defined]
+            logprobs=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
+        for chunk in stream:
+            if first is None and chunk.choices and (chunk.choices[0].logprobs or chunk.choices[0].finish_reason):
+                first = time.perf_counter() - start
+            usage = chunk.usage or usage
+    total = time.perf_counter() - start
+    assert first is not None and usage is not None
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return first, total, usage.prompt_tokens, cached or 0
+
+
+def client_for(gw: Gateway, model: str) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=gw.v1, api_key="bench", max_retries=0, timeout=600)
+    client._model = model  # type: ignore[attr-defined]
+    return client
+
+
+def measure(
+    client: openai.OpenAI,
+    s: Scenario,
+    prefix: dict[str, Any],
+    texts: Texts,
+    cache: str | None,
+    repeats: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    one(client, s, prefix, question(texts, 99), cache, max_tokens)  # warm-up
+    ttfts, totals, prompt, cached = [], [], 0, 0
+    for i in range(repeats):
+        t, total, prompt, cached = one(client, s, prefix, question(texts, i), cache, max_tokens)
+        ttfts.append(t)
+        totals.append(total)
+    return {"ttft": summary(ttfts), "total": summary(totals), "prompt_tokens": prompt, "cached_tokens": cached}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--model")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="2 repeats")
+    args = parser.parse_args()
+    model = args.model or DEFAULT_MODEL[args.device]
+    repeats = 2 if args.quick else args.repeats
+    texts = Texts(model)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir, log = Path(tmp) / "caches", Path(tmp) / "server.log"
+        prefixes = {s.name: prefix_body(s, texts) for s in SCENARIOS}
+        with gateway(model, cache_dir, log) as gw:
+            client = client_for(gw, model)
+            for s in SCENARIOS:
+                r = httpx.post(
+                    f"{gw.url}/admin/prefix-caches",
+                    timeout=3600,
+                    json={"name": s.name, "model": model, **prefixes[s.name]},
+                )
+                r.raise_for_status()
+                build = r.json()
+                full = measure(client, s, prefixes[s.name], texts, None, repeats, args.max_tokens)
+                hot = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
+                rows.append(
+                    {
+                        "scenario": s.name,
+                        "cache_tokens": build["num_tokens"],
+                        "cache_bytes": build["size_bytes"],
+                        "build_seconds": build["build_seconds"],
+                        "full": full,
+                        "hot": hot,
+                    }
+                )
+                print(s.name, "full", full["ttft"]["median"], "hot", hot["ttft"]["median"], flush=True)
+        # Cold: a server that keeps nothing resident, so every hit reads the file.
+        with gateway(model, cache_dir, log, env={"MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "0"}) as gw:
+            client = client_for(gw, model)
+            for row, s in zip(rows, SCENARIOS, strict=True):
+                row["cold"] = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
+                print(s.name, "cold", row["cold"]["ttft"]["median"], flush=True)
+        if args.device == "gpu":
+            print(log.read_text()[-4000:])
+    for row in rows:
+        f = row["full"]["ttft"]["median"]
+        row["speedup_hot"] = f / row["hot"]["ttft"]["median"]
+        row["speedup_cold"] = f / row["cold"]["ttft"]["median"]
+    write_result("ttft", args.device, model, rows, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
