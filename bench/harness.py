@@ -22,6 +22,11 @@ from typing import Any
 
 import httpx
 
+from adapters.mlx_lm.blas import load_optimised_blas
+
+# Before anything here imports mlx (tokenizers, in-process measurements): the CPU BLAS is chosen once.
+load_optimised_blas()
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL = {"cpu": "small", "gpu": "llama-8b"}
