@@ -60,11 +60,9 @@ def one(
     """(ttft, total seconds, prompt tokens, cached tokens) of one streamed request."""
     extra = {"prefix_cache": cache} if cache else {}
     start = time.perf_counter()
-    first = None
-    usage = None
     if s.kind == "chat":
         messages = ([] if cache else prefix["messages"]) + [{"role": "user", "content": q}]
-        stream = client.chat.completions.create(
+        stream: Any = client.chat.completions.create(
             model=client._model,
             messages=messages,
             max_tokens=max_tokens,
@@ -74,10 +72,6 @@ def one(
             stream_options={"include_usage": True},
             extra_body=extra,
         )
-        for chunk in stream:
-            if first is None and chunk.choices and (chunk.choices[0].logprobs or chunk.choices[0].finish_reason):
-                first = time.perf_counter() - start
-            usage = chunk.usage or usage
     else:
         prompt = ("" if cache else prefix["prompt"]) + "\n\nQ: " + q + "\nA:"
         stream = client.completions.create(
@@ -90,10 +84,12 @@ def one(
             stream_options={"include_usage": True},
             extra_body=extra,
         )
-        for chunk in stream:
-            if first is None and chunk.choices and (chunk.choices[0].logprobs or chunk.choices[0].finish_reason):
-                first = time.perf_counter() - start
-            usage = chunk.usage or usage
+    first = None
+    usage = None
+    for chunk in stream:  # the first chunk with a token (the role chunk comes before any)
+        if first is None and chunk.choices and (chunk.choices[0].logprobs or chunk.choices[0].finish_reason):
+            first = time.perf_counter() - start
+        usage = chunk.usage or usage
     total = time.perf_counter() - start
     assert first is not None and usage is not None
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
