@@ -91,6 +91,8 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
             context_length=m.context_length,
             prefill_step_size=m.prefill_step_size,
             models_dir=config.models_dir,
+            isolation_mode=m.isolation_mode or config.isolation_mode,
+            max_running=config.max_running,
         )
         for m in config.models
     ]

@@ -39,6 +39,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     prefill_step_size: int | None = None
     # Used when a request sets no max_tokens; None means "up to the context length".
     default_max_tokens: int | None = None
+    # None: the server-wide isolation_mode.
+    isolation_mode: Literal["strict", "balanced"] | None = None
 
 
 class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +53,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     default_tenant: str = "default"
     models_dir: str | None = None
     cache_dir: str | None = None
+    # strict: every request alone in its forward passes (bit-identical under any traffic);
+    # balanced: continuous batching, each request on its own cache (see README).
+    isolation_mode: Literal["strict", "balanced"] = "balanced"
+    # Sequences decoded together in one batch (balanced mode).
+    max_running: int = 32
     # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
     prefix_cache_memory_bytes: int = 2 * 1024**3
     max_body_bytes: int = 16 * 1024 * 1024
@@ -122,6 +129,8 @@ def load_config(
         "MLX_GATEWAY_BLAS": "blas",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
+        "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",
+        "MLX_GATEWAY_MAX_RUNNING": "max_running",
     }
     for var, key in env_map.items():
         if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"

@@ -23,6 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import KVCache
 
 from adapters.base import (
     BuildEvent,
@@ -43,6 +44,7 @@ from adapters.base import (
     TopLogprob,
     UnknownModel,
 )
+from adapters.mlx_lm.batching import Batcher
 from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_model
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
@@ -60,12 +62,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Choice:
     index: int
-    cache: list[Any]
-    sampler: ChoiceSampler
+    cache: list[Any] | None  # None when the choice runs in a batch (the batch holds its cache)
+    sampler: ChoiceSampler | None
     text: StopTextAssembler
     generated: int = 0
     last: int = -1
     done: bool = False
+    uid: int = -1
 
 
 @dataclass
@@ -79,6 +82,7 @@ class _Request:
     cached_tokens: int = 0
     choices: list[_Choice] = field(default_factory=list)
     completion_tokens: int = 0
+    batched: bool = False
 
 
 @dataclass
@@ -122,6 +126,9 @@ class MlxEngine:
         self._stats: dict[str, Any] = {"active_memory": 0, "peak_memory": 0, "cache_memory": 0}
         self._started = time.time()
         self._counters = {"completed": 0, "cancelled": 0, "failed": 0}
+        # Balanced mode: one continuous batch per model; uid -> (request, choice).
+        self._batchers: dict[str, Batcher] = {}
+        self._batched: dict[int, tuple[_Request, _Choice]] = {}
         self.device = "unknown"
 
     # ---- the HTTP side's interface -------------------------------------------------------------
@@ -238,10 +245,16 @@ class MlxEngine:
             "engine_alive": self._thread.is_alive() and self._crashed is None,
             "engine_error": self._crashed,
             "device": self.device,
-            "active_requests": len(self._active),
+            "active_requests": len(self._active) + len({id(r) for r, _ in self._batched.values()}),
+            "batched_sequences": len(self._batched),
             "requests": dict(self._counters),
             "models": {
-                name: {"state": s.state, "error": s.error, "dtype": s.loaded.dtype if s.loaded else None}
+                name: {
+                    "state": s.state,
+                    "error": s.error,
+                    "dtype": s.loaded.dtype if s.loaded else None,
+                    "isolation_mode": s.spec.isolation_mode,
+                }
                 for name, s in self._slots.items()
             },
             "memory": dict(self._stats),
@@ -275,13 +288,16 @@ class MlxEngine:
                     slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             self._record_memory()
             while not self._stopping.is_set():
-                self._admit(block=not self._active)
+                self._admit(block=not self._active and not self._batched)
+                if self._batched:
+                    self._batch_turn()
                 if self._active:
                     self._turn()
         except BaseException as exc:
             self._crashed = f"{type(exc).__name__}: {exc}"
             logger.exception("the engine loop crashed")
-            for request in self._active:
+            batched = {id(r): r for r, _ in self._batched.values()}
+            for request in [*self._active, *batched.values()]:
                 request.emit(Failed(EngineError("The engine stopped")))
             raise
 
@@ -329,6 +345,8 @@ class MlxEngine:
             self._counters["cancelled"] += 1
             return
         try:
+            if self._try_batch(request):
+                return
             done = self._step(request)
         except Exception as exc:
             logger.exception("request %s failed", request.plan.request_id)
@@ -336,12 +354,91 @@ class MlxEngine:
             self._counters["failed"] += 1
             return
         if done:
-            plan = request.plan
-            request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
-            self._counters["completed"] += 1
-            self._record_memory()
+            self._finish(request)
         else:
             self._active.append(request)
+
+    def _finish(self, request: _Request) -> None:
+        plan = request.plan
+        request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
+        self._counters["completed"] += 1
+        self._record_memory()
+
+    # ---- balanced mode: continuous batching -----------------------------------------------------
+
+    def _try_batch(self, request: _Request) -> bool:
+        """Hand a new request to its model's batch, if its mode and caches allow. True if handed."""
+        loaded = request.model
+        if loaded.spec.isolation_mode == "strict" or request.choices or request.cache is not None:
+            return False
+        if loaded.spec.kv_bits is not None:
+            return False  # quantised caches cannot merge into a batch: they run in their own group
+        self._attach_prefix(request)
+        cache: list[Any] = request.cache or []
+        if any(not isinstance(c, KVCache) for c in cache):
+            return False  # e.g. a q4/q8 prefix cache: the sequential path serves it
+        batcher = self._batchers.get(loaded.spec.name)
+        if batcher is None:
+            batcher = self._batchers[loaded.spec.name] = Batcher(loaded, loaded.spec.max_running)
+        params = request.plan.sampling
+        uids = batcher.insert(list(request.plan.prompt_tokens[request.prefilled :]), cache, params)
+        request.cache = None
+        request.batched = True
+        for i, uid in enumerate(uids):
+            text = StopTextAssembler(loaded.tokenizer.detokenizer(), params.stop)
+            choice = _Choice(i, None, None, text, uid=uid)
+            request.choices.append(choice)
+            self._batched[uid] = (request, choice)
+        return True
+
+    def _batch_turn(self) -> None:
+        self._drop_cancelled_batched()
+        for name, batcher in list(self._batchers.items()):
+            if not batcher.busy:
+                continue
+            try:
+                outs = batcher.step()
+            except Exception as exc:  # a batch failure fails the requests in it, not the engine
+                logger.exception("batch step failed for model %s", name)
+                self._fail_batch(name, exc)
+                continue
+            for out in outs:
+                entry = self._batched.get(out.uid)
+                if entry is None:
+                    continue
+                request, choice = entry
+                if choice.done:
+                    continue
+                self._accept(request, choice, out.sampled)
+                if not choice.done and out.finish_reason is not None:
+                    choice.done = True  # the batch ended it (its own length/EOS bookkeeping)
+                    request.emit(ChoiceFinished(choice.index, out.finish_reason, choice.text.finish()))
+                if choice.done:
+                    self._batched.pop(out.uid, None)
+                    if out.finish_reason is None:
+                        batcher.remove([out.uid])  # a stop string: the batch would go on
+                    if all(c.done for c in request.choices):
+                        self._finish(request)
+
+    def _drop_cancelled_batched(self) -> None:
+        cancelled = {id(r): r for r, _ in self._batched.values() if r.cancelled.is_set()}
+        for request in cancelled.values():
+            uids = [c.uid for c in request.choices if c.uid in self._batched]
+            self._batchers[request.model.spec.name].remove(uids)
+            for uid in uids:
+                self._batched.pop(uid, None)
+            logger.info("request %s cancelled", request.plan.request_id)
+            self._counters["cancelled"] += 1
+
+    def _fail_batch(self, name: str, exc: Exception) -> None:
+        failed = {id(r): r for r, _ in self._batched.values() if r.model.spec.name == name}
+        for request in failed.values():
+            request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
+            self._counters["failed"] += 1
+        self._batched = {u: e for u, e in self._batched.items() if e[0].model.spec.name != name}
+        batcher = self._batchers.pop(name)
+        with contextlib.suppress(Exception):
+            batcher.close()
 
     def _step(self, request: _Request) -> bool:
         """Run one prefill chunk or one decode step. Returns True when the request is finished."""
@@ -354,6 +451,7 @@ class MlxEngine:
         else:
             for choice in request.choices:
                 if not choice.done:
+                    assert choice.cache is not None and choice.sampler is not None
                     logits = self._forward(request.model, [choice.last], choice.cache)
                     self._accept(request, choice, choice.sampler(logits))
         return all(c.done for c in request.choices) if request.choices else False
@@ -512,6 +610,7 @@ class MlxEngine:
             request.choices.append(_Choice(i, cache, sampler, text))
         request.cache = None
         for choice in request.choices:
+            assert choice.sampler is not None
             self._accept(request, choice, choice.sampler(logits))
 
     def _accept(self, request: _Request, choice: _Choice, sampled: SampledToken) -> None:

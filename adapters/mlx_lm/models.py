@@ -41,6 +41,10 @@ class ModelSpec:
     quantized_kv_start: int = 0
     context_length: int | None = None
     prefill_step_size: int | None = None  # None: 512 on CPU, 2048 on a GPU
+    # strict: one sequence per forward pass, outputs independent of other traffic, bit for bit.
+    # balanced: continuous batching (outputs may differ from a solo run by float rounding only).
+    isolation_mode: str = "balanced"
+    max_running: int = 32
     models_dir: str | None = None
 
 

@@ -22,9 +22,14 @@ from adapters.mlx_lm.models import ModelSpec  # noqa: E402
 
 @pytest.fixture(scope="module")
 def engine(models_dir: Path) -> Iterator[MlxEngine]:
-    eng = MlxEngine([ModelSpec("tiny", "tiny", models_dir=str(models_dir))])
+    eng = MlxEngine(
+        [
+            ModelSpec("tiny", "tiny", models_dir=str(models_dir), isolation_mode="strict"),
+            ModelSpec("tiny-batched", "tiny", models_dir=str(models_dir), isolation_mode="balanced"),
+        ]
+    )
     eng.start()
-    while eng.health()["models"]["tiny"]["state"] == "loading":
+    while any(m["state"] == "loading" for m in eng.health()["models"].values()):
         import time
 
         time.sleep(0.05)
@@ -39,8 +44,8 @@ def run(engine: MlxEngine, plan: Plan) -> list[object]:
     return asyncio.run(go())
 
 
-def plan(rid: str, tokens: tuple[int, ...] = (10, 11, 12), **kw: object) -> Plan:
-    return Plan(rid, "tiny", "default", tokens, SamplingParams(max_tokens=5, temperature=0, **kw))  # type: ignore[arg-type]
+def plan(rid: str, tokens: tuple[int, ...] = (10, 11, 12), model: str = "tiny", **kw: object) -> Plan:
+    return Plan(rid, model, "default", tokens, SamplingParams(**{"max_tokens": 5, "temperature": 0, **kw}))  # type: ignore[arg-type]
 
 
 def test_a_failing_request_fails_alone(engine: MlxEngine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,6 +74,34 @@ def test_prefill_in_chunks_gives_the_same_tokens(engine: MlxEngine, monkeypatch:
     chunked = run(engine, plan("b", tokens))
     ids = lambda evs: [e.token_ids for e in evs if hasattr(e, "token_ids")]  # noqa: E731
     assert ids(whole) == ids(chunked)
+
+
+def test_a_failing_batch_fails_its_requests_only(engine: MlxEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.mlx_lm.batching import Batcher
+
+    original = Batcher.step
+    calls = {"n": 0}
+
+    def faulty(self):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected batch fault")
+        return original(self)
+
+    monkeypatch.setattr(Batcher, "step", faulty)
+    events = run(engine, plan("boom", model="tiny-batched"))
+    assert isinstance(events[-1], Failed) and "injected batch fault" in str(events[-1].error)
+    ok = run(engine, plan("fine", model="tiny-batched"))
+    assert isinstance(ok[-1], Finished) and ok[-1].completion_tokens == 5
+    assert engine.health()["engine_alive"]
+
+
+def test_batched_and_sequential_agree(engine: MlxEngine) -> None:
+    tokens = tuple(range(200, 260))
+    ids = lambda evs: [e.token_ids for e in evs if hasattr(e, "token_ids")]  # noqa: E731
+    assert ids(run(engine, plan("s", tokens, max_tokens=12))) == ids(
+        run(engine, plan("b", tokens, model="tiny-batched", max_tokens=12))
+    )
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="MKL ships for x86_64")
