@@ -14,6 +14,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from adapters.base import Engine, EngineError, EngineNotReady, UnknownModel
 from gateway import __version__
+from gateway.admission import Admission
 from gateway.config import Config
 from gateway.errors import (
     APIError,
@@ -120,7 +121,15 @@ def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     return Litestar(
         route_handlers=[openai_router, seed_router, admin_router, health, index],
-        state=State({"config": config, "engine": engine}),
+        state=State(
+            {
+                "config": config,
+                "engine": engine,
+                "admission": Admission(
+                    config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds
+                ),
+            }
+        ),
         on_startup=[lambda: engine.start()],
         on_shutdown=[lambda: engine.stop()],
         exception_handlers={

@@ -56,8 +56,13 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     # strict: every request alone in its forward passes (bit-identical under any traffic);
     # balanced: continuous batching, each request on its own cache (see README).
     isolation_mode: Literal["strict", "balanced"] = "balanced"
-    # Sequences decoded together in one batch (balanced mode).
+    # Requests in the engine at once (and sequences decoded together in one batch, balanced mode).
     max_running: int = 32
+    # Behind them: at most this many requests / prompt tokens wait, each at most queue_timeout seconds;
+    # past a limit a request gets 429 with Retry-After.
+    max_queued: int = 256
+    max_queued_tokens: int = 2_000_000
+    queue_timeout_seconds: float = 120.0
     # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
     prefix_cache_memory_bytes: int = 2 * 1024**3
     max_body_bytes: int = 16 * 1024 * 1024
@@ -131,6 +136,9 @@ def load_config(
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
         "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",
         "MLX_GATEWAY_MAX_RUNNING": "max_running",
+        "MLX_GATEWAY_MAX_QUEUED": "max_queued",
+        "MLX_GATEWAY_MAX_QUEUED_TOKENS": "max_queued_tokens",
+        "MLX_GATEWAY_QUEUE_TIMEOUT_SECONDS": "queue_timeout_seconds",
     }
     for var, key in env_map.items():
         if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"

@@ -7,12 +7,13 @@ the first byte becomes one ``data: {"error": ...}`` event, then the stream ends 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import cast
 
 import msgspec
 from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from gateway.errors import APIError, ServerError
 
@@ -49,6 +50,7 @@ def sse_response(
     ping_seconds: float,
     send_timeout: float,
     headers: Mapping[str, str] | None = None,
+    on_close: Callable[[], Awaitable[None]] | None = None,
 ) -> ASGIApp:
     """An ASGI response streaming ``chunks`` as OpenAI-style SSE."""
     response = EventSourceResponse(
@@ -59,6 +61,8 @@ def sse_response(
         send_timeout=send_timeout,
         # Litestar shuts down on its own; sse-starlette's exit patch must not end streams early.
         shutdown_grace_period=0,
+        # Runs however the response ends, also when the body never started (idempotent callers).
+        background=BackgroundTask(on_close) if on_close else None,
     )
     # Starlette's and Litestar's ASGI type aliases differ only in their TypedDict spellings.
     return cast(ASGIApp, response)

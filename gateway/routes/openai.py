@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from functools import partial
 
 import anyio.to_thread
+import msgspec
 from litestar import Request, Router, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -15,6 +18,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from adapters.base import Engine, ModelInfo, UnknownModel
+from gateway.admission import Admission
 from gateway.config import Config, ModelConfig
 from gateway.encoding import encode
 from gateway.errors import AuthenticationError
@@ -66,16 +70,24 @@ def _fingerprint(info: ModelInfo) -> str:
     return f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
 
 
+def _prompt_tokens(planned: PlannedRequest) -> int:
+    return sum(len(p.prompt_tokens) for p in planned.plans)
+
+
+async def complete_planned(
+    state: State, planned: PlannedRequest, fingerprint: str
+) -> ChatCompletion | CompletionResponse:
+    """Run a non-streaming request inside an admission slot."""
+    admission: Admission = state.admission
+    async with admission.slot(_prompt_tokens(planned)):
+        return await collect(Running(state.engine, planned), fingerprint)
+
+
 async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> ASGIApp:
     config: Config = state.config
     engine: Engine = state.engine
+    admission: Admission = state.admission
     headers = {"x-request-id": planned.id}
-    running = Running(engine, planned)
-    if planned.prefix_name is not None:
-        # The x-prefix-cache header says what the cache gave: wait for the engine to admit the request.
-        header = prefix_header(planned, await running.wait_started())
-        if header:
-            headers["x-prefix-cache"] = header
     logger.info(
         "[%s] %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
         planned.id,
@@ -86,16 +98,41 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
         planned.n,
         planned.stream,
     )
-    if planned.stream:
-        return sse_response(
-            stream_chunks(running, _fingerprint(info)),
-            request_id=planned.id,
-            ping_seconds=config.sse_ping_seconds,
-            send_timeout=config.sse_send_timeout_seconds,
-            headers=headers,
-        )
-    body = await collect(running, _fingerprint(info))
-    return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
+    if not planned.stream and planned.prefix_name is None:
+        body = await complete_planned(state, planned, _fingerprint(info))
+        return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
+    stack = contextlib.AsyncExitStack()
+    await stack.enter_async_context(admission.slot(_prompt_tokens(planned)))  # 429 before any byte
+    try:
+        running = Running(engine, planned)
+        if planned.prefix_name is not None:
+            # The x-prefix-cache header says what the cache gave: wait for the engine to admit the request.
+            header = prefix_header(planned, await running.wait_started())
+            if header:
+                headers["x-prefix-cache"] = header
+        if not planned.stream:
+            body = await collect(running, _fingerprint(info))
+            await stack.aclose()
+            return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+    async def chunks() -> AsyncIterator[msgspec.Struct]:
+        try:
+            async for chunk in stream_chunks(running, _fingerprint(info)):
+                yield chunk
+        finally:
+            await stack.aclose()
+
+    return sse_response(
+        chunks(),
+        request_id=planned.id,
+        ping_seconds=config.sse_ping_seconds,
+        send_timeout=config.sse_send_timeout_seconds,
+        headers=headers,
+        on_close=stack.aclose,
+    )
 
 
 def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:

@@ -12,11 +12,10 @@ from litestar.params import FromPath, JSONBody
 
 from gateway import prefix_service
 from gateway.planning import plan_completion
-from gateway.routes.openai import provide_tenant, resolve_model
+from gateway.routes.openai import complete_planned, provide_tenant, resolve_model
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
 from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
-from gateway.serving import Running, collect
 
 __all__ = ["seed_router"]
 
@@ -51,7 +50,7 @@ async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: s
     planned = await anyio.to_thread.run_sync(
         partial(plan_completion, req, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
     )
-    result = await collect(Running(state.engine, planned), "")
+    result = await complete_planned(state, planned, "")
     assert isinstance(result, CompletionResponse) and result.usage is not None
     choice = result.choices[0]
     return SeedGenerated(
