@@ -188,6 +188,8 @@ def main() -> None:
             with gateway(model, Path(tmp) / "caches", log, env=env) as gw:
                 for r in run_all(gw.url, model, texts, counts, max_tokens):
                     rows.append({"server": f"mlx-gateway {mode}", **r})
+                health = httpx.get(f"{gw.url}/health").json()
+                print("  engine:", health["batch_steps"], health["memory"], flush=True)
                 if mode == "balanced":
                     r = shared_prefix(gw.url, model, texts, args.shared_max_tokens, "shared-4k")
                     rows.append({"server": "mlx-gateway balanced", **r})

@@ -34,10 +34,38 @@ class SequenceOut:
     finish_reason: str | None  # "stop" (an EOS token) | "length" | None
 
 
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+_shared: dict[tuple[float, float], Callable[[mx.array], mx.array]] = {}
+
+
+def _unseeded(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
+    """One sampler object per (temperature, top_p) for requests without a seed.
+
+    BatchGenerator samples the whole batch in one call when every sequence has the same sampler object;
+    unseeded requests promise no reproducibility, so they may share mlx's RNG. Seeded ones never do.
+    """
+    key = (temperature, top_p)
+    if key not in _shared:
+
+        def sample(logprobs: mx.array) -> mx.array:
+            scaled = logprobs * (1.0 / temperature)
+            if 0.0 < top_p < 1.0:
+                scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), top_p)
+            return mx.random.categorical(scaled)
+
+        _shared[key] = sample
+    return _shared[key]
+
+
 def _sampler(params: SamplingParams, key: mx.array) -> Callable[[mx.array], mx.array]:
-    """A per-sequence sampler over log-probabilities of shape (1, vocab), with its own key."""
+    """A sequence's sampler over log-probabilities (shape (rows, vocab)); seeded ones own their key."""
     if params.temperature <= 0.0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return _greedy
+    if params.seed is None:
+        return _unseeded(params.temperature, params.top_p)
     state = {"key": key}
 
     def sample(logprobs: mx.array) -> mx.array:

@@ -129,6 +129,7 @@ class MlxEngine:
         # Balanced mode: one continuous batch per model; uid -> (request, choice).
         self._batchers: dict[str, Batcher] = {}
         self._batched: dict[int, tuple[_Request, _Choice]] = {}
+        self._batch_stats = {"steps": 0, "sequences": 0, "seconds": 0.0}
         self.device = "unknown"
 
     # ---- the HTTP side's interface -------------------------------------------------------------
@@ -247,6 +248,7 @@ class MlxEngine:
             "device": self.device,
             "active_requests": len(self._active) + len({id(r) for r, _ in self._batched.values()}),
             "batched_sequences": len(self._batched),
+            "batch_steps": dict(self._batch_stats),
             "requests": dict(self._counters),
             "models": {
                 name: {
@@ -278,6 +280,10 @@ class MlxEngine:
     def _run(self) -> None:
         try:
             self.device = str(mx.default_device())
+            if mx.default_device() != mx.cpu:
+                # MLX keeps freed buffers for reuse; under churning batch shapes that hoard ran a GPU out of
+                # memory (seen on an H200 at 64 streams). Bound it.
+                mx.set_cache_limit(4 * 1024**3)
             for slot in self._slots.values():
                 try:
                     slot.loaded = load_model(slot.spec)
@@ -397,7 +403,11 @@ class MlxEngine:
             if not batcher.busy:
                 continue
             try:
+                started = time.perf_counter()
                 outs = batcher.step()
+                self._batch_stats["steps"] += 1
+                self._batch_stats["sequences"] += len(outs)
+                self._batch_stats["seconds"] += time.perf_counter() - started
             except Exception as exc:  # a batch failure fails the requests in it, not the engine
                 logger.exception("batch step failed for model %s", name)
                 self._fail_batch(name, exc)

@@ -173,6 +173,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings") or 4096
     )
     tokenizer = MlxTokenizer(wrapper, min(vocab, hf_vocab))
+    if hf_vocab < vocab:
+        # Padded vocabularies (Llama-3 shapes with a smaller tokenizer, Qwen...): ids past the tokenizer
+        # can never be decoded, so the logits stop there. Sampling then needs no per-sequence mask.
+        model = _SampleableLogits(model, hf_vocab)
+        vocab = hf_vocab
     local = Path(path)
     created = int(local.stat().st_mtime) if local.exists() else int(time.time())
     logger.info(
@@ -204,6 +209,20 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         chat_template_fingerprint=hashlib.sha256(str(template).encode()).hexdigest(),
         head_dim=int(head_dim),
     )
+
+
+class _SampleableLogits:
+    """The model with its logits cut to the ids the tokenizer can decode; everything else delegates."""
+
+    def __init__(self, model: Any, n: int) -> None:
+        self._model = model
+        self._n = n
+
+    def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
+        return self._model(inputs, cache=cache, **kwargs)[..., : self._n]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def model_fingerprint(path: Path, dtype: str) -> str:
