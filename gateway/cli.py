@@ -100,7 +100,7 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
 
     store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes)
     store.scan()
-    return MlxEngine(specs, store)
+    return MlxEngine(specs, store, config.profile_path)
 
 
 def _build_model(args: argparse.Namespace) -> int:

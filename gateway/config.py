@@ -72,6 +72,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "none" keeps mlx's reference BLAS; a path loads that library; None searches for MKL.
     blas: str | None = None
+    # Write a cProfile of the engine thread here at shutdown (diagnostics).
+    profile_path: str | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -132,6 +134,7 @@ def load_config(
         "MLX_GATEWAY_CACHE_DIR": "cache_dir",
         "MLX_GATEWAY_LOG_LEVEL": "log_level",
         "MLX_GATEWAY_BLAS": "blas",
+        "MLX_GATEWAY_PROFILE": "profile_path",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
         "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",

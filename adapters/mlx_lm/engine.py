@@ -115,12 +115,15 @@ class _ModelSlot:
 class MlxEngine:
     """Implements :class:`adapters.base.Engine` on mlx-lm."""
 
-    def __init__(self, specs: list[ModelSpec], store: PrefixCacheStore | None = None) -> None:
+    def __init__(
+        self, specs: list[ModelSpec], store: PrefixCacheStore | None = None, profile_path: str | None = None
+    ) -> None:
         self._slots = {s.name: _ModelSlot(s) for s in specs}
         self._store = store
         self._inbox: queue.SimpleQueue[_Request | _Build | _Call | None] = queue.SimpleQueue()
         self._active: deque[_Request | _Build] = deque()
-        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread = threading.Thread(target=self._profiled_run, name="mlx-engine", daemon=True)
+        self.profile_path = profile_path
         self._stopping = threading.Event()
         self._crashed: str | None = None
         self._stats: dict[str, Any] = {"active_memory": 0, "peak_memory": 0, "cache_memory": 0}
@@ -276,6 +279,19 @@ class MlxEngine:
         return slot.loaded
 
     # ---- the engine thread ---------------------------------------------------------------------
+
+    def _profiled_run(self) -> None:
+        """The engine loop, under cProfile when MLX_GATEWAY_PROFILE names an output file."""
+        if not self.profile_path:
+            self._run()
+            return
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            profiler.runcall(self._run)
+        finally:
+            profiler.dump_stats(self.profile_path)
 
     def _run(self) -> None:
         try:
