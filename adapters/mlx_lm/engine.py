@@ -311,6 +311,7 @@ class MlxEngine:
             self._record_memory()
             while not self._stopping.is_set():
                 self._admit(block=not self._active and not self._batched)
+                self._hand_new_to_batches()
                 if self._batched:
                     self._batch_turn()
                 if self._active:
@@ -412,6 +413,25 @@ class MlxEngine:
             request.choices.append(choice)
             self._batched[uid] = (request, choice)
         return True
+
+    def _hand_new_to_batches(self) -> None:
+        """Move every new balanced-mode request into its batch at once: arrivals that come together are
+        prefilled together (one prompt step for all, not one per arrival)."""
+        if not any(isinstance(r, _Request) and not r.choices and r.cache is None for r in self._active):
+            return
+        keep: deque[_Request | _Build] = deque()
+        for item in self._active:
+            if isinstance(item, _Request) and not item.cancelled.is_set():
+                try:
+                    if self._try_batch(item):
+                        continue
+                except Exception as exc:
+                    logger.exception("request %s failed", item.plan.request_id)
+                    item.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
+                    self._counters["failed"] += 1
+                    continue
+            keep.append(item)
+        self._active = keep
 
     def _batch_turn(self) -> None:
         self._drop_cancelled_batched()
