@@ -419,8 +419,10 @@ class MlxEngine:
         prefilled together (one prompt step for all, not one per arrival)."""
         if not any(isinstance(r, _Request) and not r.choices and r.cache is None for r in self._active):
             return
+        # A snapshot: attaching a prefix may queue a rebuild onto _active while we go.
+        items, self._active = list(self._active), deque()
         keep: deque[_Request | _Build] = deque()
-        for item in self._active:
+        for item in items:
             if isinstance(item, _Request) and not item.cancelled.is_set():
                 try:
                     if self._try_batch(item):
@@ -431,7 +433,7 @@ class MlxEngine:
                     self._counters["failed"] += 1
                     continue
             keep.append(item)
-        self._active = keep
+        self._active.extendleft(reversed(keep))
 
     def _batch_turn(self) -> None:
         self._drop_cancelled_batched()
