@@ -129,7 +129,9 @@ def _report(label: str, row: dict[str, Any]) -> None:
 
 
 def run_all(base: str, model: str, texts: Texts, clients: list[int], max_tokens: int) -> list[dict[str, Any]]:
-    asyncio.run(burst(base, model, [texts.text(128, offset=50)], 8))  # warm-up
+    # Warm-up with a batch, not one stream: the GPU backend compiles kernels per batch shape on first use.
+    for n in (1, 8):
+        asyncio.run(burst(base, model, [texts.text(128, offset=50 + 7 * i) for i in range(n)], 16))
     rows = []
     for n in clients:
         prompts = [texts.text(128, offset=200 + 131 * i) for i in range(n)]
