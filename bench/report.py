@@ -68,7 +68,29 @@ def ttft(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"blas": blas, "ttft": ttft}
+def concurrency(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    lines = [
+        f"### Concurrent streaming clients: `{result['model']}` on {where}",
+        "",
+        f"{result['date']}; mlx {result['versions']['mlx']}, mlx-lm {result['versions']['mlx-lm']}; "
+        f"`{result['command']}`. {result.get('notes', '')} Both servers started by the benchmark, same "
+        "weights, same run. Errors: requests the server failed (connection reset or error).",
+        "",
+        "| server | clients | tokens/s | p50 TTFT s | p95 TTFT s | p99 TTFT s | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        label = r.get("scenario", str(r["clients"]))
+        lines.append(
+            f"| {r['server']} | {label} | {r['tokens_per_s']:.1f} | {r['ttft']['median']:.2f} | "
+            f"{r['ttft_p95']:.2f} | {r['ttft_p99']:.2f} | {r.get('errors', 0)} |"
+        )
+    return "\n".join(lines)
+
+
+RENDER = {"blas": blas, "ttft": ttft, "concurrency": concurrency}
 
 
 def main() -> None:
@@ -77,7 +99,8 @@ def main() -> None:
     for name, render in RENDER.items():
         chosen = [r for r in results if r["benchmark"] == name]
         if chosen:
-            sections.append(f"## {name}\n\n" + "\n\n".join(render(r) for r in chosen))
+            body = "\n\n".join(render(r) for r in chosen)
+            sections.append(f"## {name}\n\n{body}")
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         sections.append(notes.read_text())

@@ -42,19 +42,28 @@ def _serve(args: argparse.Namespace) -> int:
     engine = _make_engine(config)
 
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
     from gateway.app import create_app
 
     app = create_app(config, engine)
-    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, config.port)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        log_config=None,
-        timeout_graceful_shutdown=30,
+    # sse-starlette would end every stream on SIGTERM; we let running streams finish instead (uvicorn
+    # stops accepting connections and waits up to shutdown_timeout_seconds) and refuse new requests.
+    AppStatus.disable_automatic_graceful_drain()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            log_config=None,
+            timeout_graceful_shutdown=int(config.shutdown_timeout_seconds),
+        )
     )
+    app.state.admission.is_closing = lambda: server.should_exit
+    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, config.port)
+    server.run()
+    AppStatus.should_exit = True  # anything still streaming after the grace period ends now
     return 0
 
 

@@ -63,6 +63,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     max_queued: int = 256
     max_queued_tokens: int = 2_000_000
     queue_timeout_seconds: float = 120.0
+    # On SIGTERM/SIGINT: refuse new requests (503) and let running streams finish for up to this long.
+    shutdown_timeout_seconds: float = 30.0
     # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
     prefix_cache_memory_bytes: int = 2 * 1024**3
     max_body_bytes: int = 16 * 1024 * 1024
@@ -142,6 +144,7 @@ def load_config(
         "MLX_GATEWAY_MAX_QUEUED": "max_queued",
         "MLX_GATEWAY_MAX_QUEUED_TOKENS": "max_queued_tokens",
         "MLX_GATEWAY_QUEUE_TIMEOUT_SECONDS": "queue_timeout_seconds",
+        "MLX_GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": "shutdown_timeout_seconds",
     }
     for var, key in env_map.items():
         if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"
