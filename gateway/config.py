@@ -40,7 +40,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     # Used when a request sets no max_tokens; None means "up to the context length".
     default_max_tokens: int | None = None
     # None: the server-wide isolation_mode.
-    isolation_mode: Literal["strict", "balanced"] | None = None
+    isolation_mode: Literal["strict", "balanced", "performance"] | None = None
 
 
 class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -55,7 +55,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     cache_dir: str | None = None
     # strict: every request alone in its forward passes (bit-identical under any traffic);
     # balanced: continuous batching, each request on its own cache (see README).
-    isolation_mode: Literal["strict", "balanced"] = "balanced"
+    # performance: balanced plus automatic prefix reuse within one tenant.
+    isolation_mode: Literal["strict", "balanced", "performance"] = "balanced"
     # Requests in the engine at once (and sequences decoded together in one batch, balanced mode).
     max_running: int = 32
     # Behind them: at most this many requests / prompt tokens wait, each at most queue_timeout seconds;

@@ -32,6 +32,7 @@ class SequenceOut:
     uid: int
     sampled: SampledToken
     finish_reason: str | None  # "stop" (an EOS token) | "length" | None
+    cache: list[Any] | None = None  # the sequence's own KV, once it finished in the batch
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -170,7 +171,8 @@ class Batcher:
                     top = tuple(sorted(pairs, key=lambda t: -t[1]))  # type: ignore[arg-type]
             if r.finish_reason is not None:
                 self._wants.pop(r.uid, None)
-            out.append(SequenceOut(r.uid, SampledToken(int(r.token), chosen, top), r.finish_reason))
+            sampled = SampledToken(int(r.token), chosen, top)
+            out.append(SequenceOut(r.uid, sampled, r.finish_reason, r.prompt_cache))
         return out
 
     def close(self) -> None:

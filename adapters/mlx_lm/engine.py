@@ -46,6 +46,7 @@ from adapters.base import (
 )
 from adapters.mlx_lm.batching import Batcher
 from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_model
+from adapters.mlx_lm.reuse import TenantReuse
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
 from prefix_caches import kv
@@ -133,6 +134,7 @@ class MlxEngine:
         self._batchers: dict[str, Batcher] = {}
         self._batched: dict[int, tuple[_Request, _Choice]] = {}
         self._batch_stats = {"steps": 0, "sequences": 0, "seconds": 0.0}
+        self._reuse = TenantReuse()
         self.device = "unknown"
 
     # ---- the HTTP side's interface -------------------------------------------------------------
@@ -252,6 +254,7 @@ class MlxEngine:
             "active_requests": len(self._active) + len({id(r) for r, _ in self._batched.values()}),
             "batched_sequences": len(self._batched),
             "batch_steps": dict(self._batch_stats),
+            "automatic_reuse": self._reuse.stats(),
             "requests": dict(self._counters),
             "models": {
                 name: {
@@ -462,6 +465,8 @@ class MlxEngine:
                     choice.done = True  # the batch ended it (its own length/EOS bookkeeping)
                     request.emit(ChoiceFinished(choice.index, out.finish_reason, choice.text.finish()))
                 if choice.done:
+                    if choice.index == 0:
+                        self._keep_for_reuse(request, out.cache)
                     self._batched.pop(out.uid, None)
                     if out.finish_reason is None:
                         batcher.remove([out.uid])  # a stop string: the batch would go on
@@ -514,6 +519,8 @@ class MlxEngine:
     def _attach_prefix(self, request: _Request) -> None:
         """Give the request its own view of its named prefix cache, or a fresh cache on a miss."""
         use, store = request.plan.prefix, self._store
+        if use is None and request.model.spec.isolation_mode == "performance" and self._reuse_hit(request):
+            return
         if use is None or store is None:
             request.cache = request.model.make_cache()
             request.emit(Started(0))
@@ -538,6 +545,30 @@ class MlxEngine:
         store.record_hit(use.tenant, use.name)
         load_ms = (time.perf_counter() - start) * 1000
         request.emit(Started(use.reuse, True, resident, load_ms))
+
+    def _reuse_hit(self, request: _Request) -> bool:
+        """performance mode: start from this tenant's longest matching earlier prompt, if any."""
+        plan = request.plan
+        found = self._reuse.find(plan.model, plan.tenant, plan.prompt_tokens)
+        if found is None:
+            return False
+        cache, common = found
+        reuse = min(common, len(plan.prompt_tokens) - 1)
+        request.cache = kv.view(cache, reuse)
+        request.prefilled = request.cached_tokens = reuse
+        request.emit(Started(reuse))
+        return True
+
+    def _keep_for_reuse(self, request: _Request, cache: list[Any] | None) -> None:
+        plan = request.plan
+        if cache is None or plan.prefix is not None or request.model.spec.isolation_mode != "performance":
+            return
+        n = len(plan.prompt_tokens)
+        try:
+            if min(c.offset for c in cache) >= n:
+                self._reuse.add(plan.model, plan.tenant, plan.prompt_tokens, kv.exact(kv.view(cache, n)))
+        except PrefixCacheUnusable:
+            pass
 
     # ---- prefix-cache builds -------------------------------------------------------------------
 
