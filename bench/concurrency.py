@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,39 +24,20 @@ from typing import Any
 import httpx
 import openai
 
-from bench.harness import DEFAULT_MODEL, Texts, free_port, gateway, summary, write_result
+from bench.harness import DEFAULT_MODEL, Texts, free_port, gateway, server_process, summary, write_result
 
 
 @contextmanager
 def mlx_lm_server(model_path: Path, log: Path) -> Iterator[str]:
     port = free_port()
-    env = dict(os.environ)
+    env = {}
     mkl = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"
     if mkl.exists():
         env["LD_PRELOAD"] = str(mkl)
     cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path), "--port", str(port)]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlx_lm.server exited; see {log}")
-            try:
-                httpx.get(f"{url}/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-            if time.monotonic() > deadline:
-                raise RuntimeError("mlx_lm.server not ready")
+    with server_process(cmd, url, log, env, any_answer=True):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 async def one(

@@ -49,45 +49,44 @@ class Gateway:
 
 
 @contextmanager
-def gateway(model: str, cache_dir: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
-    """Start ``mlx-gateway serve`` (the real server) and wait until it is ready."""
-    port = free_port()
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--cache-dir",
-        str(cache_dir),
-    ]
+def server_process(
+    cmd: list[str], url: str, log: Path, env: dict[str, str] | None = None, any_answer: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server command, wait until ``url``/health answers (200, or anything with ``any_answer``),
+    and stop it afterwards."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    gw = Gateway(f"http://127.0.0.1:{port}", proc)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 1800  # an 8B build on a fresh GPU machine takes minutes
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited ({proc.returncode}); see {log}")
             try:
-                if httpx.get(f"{gw.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200 or any_answer:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready; see {log}")
             time.sleep(0.25)
-        yield gw
+        yield proc
     finally:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def gateway(model: str, cache_dir: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
+    """Start ``mlx-gateway serve`` (the real server) and wait until it is ready."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--cache-dir", str(cache_dir)]
+    with server_process(cmd, url, log, {"PYTHONUNBUFFERED": "1", **(env or {})}) as proc:
+        yield Gateway(url, proc)
 
 
 def corpus_text() -> str:
