@@ -90,7 +90,26 @@ def concurrency(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"blas": blas, "ttft": ttft, "concurrency": concurrency}
+def overhead(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    lines = [
+        f"### Gateway overhead, one stream: `{result['model']}` on {where}",
+        "",
+        f"{result['date']}; `{result['command']}`. {result.get('notes', '')} Decode rate excludes the first token.",
+        "",
+        "| path | TTFT ms | decode tok/s | vs in-process |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['path']} | {ms(r['ttft'])} | {r['decode_tokens_per_s']['median']:.1f} | "
+            f"{r['ratio_to_in_process']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+RENDER = {"blas": blas, "ttft": ttft, "overhead": overhead, "concurrency": concurrency}
 
 
 def main() -> None:

@@ -1,0 +1,105 @@
+"""Gateway overhead: one streamed completion through HTTP (the openai SDK against the real server)
+against mlx-lm's in-process ``stream_generate`` on the same model, prompt and settings, in one run.
+
+    python -m bench.overhead --device cpu      # small
+    python -m bench.overhead --device gpu      # llama-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from bench.harness import DEFAULT_MODEL, Texts, gateway, summary, write_result
+
+PROMPT_TOKENS = 128
+
+
+def in_process(model: str, prompt: list[int], max_tokens: int, repeats: int) -> dict[str, Any]:
+    from mlx_lm import stream_generate
+
+    from adapters.mlx_lm.models import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(model, model))  # the gateway's own loading: same dtype and logits
+    ttfts, rates = [], []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        first = None
+        n = 0
+        for _ in stream_generate(loaded.model, loaded.tokenizer.wrapper, prompt, max_tokens=max_tokens):
+            n += 1
+            if first is None:
+                first = time.perf_counter() - start
+        total = time.perf_counter() - start
+        if i:  # the first run warms up
+            ttfts.append(first or total)
+            rates.append((n - 1) / (total - (first or 0)))
+    return {"ttft": summary(ttfts), "decode_tokens_per_s": summary(rates)}
+
+
+def over_http(url: str, model: str, prompt: list[int], max_tokens: int, mode: str, repeats: int) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    ttfts, rates = [], []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        first = None
+        n = 0
+        stream = client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, logprobs=0
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.tokens:
+                n += len(chunk.choices[0].logprobs.tokens)
+                if first is None:
+                    first = time.perf_counter() - start
+        total = time.perf_counter() - start
+        if i:
+            ttfts.append(first or total)
+            rates.append((n - 1) / (total - (first or 0)))
+    return {"mode": mode, "ttft": summary(ttfts), "decode_tokens_per_s": summary(rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--model")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = args.model or DEFAULT_MODEL[args.device]
+    texts = Texts(model)
+    prompt = texts.ids[:PROMPT_TOKENS]
+    rows = [{"path": "in-process stream_generate", **in_process(model, prompt, args.max_tokens, args.repeats)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("balanced", "strict"):
+            env = {"MLX_GATEWAY_ISOLATION_MODE": mode}
+            with gateway(model, Path(tmp) / "c", Path(tmp) / "server.log", env=env) as gw:
+                rows.append(
+                    {"path": f"HTTP, {mode}", **over_http(gw.url, model, prompt, args.max_tokens, mode, args.repeats)}
+                )
+    base = rows[0]["decode_tokens_per_s"]["median"]
+    for row in rows:
+        row["ratio_to_in_process"] = row["decode_tokens_per_s"]["median"] / base
+        print(
+            f"{row['path']}: TTFT {row['ttft']['median'] * 1e3:.1f} ms, decode "
+            f"{row['decode_tokens_per_s']['median']:.1f} tok/s ({row['ratio_to_in_process']:.2f}x)",
+            flush=True,
+        )
+    write_result(
+        "overhead",
+        args.device,
+        model,
+        rows,
+        out=args.out,
+        notes=f"{PROMPT_TOKENS}-token prompt, {args.max_tokens} tokens, greedy, medians of {args.repeats}.",
+    )
+
+
+if __name__ == "__main__":
+    main()
