@@ -123,7 +123,9 @@ def run_all(base: str, model: str, texts: Texts, clients: list[int], max_tokens:
 SHARED_CLIENTS = 16
 
 
-def shared_prefix(base: str, model: str, texts: Texts, max_tokens: int, cache: str | None) -> dict[str, Any]:
+def shared_prefix(
+    base: str, model: str, texts: Texts, max_tokens: int, cache: str | None, clients: int = SHARED_CLIENTS
+) -> dict[str, Any]:
     """16 clients on one 4K-token system prompt: through a named cache, or sent in full."""
     system = texts.text(4096, offset=3000)
     if cache:
@@ -133,9 +135,9 @@ def shared_prefix(base: str, model: str, texts: Texts, max_tokens: int, cache: s
             json={"name": cache, "model": model, "messages": [{"role": "system", "content": system}]},
         )
         r.raise_for_status()
-    prompts = [texts.text(32, offset=40000 + 37 * i) for i in range(SHARED_CLIENTS)]
+    prompts = [texts.text(32, offset=40000 + 37 * i) for i in range(clients)]
     row = asyncio.run(burst(base, model, prompts, max_tokens, system=system, cache=cache))
-    row["scenario"] = f"{SHARED_CLIENTS} clients, one 4K-token system prompt" + (" (named cache)" if cache else "")
+    row["scenario"] = f"{clients} clients, one 4K-token system prompt" + (" (named cache)" if cache else "")
     _report(row["scenario"], row)
     return row
 
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--skip-mlx-lm", action="store_true")
     parser.add_argument("--strict-clients", default="1,32", help="client counts for strict mode")
     parser.add_argument("--shared-max-tokens", type=int, default=128)
+    parser.add_argument("--shared-clients", type=int, default=SHARED_CLIENTS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
@@ -172,14 +175,14 @@ def main() -> None:
                 health = httpx.get(f"{gw.url}/health").json()
                 print("  engine:", health["batch_steps"], health["memory"], flush=True)
                 if mode == "balanced":
-                    r = shared_prefix(gw.url, model, texts, args.shared_max_tokens, "shared-4k")
+                    r = shared_prefix(gw.url, model, texts, args.shared_max_tokens, "shared-4k", args.shared_clients)
                     rows.append({"server": "mlx-gateway balanced", **r})
         if not args.skip_mlx_lm:
             print("mlx_lm.server", flush=True)
             with mlx_lm_server(path, log) as url:
                 for r in run_all(url, str(path), texts, clients, max_tokens):
                     rows.append({"server": "mlx_lm.server", **r})
-                r = shared_prefix(url, str(path), texts, args.shared_max_tokens, None)
+                r = shared_prefix(url, str(path), texts, args.shared_max_tokens, None, args.shared_clients)
                 rows.append({"server": "mlx_lm.server", **r})
     notes = f"max_tokens {max_tokens}, temperature 0.7, no seed; prompts ~128 tokens of real text."
     write_result("concurrency", args.device, model, rows, notes=notes, out=args.out)

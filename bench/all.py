@@ -1,0 +1,72 @@
+"""Every benchmark in one command: ``python -m bench.all --device cpu [--quick]``.
+
+``--quick`` (under 10 minutes on the 2-core CPU machine) uses fewer repeats, clients and tokens and
+writes to ``bench/results/quick/``, which ``bench.report`` leaves out; a full run writes to
+``bench/results/`` and regenerates ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from bench.harness import RESULTS, ROOT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--model")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    out = RESULTS / "quick" if args.quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    model = ["--model", args.model] if args.model else []
+    dev = ["--device", args.device]
+    runs = [
+        ["bench.ttft", *dev, *model, *(["--quick"] if args.quick else [])],
+        ["bench.overhead", *dev, *model, *(["--repeats", "1", "--max-tokens", "48"] if args.quick else [])],
+        [
+            "bench.concurrency",
+            *dev,
+            *model,
+            *(
+                [
+                    "--clients",
+                    "1,8",
+                    "--strict-clients",
+                    "1",
+                    "--max-tokens",
+                    "24",
+                    "--shared-max-tokens",
+                    "8",
+                    "--shared-clients",
+                    "2",
+                ]
+                if args.quick
+                else []
+            ),
+        ],
+    ]
+    if args.device == "cpu":
+        runs.insert(0, ["bench.blas"])
+    failed = []
+    for run in runs:
+        name = run[0].split(".")[1]
+        target = out / f"{name}-{args.device}-{args.model or ('none' if name == 'blas' else 'default')}.json"
+        start = time.perf_counter()
+        print(f"== {' '.join(run)}", flush=True)
+        code = subprocess.call([sys.executable, "-m", *run, "--out", str(target)], cwd=ROOT)
+        print(f"== {name}: exit {code} in {time.perf_counter() - start:.0f}s", flush=True)
+        if code:
+            failed.append(name)
+    if not args.quick:
+        subprocess.call([sys.executable, "-m", "bench.report"], cwd=ROOT)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
