@@ -28,6 +28,7 @@ def main() -> None:
     runs = [
         ["bench.ttft", *dev, *model, *(["--quick"] if args.quick else [])],
         ["bench.overhead", *dev, *model, *(["--repeats", "1", "--max-tokens", "48"] if args.quick else [])],
+        ["bench.kvquant", *dev, *model, *(["--prompts", "6", "--tokens", "16"] if args.quick else [])],
         [
             "bench.concurrency",
             *dev,

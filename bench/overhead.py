@@ -50,13 +50,18 @@ def over_http(url: str, model: str, prompt: list[int], max_tokens: int, mode: st
         first = None
         n = 0
         stream = client.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, logprobs=0
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.tokens:
-                n += len(chunk.choices[0].logprobs.tokens)
-                if first is None:
-                    first = time.perf_counter() - start
+        for chunk in stream:  # tokens counted from usage: asking for logprobs would add a sync per token
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
         total = time.perf_counter() - start
         if i:
             ttfts.append(first or total)

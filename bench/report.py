@@ -109,7 +109,26 @@ def overhead(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"blas": blas, "ttft": ttft, "overhead": overhead, "concurrency": concurrency}
+def kvquant(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    lines = [
+        f"### KV quantisation of a prefix cache: `{result['model']}` on {where}",
+        "",
+        f"{result['date']}; `{result['command']}`. {result.get('notes', '')}",
+        "",
+        "| cache | KV bytes | vs full | greedy agreement | hit TTFT ms | vs full |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['cache']} | {r['bytes_on_disk']:,} | {r['bytes_ratio']:.2f}x | {r['agreement']:.0%} | "
+            f"{ms(r['hit_ttft'])} | {r['ttft_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+RENDER = {"blas": blas, "ttft": ttft, "overhead": overhead, "kvquant": kvquant, "concurrency": concurrency}
 
 
 def main() -> None:
