@@ -36,7 +36,8 @@ def answer(url: str, model: str, cache: str, question: str, tokens: int) -> tupl
             "logit_bias": NO_EOS,
         },
     )
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise RuntimeError(f"{cache}: HTTP {r.status_code}: {r.text}")
     return r.json()["choices"][0]["message"]["content"], time.perf_counter() - start
 
 
