@@ -24,15 +24,24 @@ def _slice(x: Any, n: int) -> Any:
     return x[..., :n, :]
 
 
-def view(cache: list[Any], n: int) -> list[Any]:
+def view(cache: list[Any], n: int, dequantize: bool = False) -> list[Any]:
     """A request's own cache over the first ``n`` tokens of ``cache``.
 
     The slices are new arrays: generation writes into them (or reallocates), never into the stored
-    ones, so the stored cache cannot change and no request sees another's tokens.
+    ones, so the stored cache cannot change and no request sees another's tokens. With ``dequantize``,
+    quantised layers come back as plain KV: stored small, computed in full precision (mlx's GPU backend
+    has no quantized matmul for multi-token queries, and plain KV can join a batch).
     """
     out: list[Any] = []
     for c in cache:
-        if isinstance(c, QuantizedKVCache):
+        if isinstance(c, QuantizedKVCache) and dequantize:
+            k = KVCache()
+            k.keys, k.values = (
+                mx.dequantize(*_slice(part, n), group_size=c.group_size, bits=c.bits) for part in (c.keys, c.values)
+            )
+            k.offset = n
+            out.append(k)
+        elif isinstance(c, QuantizedKVCache):
             q = QuantizedKVCache(group_size=c.group_size, bits=c.bits)
             q.keys, q.values, q.offset = _slice(c.keys, n), _slice(c.values, n), n
             out.append(q)

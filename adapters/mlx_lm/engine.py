@@ -529,7 +529,7 @@ class MlxEngine:
         try:
             manifest = store.get(use.tenant, use.name)
             stored, resident = store.arrays(manifest)
-            request.cache = kv.view(stored, use.reuse)
+            request.cache = kv.view(stored, use.reuse, dequantize=True)
         except PrefixCacheError as exc:
             reason = str(exc)
             if isinstance(exc, PrefixCacheUnusable):
