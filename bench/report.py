@@ -37,13 +37,17 @@ def blas(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _where(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+
+
 def ms(s: dict[str, float]) -> str:
     return f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f})"
 
 
 def ttft(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    where = _where(result)
     lines = [
         f"### TTFT with and without a prefix cache: `{result['model']}` on {where}",
         "",
@@ -69,8 +73,7 @@ def ttft(result: dict[str, Any]) -> str:
 
 
 def concurrency(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    where = _where(result)
     lines = [
         f"### Concurrent streaming clients: `{result['model']}` on {where}",
         "",
@@ -91,8 +94,7 @@ def concurrency(result: dict[str, Any]) -> str:
 
 
 def overhead(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    where = _where(result)
     lines = [
         f"### Gateway overhead, one stream: `{result['model']}` on {where}",
         "",
@@ -110,8 +112,7 @@ def overhead(result: dict[str, Any]) -> str:
 
 
 def kvquant(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    where = _where(result)
     lines = [
         f"### KV quantisation of a prefix cache: `{result['model']}` on {where}",
         "",
