@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from adapters.base import SamplingParams
 from adapters.mlx_lm.models import LoadedModel
-from adapters.mlx_lm.sampling import SampledToken, choice_keys
+from adapters.mlx_lm.sampling import SampledToken, choice_keys, logit_bias_vector
 
 __all__ = ["Batcher", "SequenceOut"]
 
@@ -79,15 +79,11 @@ def _sampler(params: SamplingParams, key: mx.array) -> Callable[[mx.array], mx.a
     return sample
 
 
-def _processors(params: SamplingParams, vocab: int, sampleable: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
-    """Logit bias (and the padded vocabulary's mask) and OpenAI's penalties over generated tokens."""
+def _processors(params: SamplingParams, vocab: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
+    """Logit bias and OpenAI's penalties over generated tokens."""
     out: list[Callable[[mx.array, mx.array], mx.array]] = []
-    if params.logit_bias or sampleable < vocab:
-        bias = mx.zeros((vocab,), dtype=mx.float32)
-        if sampleable < vocab:
-            bias[sampleable:] = -float("inf")
-        if params.logit_bias:
-            bias[mx.array([i for i, _ in params.logit_bias])] = mx.array([b for _, b in params.logit_bias])
+    bias = logit_bias_vector(params, vocab)
+    if bias is not None:
         out.append(lambda _, logits: logits + bias)
     if params.presence_penalty or params.frequency_penalty:
         calls = {"n": 0}
@@ -134,7 +130,7 @@ class Batcher:
             caches=caches,
             all_tokens=[[] for _ in range(n)],
             samplers=[_sampler(params, k) for k in keys],
-            logits_processors=[_processors(params, loaded.vocab_size, loaded.tokenizer.vocab_size) for _ in range(n)],
+            logits_processors=[_processors(params, loaded.vocab_size) for _ in range(n)],
         )
         for uid in uids:
             self._wants[uid] = params

@@ -371,18 +371,21 @@ class MlxEngine:
             self._counters["cancelled"] += 1
             return
         try:
-            if self._try_batch(request):
-                return
             done = self._step(request)
         except Exception as exc:
-            logger.exception("request %s failed", request.plan.request_id)
-            request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
-            self._counters["failed"] += 1
+            self._fail(request, exc)
             return
         if done:
             self._finish(request)
         else:
             self._active.append(request)
+
+    def _fail(self, request: _Request, exc: Exception, log: bool = True) -> None:
+        """One request failed: it alone gets the error; the engine goes on."""
+        if log:
+            logger.exception("request %s failed", request.plan.request_id, exc_info=exc)
+        request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
+        self._counters["failed"] += 1
 
     def _finish(self, request: _Request) -> None:
         plan = request.plan
@@ -431,9 +434,7 @@ class MlxEngine:
                     if self._try_batch(item):
                         continue
                 except Exception as exc:
-                    logger.exception("request %s failed", item.plan.request_id)
-                    item.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
-                    self._counters["failed"] += 1
+                    self._fail(item, exc)
                     continue
             keep.append(item)
         self._active.extendleft(reversed(keep))
@@ -486,8 +487,7 @@ class MlxEngine:
     def _fail_batch(self, name: str, exc: Exception) -> None:
         failed = {id(r): r for r, _ in self._batched.values() if r.model.spec.name == name}
         for request in failed.values():
-            request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
-            self._counters["failed"] += 1
+            self._fail(request, exc, log=False)  # the batch's failure is logged once, above
         self._batched = {u: e for u, e in self._batched.items() if e[0].model.spec.name != name}
         batcher = self._batchers.pop(name)
         with contextlib.suppress(Exception):
@@ -684,7 +684,7 @@ class MlxEngine:
         for i in range(params.n):
             # Each choice decodes into a cache of its own; generation mutates caches in place.
             cache = request.cache if i == params.n - 1 else copy.deepcopy(request.cache)
-            sampler = ChoiceSampler(params, loaded.vocab_size, loaded.tokenizer.vocab_size, keys[i])
+            sampler = ChoiceSampler(params, loaded.vocab_size, keys[i])
             text = StopTextAssembler(loaded.tokenizer.detokenizer(), params.stop)
             request.choices.append(_Choice(i, cache, sampler, text))
         request.cache = None

@@ -18,7 +18,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from adapters.base import SamplingParams
 
-__all__ = ["ChoiceSampler", "SampledToken", "choice_keys"]
+__all__ = ["ChoiceSampler", "SampledToken", "choice_keys", "logit_bias_vector"]
 
 
 @dataclass(frozen=True)
@@ -34,26 +34,24 @@ def choice_keys(seed: int | None, n: int) -> list[mx.array]:
     return list(mx.random.split(base, n)) if n > 1 else [base]
 
 
+def logit_bias_vector(params: SamplingParams, vocab_size: int) -> mx.array | None:
+    """``logit_bias`` as a dense vector to add to the logits, or None when there is none.
+
+    Padded vocabularies need no mask here: the loaded model's logits already stop at the tokenizer's ids.
+    """
+    if not params.logit_bias:
+        return None
+    bias = mx.zeros((vocab_size,), dtype=mx.float32)
+    bias[mx.array([i for i, _ in params.logit_bias])] = mx.array([b for _, b in params.logit_bias], dtype=mx.float32)
+    return bias
+
+
 class ChoiceSampler:
-    def __init__(
-        self,
-        params: SamplingParams,
-        vocab_size: int,
-        sampleable: int,
-        key: mx.array,
-    ) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, key: mx.array) -> None:
         self._params = params
         self._key = key
         self._counts: Counter[int] = Counter()
-        self._bias: mx.array | None = None
-        if params.logit_bias or sampleable < vocab_size:
-            bias = mx.zeros((vocab_size,), dtype=mx.float32)
-            if sampleable < vocab_size:  # padded vocabularies: ids the tokenizer cannot decode
-                bias[sampleable:] = -float("inf")
-            if params.logit_bias:
-                ids = mx.array([i for i, _ in params.logit_bias])
-                bias[ids] = mx.array([b for _, b in params.logit_bias], dtype=mx.float32)
-            self._bias = bias
+        self._bias = logit_bias_vector(params, vocab_size)
         self._penalise = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
     def __call__(self, logits: mx.array) -> SampledToken:
