@@ -98,9 +98,6 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
         planned.n,
         planned.stream,
     )
-    if not planned.stream and planned.prefix_name is None:
-        body = await complete_planned(state, planned, _fingerprint(info))
-        return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
     stack = contextlib.AsyncExitStack()
     await stack.enter_async_context(admission.slot(_prompt_tokens(planned)))  # 429 before any byte
     try:
