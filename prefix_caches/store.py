@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from prefix_caches.costs import Rate
 from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheUnusable
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
@@ -90,6 +91,9 @@ class PrefixCacheStore:
         self._verified: dict[Key, tuple[tuple[int, int, int], str]] = {}
         self.hits = 0
         self.misses = 0
+        # Measured on this machine (engine thread): seconds per byte to read and check a file.
+        self.load_rate = Rate()
+        self.hash_rate = Rate()
 
     # ---- manifests (any thread) ----------------------------------------------------------------
 
@@ -207,6 +211,7 @@ class PrefixCacheStore:
             "resident": len(resident),
             "hits": hits,
             "misses": misses,
+            "load_bytes_per_second": round(self.load_rate.per_second() or 0),
         }
 
     # ---- KV arrays (engine thread only) --------------------------------------------------------
@@ -250,16 +255,42 @@ class PrefixCacheStore:
         identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         if self._verified.get(key) != (identity, manifest.file_sha256):
             # Checked once per file version: a re-read of an unchanged file skips the hash.
+            started = time.perf_counter()
             if file_sha256(arrays_path) != manifest.file_sha256:
                 raise PrefixCacheUnusable("its KV file does not match the manifest's checksum (corrupt or replaced)")
+            self.hash_rate.add(stat.st_size, time.perf_counter() - started)
             self._verified[key] = (identity, manifest.file_sha256)
+        started = time.perf_counter()
         cache, metadata = kv.load_kv(arrays_path)
+        self.load_rate.add(stat.st_size, time.perf_counter() - started)
         if metadata.get("mlx_gateway_tokens_sha256") != manifest.tokens_sha256:
             raise PrefixCacheUnusable("its KV file was built from other tokens")
         if {c.offset for c in cache} != {manifest.num_tokens}:
             raise PrefixCacheUnusable("its KV file holds another number of tokens")
         self._keep(key, cache, manifest.file_sha256)
         return cache, False
+
+    def is_resident(self, manifest: Manifest) -> bool:
+        self._apply_drops()
+        entry = self._resident.get((manifest.tenant, manifest.name))
+        return entry is not None and entry[2] == manifest.file_sha256
+
+    def estimated_load_seconds(self, manifest: Manifest) -> float | None:
+        """What reading ``manifest``'s file would cost now, from the loads measured so far (None: unknown)."""
+        load = self.load_rate.estimate(manifest.size_bytes)
+        key = (manifest.tenant, manifest.name)
+        verified = self._verified.get(key)
+        if load is None or (verified is not None and verified[1] == manifest.file_sha256):
+            return load
+        check = self.hash_rate.estimate(manifest.size_bytes)
+        return None if check is None else load + check
+
+    def keep_recomputed(self, manifest: Manifest, cache: list[Any]) -> None:
+        """Keep KV that a request recomputed from the manifest's tokens resident, as if loaded."""
+        with self._lock:
+            current = self._manifests.get((manifest.tenant, manifest.name))
+        if current is not None and current.file_sha256 == manifest.file_sha256:
+            self._keep((manifest.tenant, manifest.name), cache, manifest.file_sha256)
 
     def resident_sha256(self, tenant: str, name: str) -> str | None:
         from prefix_caches import kv

@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import apply_top_p
 from adapters.base import SamplingParams
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.sampling import SampledToken, choice_keys, logit_bias_vector
+from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS
 
 __all__ = ["Batcher", "SequenceOut"]
 
@@ -113,6 +114,8 @@ class Batcher:
             prefill_step_size=step,
         )
         self._wants: dict[int, SamplingParams] = {}
+        # (prompt tokens, seconds) of the last step's prefill chunk when it was long enough to time.
+        self.prompt_sample: tuple[int, float] | None = None
 
     @property
     def busy(self) -> bool:
@@ -145,7 +148,10 @@ class Batcher:
 
     def step(self) -> list[SequenceOut]:
         """One batched decode step plus one prefill chunk; the tokens it produced."""
-        _, responses = self.gen.next()
+        with self.gen.stats() as stats:
+            _, responses = self.gen.next()
+        long_enough = stats.prompt_tokens >= MIN_PREFILL_SAMPLE_TOKENS
+        self.prompt_sample = (stats.prompt_tokens, stats.prompt_time) if long_enough else None
         out = []
         for r in responses:
             params = self._wants.get(r.uid)

@@ -50,6 +50,7 @@ from adapters.mlx_lm.reuse import TenantReuse
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
 from prefix_caches import kv
+from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
 from prefix_caches.manifest import Manifest
 from prefix_caches.names import cache_paths
@@ -84,6 +85,8 @@ class _Request:
     choices: list[_Choice] = field(default_factory=list)
     completion_tokens: int = 0
     batched: bool = False
+    # A cold named cache recomputed because loading it was measured dearer: keep the prefix KV it makes.
+    recomputing: Manifest | None = None
 
 
 @dataclass
@@ -135,6 +138,8 @@ class MlxEngine:
         self._batched: dict[int, tuple[_Request, _Choice]] = {}
         self._batch_stats = {"steps": 0, "sequences": 0, "seconds": 0.0}
         self._reuse = TenantReuse()
+        # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
+        self._prefill_rates: dict[str, Rate] = {}
         self.device = "unknown"
 
     # ---- the HTTP side's interface -------------------------------------------------------------
@@ -447,6 +452,8 @@ class MlxEngine:
             try:
                 started = time.perf_counter()
                 outs = batcher.step()
+                if batcher.prompt_sample is not None:
+                    self._prefill_rate(batcher.loaded).add(*batcher.prompt_sample)
                 self._batch_stats["steps"] += 1
                 self._batch_stats["sequences"] += len(outs)
                 self._batch_stats["seconds"] += time.perf_counter() - started
@@ -468,6 +475,7 @@ class MlxEngine:
                 if choice.done:
                     if choice.index == 0:
                         self._keep_for_reuse(request, out.cache)
+                        self._keep_recomputed_prefix(request, out.cache)
                     self._batched.pop(out.uid, None)
                     if out.finish_reason is None:
                         batcher.remove([out.uid])  # a stop string: the batch would go on
@@ -500,6 +508,7 @@ class MlxEngine:
         if not request.choices:
             logits = self._prefill_chunk(request)
             if logits is not None:
+                self._keep_recomputed_prefix(request, request.cache)
                 self._start_choices(request, logits)
         else:
             for choice in request.choices:
@@ -528,6 +537,8 @@ class MlxEngine:
         start = time.perf_counter()
         try:
             manifest = store.get(use.tenant, use.name)
+            if not store.is_resident(manifest) and self._recompute_cold(request, manifest, use.reuse):
+                return
             stored, resident = store.arrays(manifest)
             request.cache = kv.view(stored, use.reuse, dequantize=True)
         except PrefixCacheError as exc:
@@ -545,6 +556,48 @@ class MlxEngine:
         store.record_hit(use.tenant, use.name)
         load_ms = (time.perf_counter() - start) * 1000
         request.emit(Started(use.reuse, True, resident, load_ms))
+
+    def _prefill_rate(self, loaded: LoadedModel) -> Rate:
+        return self._prefill_rates.setdefault(loaded.spec.name, Rate())
+
+    def _recompute_cold(self, request: _Request, manifest: Manifest, reuse: int) -> bool:
+        """Serve a cold cache by recomputing its tokens when reading its file was measured to cost more.
+
+        On a GPU, re-reading hundreds of MB of KV can take longer than the prefill it replaces; the request
+        then prefills the whole prompt and the prefix KV it computes becomes the resident copy.
+        """
+        store = self._store
+        assert store is not None
+        load = store.estimated_load_seconds(manifest)
+        prefill = self._prefill_rate(request.model).estimate(reuse)
+        if not cheaper_to_recompute(load, prefill):
+            return False
+        assert load is not None and prefill is not None
+        reason = (
+            f"recomputed (reading {manifest.size_bytes / 1e6:.0f} MB ~{load * 1000:.0f} ms > "
+            f"prefilling {reuse} tokens ~{prefill * 1000:.0f} ms)"
+        )
+        logger.info("prefix cache %s is cold: %s", manifest.name, reason)
+        store.record_miss()
+        request.cache = request.model.make_cache()
+        request.recomputing = manifest
+        request.emit(Started(0, prefix_miss_reason=reason))
+        return True
+
+    def _keep_recomputed_prefix(self, request: _Request, cache: list[Any] | None) -> None:
+        manifest, request.recomputing = request.recomputing, None
+        if manifest is None or cache is None or self._store is None:
+            return
+        n = manifest.num_tokens
+        if tuple(request.plan.prompt_tokens[:n]) != tuple(manifest.tokens) or min(c.offset for c in cache) < n:
+            return
+        try:
+            prefix = kv.exact(kv.view(cache, n))
+            if manifest.kv_bits:
+                prefix = kv.quantize(prefix, manifest.kv_bits, manifest.kv_group_size)
+        except PrefixCacheUnusable:
+            return
+        self._store.keep_recomputed(manifest, prefix)
 
     def _reuse_hit(self, request: _Request) -> bool:
         """performance mode: start from this tenant's longest matching earlier prompt, if any."""
@@ -586,8 +639,10 @@ class MlxEngine:
             tokens = manifest.tokens
             step = build.model.spec.prefill_step_size or 512
             chunk = tokens[build.prefilled : build.prefilled + step]
+            started = time.perf_counter()
             self._forward(build.model, chunk, build.cache, quantize=False)
             mx.eval([c.state for c in build.cache])
+            self._record_prefill(build.model, len(chunk), time.perf_counter() - started)
             build.prefilled += len(chunk)
             logger.info("prefix cache %s: %d/%d tokens", manifest.name, build.prefilled, len(tokens))
             build.emit(BuildProgress(build.prefilled, len(tokens)))
@@ -670,11 +725,17 @@ class MlxEngine:
         step = request.model.spec.prefill_step_size or 512
         chunk = list(prompt[request.prefilled : request.prefilled + step])
         request.prefilled += len(chunk)
+        started = time.perf_counter()
         logits = self._forward(request.model, chunk, request.cache)
         if request.prefilled < len(prompt):
             mx.eval([c.state for c in request.cache])
+            self._record_prefill(request.model, len(chunk), time.perf_counter() - started)
             return None
         return logits
+
+    def _record_prefill(self, loaded: LoadedModel, tokens: int, seconds: float) -> None:
+        if tokens >= MIN_PREFILL_SAMPLE_TOKENS:
+            self._prefill_rate(loaded).add(tokens, seconds)
 
     def _start_choices(self, request: _Request, logits: mx.array) -> None:
         plan, loaded = request.plan, request.model
