@@ -4,12 +4,19 @@ Each sequence (one choice of one request) brings its own cache (a fresh one or i
 prefix cache), its own sampler with its own random key, and its own logits processors. Requests join
 and leave between steps; a step decodes one token for every running sequence and prefills one chunk
 of the waiting ones, so a long prompt delays the others by at most one chunk.
+
+mlx-lm prefills all but a prompt's last token and feeds that token in a decode pass of its own, so the
+first token costs two forward passes. A single arrival whose prompt fits in one chunk, with no other
+sequence waiting, is prefilled here in one pass instead: its first token comes from the last position,
+and it joins the batch with that token (on a prefix-cache hit the second pass was most of the gap
+between time to first token and one forward pass over the question).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +109,25 @@ def _processors(params: SamplingParams, vocab: int) -> list[Callable[[mx.array, 
     return out
 
 
+def _sampled(params: SamplingParams, token: int, logprobs: mx.array) -> SampledToken:
+    """The token with the log-probabilities the request asked for (each lookup waits on the device)."""
+    chosen: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+    if params.logprobs:
+        lp = logprobs.reshape(-1)
+        arrays = [lp[token]]
+        if params.top_logprobs:
+            k = min(params.top_logprobs, lp.shape[-1])
+            ids = mx.argpartition(-lp, k - 1)[:k]
+            arrays += [ids, lp[ids]]
+        mx.eval(*arrays)
+        chosen = float(arrays[0].item())  # type: ignore[arg-type]
+        if len(arrays) == 3:
+            pairs = zip(arrays[1].tolist(), arrays[2].tolist(), strict=True)  # type: ignore[arg-type]
+            top = tuple(sorted(pairs, key=lambda t: -t[1]))  # type: ignore[arg-type]
+    return SampledToken(token, chosen, top)
+
+
 class Batcher:
     def __init__(self, loaded: LoadedModel, max_running: int) -> None:
         self.loaded = loaded
@@ -114,16 +140,21 @@ class Batcher:
             prefill_step_size=step,
         )
         self._wants: dict[int, SamplingParams] = {}
+        self._waiting: set[int] = set()  # inserted, no token out yet (mlx-lm prefills them)
+        self._early: list[SequenceOut] = []  # first tokens of sequences prefilled alone
         # (prompt tokens, seconds) of the last step's prefill chunk when it was long enough to time.
         self.prompt_sample: tuple[int, float] | None = None
 
     @property
     def busy(self) -> bool:
-        return bool(self._wants)
+        return bool(self._wants or self._early)
 
     def insert(self, prompt: list[int], cache: list[Any], params: SamplingParams) -> list[int]:
         """Queue ``params.n`` sequences continuing ``cache`` with ``prompt``; their uids."""
         n = params.n
+        step = self.loaded.spec.prefill_step_size or 512
+        if n == 1 and not self._waiting and len(prompt) <= step:
+            return [self._prefill_alone(prompt, cache, params)]
         caches = [cache] + [copy.deepcopy(cache) for _ in range(n - 1)]
         keys = choice_keys(params.seed, n)
         loaded = self.loaded
@@ -137,7 +168,40 @@ class Batcher:
         )
         for uid in uids:
             self._wants[uid] = params
+        self._waiting.update(uids)
         return list(uids)
+
+    def _prefill_alone(self, prompt: list[int], cache: list[Any], params: SamplingParams) -> int:
+        """One pass over the whole prompt; the first token from its last position; then into the batch."""
+        loaded = self.loaded
+        sampler = _sampler(params, choice_keys(params.seed, 1)[0])
+        processors = _processors(params, loaded.vocab_size)
+        started = time.perf_counter()
+        with mx.stream(self.gen.stream):
+            logits = loaded.model(mx.array(prompt)[None], cache=cache)[:, -1, :]
+            context = mx.array(prompt)
+            for process in processors:
+                logits = process(context, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            token = int(sampler(logprobs).item())  # type: ignore[arg-type]
+        if len(prompt) >= MIN_PREFILL_SAMPLE_TOKENS:
+            self.prompt_sample = (len(prompt), time.perf_counter() - started)
+        finish = "stop" if token in loaded.tokenizer.eos_token_ids else "length" if params.max_tokens <= 1 else None
+        # The batch continues from the sampled token (its cache already holds the prompt).
+        (uid,) = self.gen.insert(
+            [[token]],
+            max_tokens=[max(1, params.max_tokens - 1)],
+            caches=[cache],
+            all_tokens=[[]],
+            samplers=[sampler],
+            logits_processors=[processors],
+        )
+        if finish is None:
+            self._wants[uid] = params
+        else:
+            self.gen.remove([uid])
+        self._early.append(SequenceOut(uid, _sampled(params, token, logprobs[0]), finish, cache if finish else None))
+        return uid
 
     def remove(self, uids: list[int]) -> None:
         live = [u for u in uids if u in self._wants]
@@ -145,36 +209,32 @@ class Batcher:
             self.gen.remove(live)
         for u in live:
             self._wants.pop(u, None)
+            self._waiting.discard(u)
+        gone = set(uids)
+        self._early = [o for o in self._early if o.uid not in gone]
 
     def step(self) -> list[SequenceOut]:
-        """One batched decode step plus one prefill chunk; the tokens it produced."""
+        """One batched decode step plus one prefill chunk; the tokens it produced.
+
+        First tokens of sequences prefilled alone go out at once, before the batch takes its step.
+        """
+        if self._early:
+            out, self._early = self._early, []
+            return out
+        self.prompt_sample = None
         with self.gen.stats() as stats:
             _, responses = self.gen.next()
-        long_enough = stats.prompt_tokens >= MIN_PREFILL_SAMPLE_TOKENS
-        self.prompt_sample = (stats.prompt_tokens, stats.prompt_time) if long_enough else None
+        if stats.prompt_tokens >= MIN_PREFILL_SAMPLE_TOKENS:
+            self.prompt_sample = (stats.prompt_tokens, stats.prompt_time)
         out = []
         for r in responses:
             params = self._wants.get(r.uid)
             if params is None:
                 continue
-            chosen: float | None = None
-            top: tuple[tuple[int, float], ...] = ()
-            if params.logprobs:
-                lp = r.logprobs.reshape(-1)
-                arrays = [lp[r.token]]
-                if params.top_logprobs:
-                    k = min(params.top_logprobs, lp.shape[-1])
-                    ids = mx.argpartition(-lp, k - 1)[:k]
-                    arrays += [ids, lp[ids]]
-                mx.eval(*arrays)
-                chosen = float(arrays[0].item())  # type: ignore[arg-type]
-                if len(arrays) == 3:
-                    pairs = zip(arrays[1].tolist(), arrays[2].tolist(), strict=True)  # type: ignore[arg-type]
-                    top = tuple(sorted(pairs, key=lambda t: -t[1]))  # type: ignore[arg-type]
+            self._waiting.discard(r.uid)
             if r.finish_reason is not None:
                 self._wants.pop(r.uid, None)
-            sampled = SampledToken(int(r.token), chosen, top)
-            out.append(SequenceOut(r.uid, sampled, r.finish_reason, r.prompt_cache))
+            out.append(SequenceOut(r.uid, _sampled(params, int(r.token), r.logprobs), r.finish_reason, r.prompt_cache))
         return out
 
     def close(self) -> None:

@@ -117,3 +117,32 @@ def test_cpu_extra_brings_a_fast_blas() -> None:
     )
     gflops = float(subprocess.check_output([sys.executable, "-c", code], cwd=Path(__file__).parents[2]))
     assert gflops > 30, f"{gflops:.1f} GFLOP/s: the optimised BLAS is not in use"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_tokens": 1},
+        {"max_tokens": 12, "frequency_penalty": 1.5, "presence_penalty": 0.5},
+        {"max_tokens": 12, "logit_bias": ((7, 5.0), (9, -100.0))},
+    ],
+    ids=["one-token", "penalties", "logit-bias"],
+)
+def test_batched_first_token_path_agrees_with_sequential(engine: MlxEngine, kw: dict[str, object]) -> None:
+    """A lone arrival is prefilled in one pass before it joins the batch; penalties, bias and lengths hold."""
+    tokens = tuple(range(300, 340))
+    ids = lambda evs: [t for e in evs if hasattr(e, "token_ids") for t in e.token_ids]  # noqa: E731
+    strict = ids(run(engine, plan("s", tokens, **kw)))
+    batched = ids(run(engine, plan("b", tokens, model="tiny-batched", **kw)))
+    assert batched == strict and len(strict) == kw["max_tokens"]
+
+
+def test_prompts_longer_than_a_chunk_still_batch_correctly(engine: MlxEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = tuple(range(400, 700))
+    ids = lambda evs: [t for e in evs if hasattr(e, "token_ids") for t in e.token_ids]  # noqa: E731
+    whole = ids(run(engine, plan("a", tokens, model="tiny-batched", max_tokens=8)))
+    loaded = engine.loaded("tiny-batched")
+    monkeypatch.setattr(loaded, "spec", ModelSpec(**{**loaded.spec.__dict__, "prefill_step_size": 64}))
+    engine._batchers.pop("tiny-batched", None)  # a new batch with the smaller chunk
+    chunked = ids(run(engine, plan("b", tokens, model="tiny-batched", max_tokens=8)))
+    assert chunked == whole
