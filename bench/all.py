@@ -1,6 +1,7 @@
 """Every benchmark in one command: ``python -m bench.all --device cpu [--quick]``.
 
-``--quick`` (under 10 minutes on the 2-core CPU machine) uses fewer repeats, clients and tokens and
+``--quick`` (under 10 minutes on the 2-core CPU machine) uses fewer repeats, clients and tokens (and a
+2-minute soak instead of 30) and
 writes to ``bench/results/quick/``, which ``bench.report`` leaves out; a full run writes to
 ``bench/results/`` and regenerates ``bench/RESULTS.md``.
 """
@@ -51,8 +52,11 @@ def main() -> None:
             ),
         ],
     ]
+    quick = ["--quick"] if args.quick else []
+    runs += [["bench.saveload", *dev, *model, *quick], ["bench.bandwidth", *dev, *model, *quick]]
     if args.device == "cpu":
         runs.insert(0, ["bench.blas"])
+        runs.append(["bench.soak", *dev, *model, *quick])  # 30 minutes unless --quick
     failed = []
     for run in runs:
         name = run[0].split(".")[1]

@@ -42,7 +42,15 @@ def in_process(model: str, prompt: list[int], max_tokens: int, repeats: int) -> 
     return {"ttft": summary(ttfts), "decode_tokens_per_s": summary(rates)}
 
 
-def over_http(url: str, model: str, prompt: list[int], max_tokens: int, mode: str, repeats: int) -> dict[str, Any]:
+def over_http(
+    url: str,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    mode: str,
+    repeats: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
     ttfts, rates = [], []
     for i in range(repeats + 1):
@@ -56,6 +64,7 @@ def over_http(url: str, model: str, prompt: list[int], max_tokens: int, mode: st
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=extra,
         )
         for chunk in stream:  # tokens counted from usage: asking for logprobs would add a sync per token
             if first is None and chunk.choices and chunk.choices[0].text:

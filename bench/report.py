@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bench import plots
 from bench.harness import RESULTS, ROOT
 
 HEADER = """# Benchmark results
@@ -54,18 +55,19 @@ def ttft(result: dict[str, Any]) -> str:
         f"{result['date']}; mlx {result['versions']['mlx']}, mlx-lm {result['versions']['mlx-lm']}; "
         f"`{result['command']}`. Streaming over HTTP with the openai SDK, a 32-token question after the "
         "prefix, 32 output tokens. *full*: no cache; *hot*: cache resident; *cold*: a server keeping nothing "
-        "resident, so each hit re-reads the file (OS page cache warm); *floor*: one bare forward pass over "
-        "the 32-token suffix on a cached prefix, in process.",
+        "resident, so each hit reads the file (OS page cache warm) or, where reading was measured to cost more "
+        "than the prefill, recomputes the prefix; *floor*: one bare forward pass over the 32-token suffix on a "
+        "cached prefix, in process.",
         "",
         "| scenario | cache tokens | cache MB | full TTFT ms | hot TTFT ms | cold TTFT ms | floor ms "
-        "| hot speedup | cold speedup | hot / floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| hot speedup | cold speedup | hot / floor | cold / full |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['scenario']} | {r['cache_tokens']} | {r['cache_bytes'] / 1e6:.0f} | {ms(r['full']['ttft'])} "
             f"| {ms(r['hot']['ttft'])} | {ms(r['cold']['ttft'])} | {ms(r['floor'])} | {r['speedup_hot']:.1f}x "
-            f"| {r['speedup_cold']:.1f}x | {r['hot_over_floor']:.2f} |"
+            f"| {r['speedup_cold']:.1f}x | {r['hot_over_floor']:.2f} | {1 / r['speedup_cold']:.2f} |"
         )
     if result.get("notes"):
         lines += ["", result["notes"]]
@@ -129,16 +131,107 @@ def kvquant(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"blas": blas, "ttft": ttft, "overhead": overhead, "kvquant": kvquant, "concurrency": concurrency}
+def mbs(s: dict[str, float]) -> str:
+    return f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
+
+
+def saveload(result: dict[str, Any]) -> str:
+    where = _where(result)
+    io = next(r for r in result["rows"] if r["part"] == "cache-io")
+    disk = io["disk"]
+    lines = [
+        f"### Prefix-cache save and load against the disk: `{result['model']}` on {where}",
+        "",
+        f"{result['date']}; `{result['command']}`. {result.get('notes', '')} MB/s, median (min-max). *cold*: the "
+        "file's pages dropped from the OS cache first (`posix_fadvise`), for `dd` and for us alike. *first use*: "
+        "a new store reading the file and checking its sha256 against the manifest (once per file version).",
+        "",
+        "| | write | read cold | read warm |",
+        "| --- | --- | --- | --- |",
+        f"| `dd` (4 MiB blocks, `conv=fsync` on write) | {mbs(disk['write_mb_s'])} | {mbs(disk['read_cold_mb_s'])} "
+        f"| {mbs(disk['read_warm_mb_s'])} |",
+        f"| prefix cache ({io['bytes'] / 1e6:.0f} MB, {io['tokens']} tokens): save (atomic, fsync, sha256) / "
+        f"load (mlx-lm's loader) | {mbs(io['save_mb_s'])} | {mbs(io['load_cold_mb_s'])} "
+        f"| {mbs(io['load_warm_mb_s'])} |",
+        f"| ratio to `dd` | {io['save_over_dd']:.2f} | {io['load_cold_over_dd']:.2f} | {io['load_warm_over_dd']:.2f} |",
+        "",
+        f"First use (read cold + sha256 check): {mbs(io['first_use_cold_mb_s'])} MB/s. Prefill of the "
+        f"{io['tokens']} tokens {ms(io['prefill_seconds'])} ms; building the cache (prefill, cut, save) takes "
+        f"{io['build_over_prefill']:.2f}x the prefill it replaces; a cold load takes "
+        f"{io['cold_load_over_prefill']:.2f}x of it.",
+        "",
+        "| requests hitting no cache | TTFT ms | decode tok/s | TTFT vs off | tok/s vs off |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        if r["part"] == "no-hit":
+            lines.append(
+                f"| caching {r['caching']} | {ms(r['ttft'])} | {r['decode_tokens_per_s']['median']:.1f} | "
+                f"{r['ttft_over_off']:.3f} | {r['tokens_per_s_over_off']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def bandwidth(result: dict[str, Any]) -> str:
+    where = _where(result)
+    lines = [
+        f"### Single-stream decode against memory bandwidth: `{result['model']}` on {where}",
+        "",
+        f"{result['date']}; `{result['command']}`. {result.get('notes', '')} Bytes a decode step reads: every "
+        "weight (an untied input embedding contributes one row).",
+        "",
+        "| path | tok/s | GB read per token | decode GB/s | copy GB/s | fraction of copy bandwidth |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['path']} | {r['tokens_per_s']['median']:.1f} | {r['bytes_read_per_token'] / 1e9:.2f} | "
+            f"{r['decode_bytes_per_s'] / 1e9:.0f} | {r['copy_bytes_per_s'] / 1e9:.0f} | "
+            f"{r['fraction_of_copy_bandwidth']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def soak(result: dict[str, Any]) -> str:
+    where = _where(result)
+    r = result["rows"][0]
+    lines = [
+        f"### Soak, mixed traffic: `{result['model']}` on {where}",
+        "",
+        f"{result['date']}; `{result['command']}`. {r['clients']} clients for {r['minutes']:g} minutes after one "
+        f"{r['sample_seconds']:g} s interval of warm-up; the server's resident memory sampled every "
+        f"{r['sample_seconds']:g} s.",
+        "",
+        f"Requests: {', '.join(f'{k} {v}' for k, v in sorted(r['requests'].items()))}. Errors: "
+        f"**{r['error_count']}**; server log errors: {len(r['server_log_errors'])}. Resident memory first "
+        f"{r['rss_first'] / 1e6:.0f} MB, last {r['rss_last'] / 1e6:.0f} MB (**{r['rss_last_over_first']:.3f}x**), "
+        f"peak {r['rss_peak'] / 1e6:.0f} MB.",
+    ]
+    return "\n".join(lines)
+
+
+RENDER = {
+    "blas": blas,
+    "ttft": ttft,
+    "overhead": overhead,
+    "kvquant": kvquant,
+    "concurrency": concurrency,
+    "saveload": saveload,
+    "bandwidth": bandwidth,
+    "soak": soak,
+}
 
 
 def main() -> None:
     sections = [HEADER]
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    results = [{**json.loads(p.read_text()), "file": p.stem} for p in sorted(RESULTS.glob("*.json"))]
+    figures = plots.draw(results, RESULTS / "plots")
     for name, render in RENDER.items():
         chosen = [r for r in results if r["benchmark"] == name]
         if chosen:
             body = "\n\n".join(render(r) for r in chosen)
+            for figure in figures.get(name, []):
+                body += f"\n\n![{figure.stem}](results/plots/{figure.name})"
             sections.append(f"## {name}\n\n{body}")
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():

@@ -63,10 +63,10 @@ def one(
     if s.kind == "chat":
         messages = ([] if cache else prefix["messages"]) + [{"role": "user", "content": q}]
         stream: Any = client.chat.completions.create(
-            model=client._model,
+            model=client._model,  # type: ignore[attr-defined]
             messages=messages,
             max_tokens=max_tokens,
-            temperature=0,  # type: ignore[attr-defined]
+            temperature=0,
             logprobs=True,
             stream=True,
             stream_options={"include_usage": True},
@@ -75,10 +75,10 @@ def one(
     else:
         prompt = ("" if cache else prefix["prompt"]) + "\n\nQ: " + q + "\nA:"
         stream = client.completions.create(
-            model=client._model,
+            model=client._model,  # type: ignore[attr-defined]
             prompt=prompt,
             max_tokens=max_tokens,
-            temperature=0,  # type: ignore[attr-defined]
+            temperature=0,
             logprobs=0,
             stream=True,
             stream_options={"include_usage": True},

@@ -105,6 +105,8 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
         )
         for m in config.models
     ]
+    if not config.prefix_caches:
+        return MlxEngine(specs, None, config.profile_path)
     from prefix_caches import PrefixCacheStore
 
     store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes)

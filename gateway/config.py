@@ -66,6 +66,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     queue_timeout_seconds: float = 120.0
     # On SIGTERM/SIGINT: refuse new requests (503) and let running streams finish for up to this long.
     shutdown_timeout_seconds: float = 30.0
+    # Off: no named prefix caches at all (requests naming one get a 400; the admin routes answer 400).
+    prefix_caches: bool = True
     # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
     prefix_cache_memory_bytes: int = 2 * 1024**3
     max_body_bytes: int = 16 * 1024 * 1024
@@ -140,6 +142,7 @@ def load_config(
         "MLX_GATEWAY_PROFILE": "profile_path",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
+        "MLX_GATEWAY_PREFIX_CACHES": "prefix_caches",
         "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",
         "MLX_GATEWAY_MAX_RUNNING": "max_running",
         "MLX_GATEWAY_MAX_QUEUED": "max_queued",

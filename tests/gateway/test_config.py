@@ -41,3 +41,9 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str) -> None:
     f.write_text(text)
     with pytest.raises(ConfigError):
         load_config({"config": str(f)}, environ={})
+
+
+def test_prefix_caches_can_be_switched_off_by_env() -> None:
+    assert load_config(environ={}).prefix_caches is True
+    assert load_config(environ={"MLX_GATEWAY_PREFIX_CACHES": "false"}).prefix_caches is False
+    assert load_config(environ={"MLX_GATEWAY_PREFIX_CACHES": "0"}).prefix_caches is False
