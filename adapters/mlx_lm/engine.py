@@ -311,6 +311,7 @@ class MlxEngine:
             for slot in self._slots.values():
                 try:
                     slot.loaded = load_model(slot.spec)
+                    self._calibrate_prefill(slot.loaded)
                     slot.state = "ready"
                     self._check_stored_prefixes(slot.loaded)
                 except Exception as exc:  # a bad model must not take the others down
@@ -556,6 +557,23 @@ class MlxEngine:
         store.record_hit(use.tenant, use.name)
         load_ms = (time.perf_counter() - start) * 1000
         request.emit(Started(use.reuse, True, resident, load_ms))
+
+    def _calibrate_prefill(self, loaded: LoadedModel) -> None:
+        """Time one prefill chunk at start-up (after one that compiles the kernels), so that the first cold
+        cache is already decided by measured costs; traffic refines the rate later."""
+        if self._store is None:
+            return
+        step = loaded.spec.prefill_step_size or 512
+        tokens = [i % min(loaded.vocab_size, 1000) for i in range(step)]
+        for timed in (False, True):
+            cache = loaded.make_cache()
+            started = time.perf_counter()
+            self._forward(loaded, tokens, cache, quantize=False)
+            mx.eval([c.state for c in cache])
+            if timed:
+                self._prefill_rate(loaded).add(step, time.perf_counter() - started)
+        rate = self._prefill_rate(loaded).per_second() or 0.0
+        logger.info("model %s: prefill measured at %.0f tokens/s", loaded.spec.name, rate)
 
     def _prefill_rate(self, loaded: LoadedModel) -> Rate:
         return self._prefill_rates.setdefault(loaded.spec.name, Rate())
