@@ -198,14 +198,15 @@ def soak(result: dict[str, Any]) -> str:
     lines = [
         f"### Soak, mixed traffic: `{result['model']}` on {where}",
         "",
-        f"{result['date']}; `{result['command']}`. {r['clients']} clients for {r['minutes']:g} minutes after one "
-        f"{r['sample_seconds']:g} s interval of warm-up; the server's resident memory sampled every "
-        f"{r['sample_seconds']:g} s.",
+        f"{result['date']}; `{result['command']}`. {r['clients']} clients for {r['minutes']:g} minutes after "
+        f"{r.get('warmup_seconds', r['sample_seconds']) / 60:g} minutes of warm-up; the server's resident memory "
+        f"sampled every {r['sample_seconds']:g} s, compared with the first sample after the warm-up.",
         "",
         f"Requests: {', '.join(f'{k} {v}' for k, v in sorted(r['requests'].items()))}. Errors: "
         f"**{r['error_count']}**; server log errors: {len(r['server_log_errors'])}. Resident memory first "
         f"{r['rss_first'] / 1e6:.0f} MB, last {r['rss_last'] / 1e6:.0f} MB (**{r['rss_last_over_first']:.3f}x**), "
-        f"peak {r['rss_peak'] / 1e6:.0f} MB.",
+        f"peak {r['rss_peak'] / 1e6:.0f} MB; last over the very first sample: "
+        f"{r.get('rss_last_over_first_sample', r['rss_last_over_first']):.3f}x.",
     ]
     return "\n".join(lines)
 
