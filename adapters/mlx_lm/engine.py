@@ -304,9 +304,11 @@ class MlxEngine:
     def _run(self) -> None:
         try:
             self.device = str(mx.default_device())
-            # MLX keeps freed buffers for reuse; under churning batch shapes that hoard ran a GPU out of
-            # memory (seen on an H200 at 64 streams), and on CPU it is resident memory. Bound it.
-            mx.set_cache_limit(4 * 1024**3 if mx.default_device() != mx.cpu else 1024**3)
+            if mx.default_device() != mx.cpu:
+                # MLX keeps freed buffers for reuse; under churning batch shapes that hoard ran a GPU out of
+                # memory (seen on an H200 at 64 streams). Bound it. (On CPU mlx's default bound is 32 MB; a
+                # 1 GiB one doubled the server's resident memory in the soak benchmark.)
+                mx.set_cache_limit(4 * 1024**3)
             for slot in self._slots.values():
                 try:
                     slot.loaded = load_model(slot.spec)
