@@ -10,13 +10,12 @@ loaded model) and through the gateway (HTTP, streamed).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import DEFAULT_MODEL, Texts, gateway, summary, write_result
+from bench.harness import DEFAULT_MODEL, Texts, bench_parser, gateway, summary, write_result
 from bench.overhead import over_http
 
 
@@ -67,13 +66,10 @@ def in_process(model: str, prompt: list[int], max_tokens: int, repeats: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--copy-bytes", type=int, default=2 * 1024**3)
-    parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="64 tokens, 1 repeat, a 512 MiB copy")
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]

@@ -11,7 +11,6 @@ weights; on CPU both get MKL (mlx_lm.server through LD_PRELOAD).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 import openai
 
-from bench.harness import DEFAULT_MODEL, Texts, free_port, gateway, server_process, summary, write_result
+from bench.harness import DEFAULT_MODEL, Texts, bench_parser, free_port, gateway, server_process, summary, write_result
 
 
 @contextmanager
@@ -145,9 +144,7 @@ def shared_prefix(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", default=None, help="comma-separated client counts")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--modes", default="balanced,strict", help="our isolation modes to measure")
@@ -155,7 +152,6 @@ def main() -> None:
     parser.add_argument("--strict-clients", default="1,32", help="client counts for strict mode")
     parser.add_argument("--shared-max-tokens", type=int, default=128)
     parser.add_argument("--shared-clients", type=int, default=SHARED_CLIENTS)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
     clients = [int(c) for c in (args.clients or ("1,8,32" if args.device == "cpu" else "1,8,32,64")).split(",")]

@@ -3,6 +3,7 @@ lengths, repeats with median and spread, and result files that say where and how
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import importlib.metadata
 import inspect
@@ -87,6 +88,15 @@ def gateway(model: str, cache_dir: Path, log: Path, env: dict[str, str] | None =
     cmd += ["--cache-dir", str(cache_dir)]
     with server_process(cmd, url, log, {"PYTHONUNBUFFERED": "1", **(env or {})}) as proc:
         yield Gateway(url, proc)
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--device``, ``--model`` (default per device), ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--model", help=f"a preset or a path (default: {DEFAULT_MODEL})")
+    parser.add_argument("--out", type=Path, help="the result file (default: bench/results/NAME-DEVICE-MODEL.json)")
+    return parser
 
 
 def corpus_text() -> str:

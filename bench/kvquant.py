@@ -9,7 +9,6 @@ whole greedy output equals the full-precision one. The bytes are KV only (weight
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import DEFAULT_MODEL, Texts, gateway, summary, write_result
+from bench.harness import DEFAULT_MODEL, Texts, bench_parser, gateway, summary, write_result
 
 NO_EOS = {"0": -100, "2": -100}
 
@@ -46,13 +45,10 @@ def ttft(url: str, model: str, cache: str, question: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
     texts = Texts(model)

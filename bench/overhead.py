@@ -7,7 +7,6 @@ against mlx-lm's in-process ``stream_generate`` on the same model, prompt and se
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import openai
 
-from bench.harness import DEFAULT_MODEL, Texts, gateway, summary, write_result
+from bench.harness import DEFAULT_MODEL, Texts, bench_parser, gateway, summary, write_result
 
 PROMPT_TOKENS = 128
 
@@ -79,12 +78,9 @@ def over_http(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
     texts = Texts(model)

@@ -11,7 +11,6 @@ for our loader alike; warm reads follow straight after.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import DEFAULT_MODEL, Texts, gateway, summary, write_result
+from bench.harness import DEFAULT_MODEL, Texts, bench_parser, gateway, summary, write_result
 from bench.overhead import over_http
 
 DD_BLOCK = 4 * 1024 * 1024
@@ -163,9 +162,7 @@ def no_hit_overhead(model: str, texts: Texts, repeats: int, max_tokens: int, fol
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=8, help="requests per caching setting")
@@ -173,7 +170,6 @@ def main() -> None:
     parser.add_argument(
         "--dir", type=Path, default=Path("~/.cache/mlx-gateway").expanduser(), help="where the files go (the disk)"
     )
-    parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="1024 tokens, 2 repeats, 3 requests")
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]

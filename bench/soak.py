@@ -13,7 +13,6 @@ last sample within 1.05x of the reference, zero errors.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 import openai
 
-from bench.harness import DEFAULT_MODEL, Gateway, Texts, gateway, write_result
+from bench.harness import DEFAULT_MODEL, Gateway, Texts, bench_parser, gateway, write_result
 
 CLIENTS = 4
 
@@ -196,13 +195,10 @@ async def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--sample-seconds", type=float, default=60)
     parser.add_argument("--warmup-minutes", type=float, default=5)
-    parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="1 minute of warm-up, 2 minutes, a sample every 20 s")
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]

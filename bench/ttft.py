@@ -11,7 +11,6 @@ budget is 0, so every use loads the cache file from disk).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import openai
 
-from bench.harness import DEFAULT_MODEL, Gateway, Texts, gateway, summary, write_result
+from bench.harness import DEFAULT_MODEL, Gateway, Texts, bench_parser, gateway, summary, write_result
 
 QUESTION_TOKENS = 32
 
@@ -150,12 +149,9 @@ def suffix_floor(model: str, texts: Texts, repeats: int) -> dict[str, dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model")
+    parser = bench_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="2 repeats")
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
