@@ -35,10 +35,13 @@ def _concurrency(ax: Any, result: dict[str, Any]) -> None:
 
 
 def _soak(ax: Any, result: dict[str, Any]) -> None:
-    samples = result["rows"][0]["samples"]
+    row = result["rows"][0]
+    samples = row["samples"]
+    warmup = row.get("warmup_seconds", 0)
     ax.plot([s["seconds"] / 60 for s in samples], [s["rss_bytes"] / 1e6 for s in samples], marker=".")
-    first = samples[0]["rss_bytes"] / 1e6
-    ax.axhline(first * 1.05, linestyle="--", color="grey", label="1.05x the first sample")
+    first = next(s for s in samples if s["seconds"] >= warmup)["rss_bytes"] / 1e6
+    ax.axvline(warmup / 60, linestyle=":", color="grey", label="end of warm-up")
+    ax.axhline(first * 1.05, linestyle="--", color="grey", label="1.05x the first sample after warm-up")
     ax.set_xlabel("minutes")
     ax.set_ylabel("server resident memory, MB")
     ax.set_ylim(0, first * 1.3)
@@ -58,6 +61,8 @@ def draw(results: list[dict[str, Any]], folder: Path) -> dict[str, list[Path]]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.png"):  # figures of result files that are gone
+        stale.unlink()
     out: dict[str, list[Path]] = defaultdict(list)
     for result in results:
         fn = DRAW.get(result["benchmark"])

@@ -230,7 +230,7 @@ def main() -> None:
     for name, render in RENDER.items():
         chosen = [r for r in results if r["benchmark"] == name]
         if chosen:
-            body = "\n\n".join(render(r) for r in chosen)
+            body = "\n\n".join(f"{render(r)}\n\nSource: `results/{r['file']}.json`." for r in chosen)
             for figure in figures.get(name, []):
                 body += f"\n\n![{figure.stem}](results/plots/{figure.name})"
             sections.append(f"## {name}\n\n{body}")
