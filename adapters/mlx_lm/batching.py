@@ -30,7 +30,6 @@ from mlx_lm.sample_utils import apply_top_p
 from adapters.base import SamplingParams
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.sampling import SampledToken, choice_keys, logit_bias_vector
-from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS
 
 __all__ = ["Batcher", "SequenceOut"]
 
@@ -162,8 +161,8 @@ class Batcher:
         self._ours: dict[int, int] = {}  # the batch generator's uid -> ours
         self._waiting: set[int] = set()  # in mlx-lm's prefill, no token out yet
         self._lane: _Lane | None = None
-        # (prompt tokens, seconds) of the last step's prefill chunk when it was long enough to time.
-        self.prompt_sample: tuple[int, float] | None = None
+        # (prompt tokens, seconds) of each prefill chunk the last step ran.
+        self.prefill_timings: list[tuple[int, float]] = []
 
     @property
     def busy(self) -> bool:
@@ -211,14 +210,14 @@ class Batcher:
             logits = loaded.model(mx.array(chunk)[None], cache=lane.cache)[:, -1, :]
             if lane.done < len(lane.prompt):
                 mx.eval([c.state for c in lane.cache])
-                self._time_prefill(len(chunk), started)
+                self.prefill_timings.append((len(chunk), time.perf_counter() - started))
                 return None
             context = mx.array(lane.prompt)
             for process in lane.processors:
                 logits = process(context, logits)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             token = int(lane.sampler(logprobs).item())  # type: ignore[arg-type]
-        self._time_prefill(len(chunk), started)
+        self.prefill_timings.append((len(chunk), time.perf_counter() - started))
         self._lane = None
         params = lane.params
         finish = "stop" if token in loaded.tokenizer.eos_token_ids else "length" if params.max_tokens <= 1 else None
@@ -236,10 +235,6 @@ class Batcher:
             self._wants.pop(lane.uid, None)
         return SequenceOut(lane.uid, _sampled(params, token, logprobs[0]), finish, lane.cache if finish else None)
 
-    def _time_prefill(self, tokens: int, started: float) -> None:
-        if tokens >= MIN_PREFILL_SAMPLE_TOKENS:
-            self.prompt_sample = (tokens, time.perf_counter() - started)
-
     def remove(self, uids: list[int]) -> None:
         gone = set(uids)
         if self._lane is not None and self._lane.uid in gone:
@@ -256,7 +251,7 @@ class Batcher:
     def step(self) -> list[SequenceOut]:
         """One prefill chunk of the lane, then one batched decode step (with one chunk of mlx-lm's own
         prefill); the tokens they produced. A lane's first token goes out at once: the batch steps next."""
-        self.prompt_sample = None
+        self.prefill_timings = []
         if self._lane is not None:
             first = self._lane_chunk()
             if first is not None:
@@ -265,8 +260,8 @@ class Batcher:
             return []
         with self.gen.stats() as stats:
             _, responses = self.gen.next()
-        if stats.prompt_tokens >= MIN_PREFILL_SAMPLE_TOKENS:
-            self.prompt_sample = (stats.prompt_tokens, stats.prompt_time)
+        if stats.prompt_tokens:
+            self.prefill_timings.append((stats.prompt_tokens, stats.prompt_time))
         out = []
         for r in responses:
             uid = self._ours.get(r.uid)

@@ -454,8 +454,8 @@ class MlxEngine:
             try:
                 started = time.perf_counter()
                 outs = batcher.step()
-                if batcher.prompt_sample is not None:
-                    self._prefill_rate(batcher.loaded).add(*batcher.prompt_sample)
+                for tokens, seconds in batcher.prefill_timings:
+                    self._record_prefill(batcher.loaded, tokens, seconds)
                 self._batch_stats["steps"] += 1
                 self._batch_stats["sequences"] += len(outs)
                 self._batch_stats["seconds"] += time.perf_counter() - started
@@ -608,14 +608,13 @@ class MlxEngine:
         if manifest is None or cache is None or self._store is None:
             return
         n = manifest.num_tokens
-        if tuple(request.plan.prompt_tokens[:n]) != tuple(manifest.tokens) or min(c.offset for c in cache) < n:
+        if tuple(request.plan.prompt_tokens[:n]) != tuple(manifest.tokens):
             return
-        try:
-            prefix = kv.exact(kv.view(cache, n))
-            if manifest.kv_bits:
-                prefix = kv.quantize(prefix, manifest.kv_bits, manifest.kv_group_size)
-        except PrefixCacheUnusable:
+        prefix = _exact_prefix(cache, n)
+        if prefix is None:
             return
+        if manifest.kv_bits:
+            prefix = kv.quantize(prefix, manifest.kv_bits, manifest.kv_group_size)
         self._store.keep_recomputed(manifest, prefix)
 
     def _reuse_hit(self, request: _Request) -> bool:
@@ -635,12 +634,9 @@ class MlxEngine:
         plan = request.plan
         if cache is None or plan.prefix is not None or request.model.spec.isolation_mode != "performance":
             return
-        n = len(plan.prompt_tokens)
-        try:
-            if min(c.offset for c in cache) >= n:
-                self._reuse.add(plan.model, plan.tenant, plan.prompt_tokens, kv.exact(kv.view(cache, n)))
-        except PrefixCacheUnusable:
-            pass
+        prefix = _exact_prefix(cache, len(plan.prompt_tokens))
+        if prefix is not None:
+            self._reuse.add(plan.model, plan.tenant, plan.prompt_tokens, prefix)
 
     # ---- prefix-cache builds -------------------------------------------------------------------
 
@@ -817,6 +813,15 @@ def _channel() -> tuple[asyncio.Queue[Any], Any]:
 
 def _version(dist: str) -> str:
     return importlib.metadata.version(dist)
+
+
+def _exact_prefix(cache: list[Any], n: int) -> list[Any] | None:
+    """A finished request's KV of its first ``n`` tokens, as a cache of its own; None if it holds fewer
+    tokens or layers a prefix cache cannot hold."""
+    try:
+        return kv.exact(kv.view(cache, n)) if min(c.offset for c in cache) >= n else None
+    except PrefixCacheUnusable:
+        return None
 
 
 def _drop(_: Any) -> None:
