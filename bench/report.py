@@ -43,26 +43,34 @@ def _where(result: dict[str, Any]) -> str:
     return m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
 
 
+def _head(title: str, result: dict[str, Any], text: str, columns: list[str] | None = None) -> list[str]:
+    """A table's heading, provenance line (date, versions, command) and column header."""
+    v = result["versions"]
+    lines = [
+        f"### {title}: `{result['model']}` on {_where(result)}",
+        "",
+        f"{result['date']}; mlx {v['mlx']}, mlx-lm {v['mlx-lm']}; `{result['command']}`. {text}".rstrip(),
+    ]
+    if columns:
+        lines += ["", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return lines
+
+
 def ms(s: dict[str, float]) -> str:
     return f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f})"
 
 
 def ttft(result: dict[str, Any]) -> str:
-    where = _where(result)
-    lines = [
-        f"### TTFT with and without a prefix cache: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; mlx {result['versions']['mlx']}, mlx-lm {result['versions']['mlx-lm']}; "
-        f"`{result['command']}`. Streaming over HTTP with the openai SDK, a 32-token question after the "
-        "prefix, 32 output tokens. *full*: no cache; *hot*: cache resident; *cold*: a server keeping nothing "
-        "resident, so each hit reads the file (OS page cache warm) or, where reading was measured to cost more "
-        "than the prefill, recomputes the prefix; *floor*: one bare forward pass over the 32-token suffix on a "
-        "cached prefix, in process.",
-        "",
-        "| scenario | cache tokens | cache MB | full TTFT ms | hot TTFT ms | cold TTFT ms | floor ms "
-        "| hot speedup | cold speedup | hot / floor | cold / full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = _head(
+        "TTFT with and without a prefix cache",
+        result,
+        "Streaming over HTTP with the openai SDK, a 32-token question after the prefix, 32 output tokens. "
+        "*full*: no cache; *hot*: cache resident; *cold*: a server keeping nothing resident, so each hit reads "
+        "the file (OS page cache warm) or, where reading was measured to cost more than the prefill, recomputes "
+        "the prefix; *floor*: one bare forward pass over the 32-token suffix on a cached prefix, in process.",
+        ["scenario", "cache tokens", "cache MB", "full TTFT ms", "hot TTFT ms", "cold TTFT ms", "floor ms"]
+        + ["hot speedup", "cold speedup", "hot / floor", "cold / full"],
+    )
     for r in result["rows"]:
         lines.append(
             f"| {r['scenario']} | {r['cache_tokens']} | {r['cache_bytes'] / 1e6:.0f} | {ms(r['full']['ttft'])} "
@@ -75,17 +83,13 @@ def ttft(result: dict[str, Any]) -> str:
 
 
 def concurrency(result: dict[str, Any]) -> str:
-    where = _where(result)
-    lines = [
-        f"### Concurrent streaming clients: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; mlx {result['versions']['mlx']}, mlx-lm {result['versions']['mlx-lm']}; "
-        f"`{result['command']}`. {result.get('notes', '')} Both servers started by the benchmark, same "
-        "weights, same run. Errors: requests the server failed (connection reset or error).",
-        "",
-        "| server | clients | tokens/s | p50 TTFT s | p95 TTFT s | p99 TTFT s | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = _head(
+        "Concurrent streaming clients",
+        result,
+        f"{result.get('notes', '')} Both servers started by the benchmark, same weights, same run. Errors: "
+        "requests the server failed (connection reset or error).",
+        ["server", "clients", "tokens/s", "p50 TTFT s", "p95 TTFT s", "p99 TTFT s", "errors"],
+    )
     for r in result["rows"]:
         label = r.get("scenario", str(r["clients"]))
         lines.append(
@@ -96,15 +100,12 @@ def concurrency(result: dict[str, Any]) -> str:
 
 
 def overhead(result: dict[str, Any]) -> str:
-    where = _where(result)
-    lines = [
-        f"### Gateway overhead, one stream: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; `{result['command']}`. {result.get('notes', '')} Decode rate excludes the first token.",
-        "",
-        "| path | TTFT ms | decode tok/s | vs in-process |",
-        "| --- | --- | --- | --- |",
-    ]
+    lines = _head(
+        "Gateway overhead, one stream",
+        result,
+        f"{result.get('notes', '')} Decode rate excludes the first token.",
+        ["path", "TTFT ms", "decode tok/s", "vs in-process"],
+    )
     for r in result["rows"]:
         lines.append(
             f"| {r['path']} | {ms(r['ttft'])} | {r['decode_tokens_per_s']['median']:.1f} | "
@@ -114,15 +115,12 @@ def overhead(result: dict[str, Any]) -> str:
 
 
 def kvquant(result: dict[str, Any]) -> str:
-    where = _where(result)
-    lines = [
-        f"### KV quantisation of a prefix cache: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; `{result['command']}`. {result.get('notes', '')}",
-        "",
-        "| cache | KV bytes | vs full | greedy agreement | hit TTFT ms | vs full |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = _head(
+        "KV quantisation of a prefix cache",
+        result,
+        result.get("notes", ""),
+        ["cache", "KV bytes", "vs full", "greedy agreement", "hit TTFT ms", "vs full"],
+    )
     for r in result["rows"]:
         lines.append(
             f"| {r['cache']} | {r['bytes_on_disk']:,} | {r['bytes_ratio']:.2f}x | {r['agreement']:.0%} | "
@@ -136,18 +134,16 @@ def mbs(s: dict[str, float]) -> str:
 
 
 def saveload(result: dict[str, Any]) -> str:
-    where = _where(result)
     io = next(r for r in result["rows"] if r["part"] == "cache-io")
     disk = io["disk"]
-    lines = [
-        f"### Prefix-cache save and load against the disk: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; `{result['command']}`. {result.get('notes', '')} MB/s, median (min-max). *cold*: the "
-        "file's pages dropped from the OS cache first (`posix_fadvise`), for `dd` and for us alike. *first use*: "
-        "a new store reading the file and checking its sha256 against the manifest (once per file version).",
-        "",
-        "| | write | read cold | read warm |",
-        "| --- | --- | --- | --- |",
+    lines = _head(
+        "Prefix-cache save and load against the disk",
+        result,
+        f"{result.get('notes', '')} MB/s, median (min-max). *cold*: the file's pages dropped from the OS cache "
+        "first (`posix_fadvise`), for `dd` and for us alike. *first use*: a new store reading the file and "
+        "checking its sha256 against the manifest (once per file version).",
+        ["", "write", "read cold", "read warm"],
+    ) + [
         f"| `dd` (4 MiB blocks, `conv=fsync` on write) | {mbs(disk['write_mb_s'])} | {mbs(disk['read_cold_mb_s'])} "
         f"| {mbs(disk['read_warm_mb_s'])} |",
         f"| prefix cache ({io['bytes'] / 1e6:.0f} MB, {io['tokens']} tokens): save (atomic, fsync, sha256) / "
@@ -173,16 +169,13 @@ def saveload(result: dict[str, Any]) -> str:
 
 
 def bandwidth(result: dict[str, Any]) -> str:
-    where = _where(result)
-    lines = [
-        f"### Single-stream decode against memory bandwidth: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; `{result['command']}`. {result.get('notes', '')} Bytes a decode step reads: every "
-        "weight (an untied input embedding contributes one row).",
-        "",
-        "| path | tok/s | GB read per token | decode GB/s | copy GB/s | fraction of copy bandwidth |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = _head(
+        "Single-stream decode against memory bandwidth",
+        result,
+        f"{result.get('notes', '')} Bytes a decode step reads: every weight (an untied input embedding "
+        "contributes one row).",
+        ["path", "tok/s", "GB read per token", "decode GB/s", "copy GB/s", "fraction of copy bandwidth"],
+    )
     for r in result["rows"]:
         lines.append(
             f"| {r['path']} | {r['tokens_per_s']['median']:.1f} | {r['bytes_read_per_token'] / 1e9:.2f} | "
@@ -193,14 +186,14 @@ def bandwidth(result: dict[str, Any]) -> str:
 
 
 def soak(result: dict[str, Any]) -> str:
-    where = _where(result)
     r = result["rows"][0]
-    lines = [
-        f"### Soak, mixed traffic: `{result['model']}` on {where}",
-        "",
-        f"{result['date']}; `{result['command']}`. {r['clients']} clients for {r['minutes']:g} minutes after "
+    lines = _head(
+        "Soak, mixed traffic",
+        result,
+        f"{r['clients']} clients for {r['minutes']:g} minutes after "
         f"{r.get('warmup_seconds', r['sample_seconds']) / 60:g} minutes of warm-up; the server's resident memory "
         f"sampled every {r['sample_seconds']:g} s, compared with the first sample after the warm-up.",
+    ) + [
         "",
         f"Requests: {', '.join(f'{k} {v}' for k, v in sorted(r['requests'].items()))}. Errors: "
         f"**{r['error_count']}**; server log errors: {len(r['server_log_errors'])}. Resident memory first "
