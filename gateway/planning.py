@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import msgspec
-
 from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
@@ -43,6 +41,9 @@ class PlannedRequest:
     echo: tuple[str, ...] = ()
     prefix_name: str | None = None
     prefix_miss_reason: str | None = None
+    # How the request met its named cache: "resent" (it starts with the cache's messages or tokens, used
+    # as sent) or "prepended" (the cache's messages or tokens were put in front of it).
+    prefix_form: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,29 @@ def _lookup_prefix(
     return _Prefix(name, manifest, on_mismatch, unusable)
 
 
-def _prefix_use(prefix: _Prefix | None, tokens: list[int], tenant: str) -> tuple[PrefixUse | None, str | None]:
-    """Whether ``tokens`` start with the cache's tokens; the reuse (at most all but the last token)."""
+def _prefix_use(
+    prefix: _Prefix | None, tokens: list[int], tenant: str, cache_text: str | None = None, text: str | None = None
+) -> tuple[PrefixUse | None, str | None]:
+    """How much of the cache's KV the request reuses (at most all but its last token), or why none.
+
+    The request's tokens must start with the cache's. One exception: a request whose text starts with the
+    cache's text (``cache_text``) may tokenise differently across the boundary (the cache's last word
+    merges with what follows); the tokens both share are then reused and the rest computed, so the
+    result is the request's own tokenisation, as without a cache. Anything else (the chat template
+    renders the cached messages differently once more messages follow, say) is a mismatch: a 400
+    ``prefix_cache_mismatch``, or with ``on_mismatch: "recompute"`` the whole prompt computed.
+    """
     if prefix is None or prefix.manifest is None:
         return None, None
     cached = prefix.manifest.tokens
-    if tokens[: len(cached)] != cached:
-        at = next(
-            (i for i, (a, b) in enumerate(zip(tokens, cached, strict=False)) if a != b), min(len(tokens), len(cached))
-        )
+    common = next((i for i, (a, b) in enumerate(zip(tokens, cached, strict=False)) if a != b), None)
+    if common is None:
+        common = min(len(tokens), len(cached))
+    aligned = cache_text is not None and text is not None and text.startswith(cache_text)
+    if common < len(cached) and not aligned:
         message = (
             f"The request does not start with the prefix cache '{prefix.name}': its tokens differ from the "
-            f"cache's at position {at} of {len(cached)}"
+            f"cache's at position {common} of {len(cached)}"
         )
         if prefix.on_mismatch == "error":
             raise InvalidRequest(message, param="prefix_cache", code="prefix_cache_mismatch")
@@ -94,7 +106,43 @@ def _prefix_use(prefix: _Prefix | None, tokens: list[int], tenant: str) -> tuple
     if prefix.unusable is not None:
         return None, prefix.unusable
     # An exact hit still leaves the last token to compute: it gives the logits of the first new token.
-    return PrefixUse(tenant, prefix.name, min(len(cached), len(tokens) - 1)), None
+    reuse = min(common, len(tokens) - 1)
+    if reuse < 1:
+        return None, "no cached token lines up with the prompt"
+    return PrefixUse(tenant, prefix.name, reuse), None
+
+
+def _chat_with_prefix(prefix: _Prefix | None, dicts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """The conversation to render, and its form: clients that resend the whole conversation (system
+    message included) already start with the cache's messages; others send only what follows them."""
+    if prefix is None or prefix.manifest is None or prefix.manifest.source != "messages":
+        return dicts, None if prefix is None else "resent"
+    cached = [dict(m) for m in prefix.manifest.messages or ()]
+    if dicts[: len(cached)] == cached:
+        return dicts, "resent"
+    return cached + dicts, "prepended"
+
+
+def _chat_cache_text(prefix: _Prefix | None, tokenizer: PromptTokenizer) -> str | None:
+    """The text a chat request must start with to line up with its cache (None: only its tokens count)."""
+    if prefix is None or prefix.manifest is None:
+        return None
+    if prefix.manifest.source == "messages":
+        messages = [dict(m) for m in prefix.manifest.messages or ()]
+        return tokenizer.render_chat(messages, add_generation_prompt=False)
+    return prefix.manifest.prompt
+
+
+def _prompt_with_prefix(prefix: _Prefix | None, tokens: list[int], text: str | None) -> tuple[list[int], str | None]:
+    """A completion prompt with its cache: used as sent when it starts with the cache's tokens or text
+    (the client resent the prefix); otherwise it follows the cache's tokens."""
+    if prefix is None or prefix.manifest is None:
+        return tokens, None
+    manifest = prefix.manifest
+    cached = list(manifest.tokens)
+    if tokens[: len(cached)] == cached or (text is not None and manifest.prompt and text.startswith(manifest.prompt)):
+        return tokens, "resent"
+    return cached + tokens, "prepended"
 
 
 def _check_range(value: float | None, low: float, high: float, param: str) -> None:
@@ -215,10 +263,10 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return [_message_dict(i, m) for i, m in enumerate(messages)]
 
 
-def render_messages(tokenizer: PromptTokenizer, messages: Sequence[ChatMessage], tools: Any = None) -> str:
-    if not messages:
+def render_messages(tokenizer: PromptTokenizer, dicts: Sequence[dict[str, Any]], tools: Any = None) -> str:
+    """Messages (as :func:`message_dicts` makes them) rendered for generation by the model's template."""
+    if not dicts:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
-    dicts = message_dicts(messages)
     try:
         return tokenizer.render_chat(dicts, add_generation_prompt=True, tools=tools)
     except Exception as exc:  # a template raising (e.g. on role order) is the request's fault
@@ -254,13 +302,11 @@ def plan_chat(
         max_tokens_param=max_param,
     )
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
-    messages = list(req.messages)
-    if prefix is not None and prefix.manifest is not None and prefix.manifest.source == "messages":
-        # A conversation-prefix cache: its messages come first, then the request's.
-        messages = [msgspec.convert(m, ChatMessage) for m in prefix.manifest.messages or []] + messages
-    tokens = tokenizer.encode(render_messages(tokenizer, messages, req.tools))
+    dicts, form = _chat_with_prefix(prefix, message_dicts(req.messages))
+    text = render_messages(tokenizer, dicts, req.tools)
+    tokens = tokenizer.encode(text)
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
-    use, miss = _prefix_use(prefix, tokens, tenant)
+    use, miss = _prefix_use(prefix, tokens, tenant, _chat_cache_text(prefix, tokenizer), text)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     plan = Plan(rid, model.name, tenant, tuple(tokens), params, use)
     return PlannedRequest(
@@ -276,6 +322,7 @@ def plan_chat(
         top,
         prefix_name=prefix.name if prefix else None,
         prefix_miss_reason=miss,
+        prefix_form=form,
     )
 
 
@@ -296,6 +343,14 @@ def _prompts(req: CompletionRequest, tokenizer: PromptTokenizer) -> list[tuple[l
         "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
         param="prompt",
     )
+
+
+def _prompt_texts(req: CompletionRequest) -> list[str | None]:
+    """Each prompt's text as the client sent it (None for token ids), parallel to :func:`_prompts`."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    return [x if isinstance(x, str) else None for x in p] if not all(isinstance(x, int) for x in p) else [None]
 
 
 def _checked_ids(ids: list[int], tokenizer: PromptTokenizer, param: str) -> tuple[list[int], str]:
@@ -334,14 +389,14 @@ def plan_completion(
     plans = []
     prompts = _prompts(req, tokenizer)
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
-    # With a prefix cache the prompt continues the cached prefix: its tokens follow the cache's.
-    head = list(prefix.manifest.tokens) if prefix is not None and prefix.manifest is not None else []
-    miss = None
+    miss = form = None
+    texts = _prompt_texts(req)
     for i, (tokens, _) in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        full = head + tokens
+        full, form = _prompt_with_prefix(prefix, tokens, texts[i])
         limited = _with_limits(params, requested, len(full), model, context_length, "max_tokens", param)
-        use, miss = _prefix_use(prefix, full, tenant)
+        cache_text = prefix.manifest.prompt if prefix is not None and prefix.manifest is not None else None
+        use, miss = _prefix_use(prefix, full, tenant, cache_text, texts[i] if form == "resent" else None)
         plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(full), limited, use))
     return PlannedRequest(
         "completion",
@@ -357,4 +412,5 @@ def plan_completion(
         echo=tuple(text for _, text in prompts) if req.echo else (),
         prefix_name=prefix.name if prefix else None,
         prefix_miss_reason=miss,
+        prefix_form=form,
     )

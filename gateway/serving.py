@@ -127,10 +127,13 @@ async def stream_chunks(running: Running, fingerprint: str) -> AsyncIterator[msg
 
 
 def prefix_header(planned: PlannedRequest, started: list[Started]) -> str | None:
-    """The ``x-prefix-cache`` header: name, hit, cached tokens, load time (or why it missed)."""
+    """The ``x-prefix-cache`` header: name, how the request met the cache (``form=resent`` or
+    ``form=prepended``), hit, cached tokens, load time (or why it missed)."""
     if planned.prefix_name is None:
         return None
     parts = [f"name={planned.prefix_name}"]
+    if planned.prefix_form is not None:
+        parts.append(f"form={planned.prefix_form}")
     first = started[0] if started else None
     if first is not None and first.prefix_hit:
         parts += [

@@ -62,6 +62,11 @@ class ChatMessage(_Request, kw_only=True):
 
 
 class PrefixCacheRef(_Request, kw_only=True):
+    """A named prefix cache. The request may resend the cache's messages (or prompt) or send only what
+    follows them. ``on_mismatch``: what to do when the rendered request does not start with the cache
+    (a chat template that renders the cached messages differently once more follow): ``error`` (400
+    ``prefix_cache_mismatch``) or ``recompute`` (the whole prompt, no reuse)."""
+
     name: str
     on_mismatch: Literal["error", "recompute"] = "error"
 

@@ -105,7 +105,7 @@ def test_chat_with_cache_matches_full_prompt(server: Server, client: openai.Open
     )
     hit = raw.parse()
     header = raw.headers["x-prefix-cache"]
-    assert header.startswith("name=chat-sys; hit=true; cached_tokens=") and "load_ms=" in header
+    assert header.startswith("name=chat-sys; form=prepended; hit=true; cached_tokens=") and "load_ms=" in header
     assert hit.usage is not None and full.usage is not None
     assert hit.usage.prompt_tokens == full.usage.prompt_tokens
     assert hit.usage.prompt_tokens_details.cached_tokens == int(header.split("cached_tokens=")[1].split(";")[0]) > 300
