@@ -68,6 +68,9 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1.0: off
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1

@@ -163,6 +163,14 @@ def _sampling_base(
     _check_range(req.top_p, 0.0, 1.0, "top_p")
     _check_range(req.presence_penalty, -2.0, 2.0, "presence_penalty")
     _check_range(req.frequency_penalty, -2.0, 2.0, "frequency_penalty")
+    _check_range(req.min_p, 0.0, 1.0, "min_p")
+    if req.top_k is not None and req.top_k < -1:
+        raise InvalidRequest(f"'top_k' must be -1 or 0 (off) or a positive count, got {req.top_k}", param="top_k")
+    if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
+        raise InvalidRequest(
+            f"'repetition_penalty' must be above 0 and at most 10 (1 is off), got {req.repetition_penalty:g}",
+            param="repetition_penalty",
+        )
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
@@ -188,6 +196,9 @@ def _sampling_base(
         max_tokens=max_tokens or 1,  # resolved against the prompt length in _with_limits
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         stop=stop,
         seed=req.seed,
         n=n,

@@ -19,17 +19,24 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import apply_top_p
 
 from adapters.base import SamplingParams
 from adapters.mlx_lm.models import LoadedModel
-from adapters.mlx_lm.sampling import SampledToken, choice_keys, logit_bias_vector
+from adapters.mlx_lm.sampling import (
+    Processor,
+    SampledToken,
+    Sampler,
+    choice_keys,
+    logits_processors,
+    sampled_token,
+    token_sampler,
+)
 
 __all__ = ["Batcher", "SequenceOut"]
 
@@ -44,91 +51,6 @@ class SequenceOut:
     cache: list[Any] | None = None  # the sequence's own KV, once it finished in the batch
 
 
-def _greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
-
-
-_shared: dict[tuple[float, float], Callable[[mx.array], mx.array]] = {}
-
-
-def _unseeded(temperature: float, top_p: float) -> Callable[[mx.array], mx.array]:
-    """One sampler object per (temperature, top_p) for requests without a seed.
-
-    BatchGenerator samples the whole batch in one call when every sequence has the same sampler object;
-    unseeded requests promise no reproducibility, so they may share mlx's RNG. Seeded ones never do.
-    """
-    key = (temperature, top_p)
-    if key not in _shared:
-
-        def sample(logprobs: mx.array) -> mx.array:
-            scaled = logprobs * (1.0 / temperature)
-            if 0.0 < top_p < 1.0:
-                scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), top_p)
-            return mx.random.categorical(scaled)
-
-        _shared[key] = sample
-    return _shared[key]
-
-
-def _sampler(params: SamplingParams, key: mx.array) -> Callable[[mx.array], mx.array]:
-    """A sequence's sampler over log-probabilities (shape (rows, vocab)); seeded ones own their key."""
-    if params.temperature <= 0.0:
-        return _greedy
-    if params.seed is None:
-        return _unseeded(params.temperature, params.top_p)
-    state = {"key": key}
-
-    def sample(logprobs: mx.array) -> mx.array:
-        scaled = logprobs * (1.0 / params.temperature)
-        if 0.0 < params.top_p < 1.0:
-            scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), params.top_p)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(scaled, key=sub)
-
-    return sample
-
-
-def _processors(params: SamplingParams, vocab: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
-    """Logit bias and OpenAI's penalties over generated tokens."""
-    out: list[Callable[[mx.array, mx.array], mx.array]] = []
-    bias = logit_bias_vector(params, vocab)
-    if bias is not None:
-        out.append(lambda _, logits: logits + bias)
-    if params.presence_penalty or params.frequency_penalty:
-        calls = {"n": 0}
-
-        def penalise(context: mx.array, logits: mx.array) -> mx.array:
-            # The context ends with the tokens fed so far; the last ``n`` of them are generated ones.
-            generated, calls["n"] = calls["n"], calls["n"] + 1
-            if generated == 0:
-                return logits
-            counts = mx.zeros((vocab,), dtype=mx.float32).at[context[-generated:]].add(1.0)
-            penalty = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-            return logits - penalty[None]
-
-        out.append(penalise)
-    return out
-
-
-def _sampled(params: SamplingParams, token: int, logprobs: mx.array) -> SampledToken:
-    """The token with the log-probabilities the request asked for (each lookup waits on the device)."""
-    chosen: float | None = None
-    top: tuple[tuple[int, float], ...] = ()
-    if params.logprobs:
-        lp = logprobs.reshape(-1)
-        arrays = [lp[token]]
-        if params.top_logprobs:
-            k = min(params.top_logprobs, lp.shape[-1])
-            ids = mx.argpartition(-lp, k - 1)[:k]
-            arrays += [ids, lp[ids]]
-        mx.eval(*arrays)
-        chosen = float(arrays[0].item())  # type: ignore[arg-type]
-        if len(arrays) == 3:
-            pairs = zip(arrays[1].tolist(), arrays[2].tolist(), strict=True)  # type: ignore[arg-type]
-            top = tuple(sorted(pairs, key=lambda t: -t[1]))  # type: ignore[arg-type]
-    return SampledToken(token, chosen, top)
-
-
 @dataclass
 class _Lane:
     """A sequence the batcher prefills itself, one chunk per step, on its own plain KV cache."""
@@ -137,8 +59,8 @@ class _Lane:
     prompt: list[int]
     cache: list[Any]
     params: SamplingParams
-    sampler: Callable[[mx.array], mx.array]
-    processors: list[Callable[[mx.array, mx.array], mx.array]]
+    sampler: Sampler
+    processors: list[Processor]
     done: int = 0
 
 
@@ -168,14 +90,15 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self._wants)
 
-    def insert(self, prompt: list[int], cache: list[Any], params: SamplingParams) -> list[int]:
-        """Queue ``params.n`` sequences continuing ``cache`` with ``prompt``; their uids."""
+    def insert(self, prompt: list[int], cache: list[Any], params: SamplingParams, context: Sequence[int]) -> list[int]:
+        """Queue ``params.n`` sequences continuing ``cache`` with ``prompt``; their uids. ``context`` is the
+        whole prompt, the part already in ``cache`` included (a repetition penalty covers it)."""
         n = params.n
-        loaded = self.loaded
+        vocab = self.loaded.vocab_size
         if n == 1 and self._lane is None and not self._waiting:
             uid = next(self._uids)
-            sampler = _sampler(params, choice_keys(params.seed, 1)[0])
-            self._lane = _Lane(uid, list(prompt), cache, params, sampler, _processors(params, loaded.vocab_size))
+            sampler = token_sampler(params, choice_keys(params.seed, 1)[0])
+            self._lane = _Lane(uid, list(prompt), cache, params, sampler, logits_processors(params, vocab, context))
             self._wants[uid] = params
             return [uid]
         caches = [cache] + [copy.deepcopy(cache) for _ in range(n - 1)]
@@ -185,8 +108,8 @@ class Batcher:
             max_tokens=[params.max_tokens] * n,
             caches=caches,
             all_tokens=[[] for _ in range(n)],
-            samplers=[_sampler(params, k) for k in keys],
-            logits_processors=[_processors(params, loaded.vocab_size) for _ in range(n)],
+            samplers=[token_sampler(params, k) for k in keys],
+            logits_processors=[logits_processors(params, vocab, context) for _ in range(n)],
         )
         uids = [self._adopt(g, params) for g in gen_uids]
         self._waiting.update(uids)
@@ -233,7 +156,7 @@ class Batcher:
             self._adopt(gen_uid, params, lane.uid)
         else:
             self._wants.pop(lane.uid, None)
-        return SequenceOut(lane.uid, _sampled(params, token, logprobs[0]), finish, lane.cache if finish else None)
+        return SequenceOut(lane.uid, sampled_token(params, token, logprobs[0]), finish, lane.cache if finish else None)
 
     def remove(self, uids: list[int]) -> None:
         gone = set(uids)
@@ -273,7 +196,9 @@ class Batcher:
                 self._wants.pop(uid, None)
                 self._in_gen.pop(uid, None)
                 self._ours.pop(r.uid, None)
-            out.append(SequenceOut(uid, _sampled(params, int(r.token), r.logprobs), r.finish_reason, r.prompt_cache))
+            out.append(
+                SequenceOut(uid, sampled_token(params, int(r.token), r.logprobs), r.finish_reason, r.prompt_cache)
+            )
         return out
 
     def close(self) -> None:

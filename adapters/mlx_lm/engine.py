@@ -417,7 +417,8 @@ class MlxEngine:
         if batcher is None:
             batcher = self._batchers[loaded.spec.name] = Batcher(loaded, loaded.spec.max_running)
         params = request.plan.sampling
-        uids = batcher.insert(list(request.plan.prompt_tokens[request.prefilled :]), cache, params)
+        prompt = request.plan.prompt_tokens
+        uids = batcher.insert(list(prompt[request.prefilled :]), cache, params, prompt)
         request.cache = None
         request.batched = True
         for i, uid in enumerate(uids):
@@ -760,7 +761,7 @@ class MlxEngine:
         for i in range(params.n):
             # Each choice decodes into a cache of its own; generation mutates caches in place.
             cache = request.cache if i == params.n - 1 else copy.deepcopy(request.cache)
-            sampler = ChoiceSampler(params, loaded.vocab_size, keys[i])
+            sampler = ChoiceSampler(params, loaded.vocab_size, keys[i], plan.prompt_tokens)
             text = StopTextAssembler(loaded.tokenizer.detokenizer(), params.stop)
             request.choices.append(_Choice(i, cache, sampler, text))
         request.cache = None

@@ -1,24 +1,44 @@
-"""Per-choice logits processing and sampling with the choice's own random key.
+"""Logits processing and sampling, one definition for the sequential path and the batch.
 
-OpenAI's semantics, not mlx-lm's defaults: presence/frequency penalties count every token generated so
-far (mlx-lm's look at the last 20), ``logit_bias`` adds to the raw logits, reported log-probabilities
-are those of the processed distribution before temperature, and a ``seed`` drives a per-request key
-(mlx's global RNG would make a request's tokens depend on its neighbours).
+OpenAI's semantics where OpenAI defines the field, not mlx-lm's defaults: presence/frequency penalties
+count every token generated so far (mlx-lm's look at the last 20), ``logit_bias`` adds to the raw
+logits, reported log-probabilities are those of the processed distribution before temperature, and a
+``seed`` drives a per-request key (mlx's global RNG would make a request's tokens depend on its
+neighbours). Fields OpenAI lacks follow vLLM and Hugging Face: ``repetition_penalty`` covers the prompt
+and the generated tokens (mlx-lm's, the last 20 only), and the filters run after temperature, as
+``top_k`` -> ``top_p`` -> ``min_p`` (mlx-lm's own ``apply_*`` functions do the filtering).
+
+Processors follow mlx-lm's protocol, ``(tokens, logits (1, vocab)) -> logits``, and are called once per
+sampled token with ``tokens`` ending in the token fed last (the prompt's last token on the first call,
+then each sampled one). They keep their state as MLX arrays, updated lazily, so the batch's
+asynchronous step is not forced to wait on the device.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from adapters.base import SamplingParams
 
-__all__ = ["ChoiceSampler", "SampledToken", "choice_keys", "logit_bias_vector"]
+__all__ = [
+    "ChoiceSampler",
+    "Processor",
+    "SampledToken",
+    "Sampler",
+    "choice_keys",
+    "logits_processors",
+    "sampled_token",
+    "token_sampler",
+]
+
+Processor = Callable[[mx.array, mx.array], mx.array]
+Sampler = Callable[[mx.array], mx.array]
 
 
 @dataclass(frozen=True)
@@ -34,60 +54,148 @@ def choice_keys(seed: int | None, n: int) -> list[mx.array]:
     return list(mx.random.split(base, n)) if n > 1 else [base]
 
 
-def logit_bias_vector(params: SamplingParams, vocab_size: int) -> mx.array | None:
-    """``logit_bias`` as a dense vector to add to the logits, or None when there is none.
+# ---- logits processors -----------------------------------------------------------------------------
 
-    Padded vocabularies need no mask here: the loaded model's logits already stop at the tokenizer's ids.
-    """
+
+def _logit_bias(params: SamplingParams, vocab: int) -> Processor | None:
+    """``logit_bias`` added to the logits. Padded vocabularies need no mask here: the loaded model's
+    logits already stop at the tokenizer's ids."""
     if not params.logit_bias:
         return None
-    bias = mx.zeros((vocab_size,), dtype=mx.float32)
+    bias = mx.zeros((vocab,), dtype=mx.float32)
     bias[mx.array([i for i, _ in params.logit_bias])] = mx.array([b for _, b in params.logit_bias], dtype=mx.float32)
-    return bias
+    return lambda _, logits: logits + bias
+
+
+class _OpenAIPenalties:
+    """OpenAI's presence and frequency penalties over every token generated so far."""
+
+    def __init__(self, params: SamplingParams, vocab: int) -> None:
+        self._presence, self._frequency = params.presence_penalty, params.frequency_penalty
+        self._counts = mx.zeros((vocab,), dtype=mx.float32)
+        self._calls = 0
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self._calls += 1
+        if self._calls == 1:  # the first call's last token is the prompt's, not a generated one
+            return logits
+        self._counts = self._counts.at[tokens[-1:]].add(1.0)
+        return logits - (self._frequency * self._counts + self._presence * (self._counts > 0))[None]
+
+
+class _RepetitionPenalty:
+    """The CTRL paper's penalty, as vLLM and Hugging Face apply it: every token in the prompt or generated
+    so far has its logit divided by the penalty (multiplied when negative)."""
+
+    def __init__(self, penalty: float, prompt: Sequence[int], vocab: int) -> None:
+        self._penalty = penalty
+        self._seen = mx.zeros((vocab,), dtype=mx.bool_)
+        if prompt:
+            self._seen[mx.array(list(prompt))] = True
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self._seen[tokens[-1:]] = True  # idempotent for the prompt's last token on the first call
+        penalised = mx.where(logits < 0, logits * self._penalty, logits / self._penalty)
+        return mx.where(self._seen[None], penalised, logits)
+
+
+def logits_processors(params: SamplingParams, vocab: int, prompt: Sequence[int]) -> list[Processor]:
+    """A sequence's own processors (each call of this gives fresh state): bias, then penalties."""
+    out: list[Processor] = []
+    bias = _logit_bias(params, vocab)
+    if bias is not None:
+        out.append(bias)
+    if params.presence_penalty or params.frequency_penalty:
+        out.append(_OpenAIPenalties(params, vocab))
+    if params.repetition_penalty != 1.0:
+        out.append(_RepetitionPenalty(params.repetition_penalty, prompt, vocab))
+    return out
+
+
+# ---- samplers ---------------------------------------------------------------------------------------
+
+
+def _filtered(logprobs: mx.array, params: SamplingParams) -> mx.array:
+    """Temperature, then top_k, top_p and min_p over log-probabilities (rows, vocab)."""
+    scaled = logprobs * (1.0 / params.temperature)
+    if 0 < params.top_k < scaled.shape[-1]:
+        scaled = apply_top_k(scaled, params.top_k)
+    if 0.0 < params.top_p < 1.0:
+        scaled = apply_top_p(scaled, params.top_p)
+    if params.min_p > 0.0:
+        scaled = apply_min_p(scaled, params.min_p)
+    return scaled
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+_shared: dict[tuple[float, float, int, float], Sampler] = {}
+
+
+def _unseeded(params: SamplingParams) -> Sampler:
+    """One sampler object per filter setting for requests without a seed.
+
+    BatchGenerator samples the whole batch in one call when every sequence has the same sampler object;
+    unseeded requests promise no reproducibility, so they may share mlx's RNG. Seeded ones never do.
+    """
+    key = (params.temperature, params.top_p, params.top_k, params.min_p)
+    if key not in _shared:
+        _shared[key] = lambda logprobs: mx.random.categorical(_filtered(logprobs, params))
+    return _shared[key]
+
+
+def token_sampler(params: SamplingParams, key: mx.array) -> Sampler:
+    """A sequence's sampler over log-probabilities (rows, vocab); seeded ones own their key."""
+    if params.temperature <= 0.0:
+        return _greedy
+    if params.seed is None:
+        return _unseeded(params)
+    state = {"key": key}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        state["key"], sub = mx.random.split(state["key"])
+        return mx.random.categorical(_filtered(logprobs, params), key=sub)
+
+    return sample
+
+
+def sampled_token(params: SamplingParams, token: int, logprobs: mx.array) -> SampledToken:
+    """The token with the log-probabilities the request asked for (each lookup waits on the device)."""
+    chosen: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+    if params.logprobs:
+        lp = logprobs.reshape(-1)
+        arrays = [lp[token]]
+        if params.top_logprobs:
+            k = min(params.top_logprobs, lp.shape[-1])
+            ids = mx.argpartition(-lp, k - 1)[:k]
+            arrays += [ids, lp[ids]]
+        mx.eval(*arrays)
+        chosen = float(arrays[0].item())  # type: ignore[arg-type]
+        if len(arrays) == 3:
+            pairs = zip(cast(list[int], arrays[1].tolist()), cast(list[float], arrays[2].tolist()), strict=True)
+            top = tuple(sorted(pairs, key=lambda t: -t[1]))
+    return SampledToken(token, chosen, top)
 
 
 class ChoiceSampler:
-    def __init__(self, params: SamplingParams, vocab_size: int, key: mx.array) -> None:
+    """One choice of the sequential path: its processors and sampler, fed one logits row per step."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, key: mx.array, prompt: Sequence[int]) -> None:
         self._params = params
-        self._key = key
-        self._counts: Counter[int] = Counter()
-        self._bias = logit_bias_vector(params, vocab_size)
-        self._penalise = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        self._processors = logits_processors(params, vocab_size, prompt)
+        self._sample = token_sampler(params, key)
+        self._last = mx.array(list(prompt[-1:]) or [0])
 
     def __call__(self, logits: mx.array) -> SampledToken:
-        """Sample from ``logits`` (shape ``(vocab,)``) and record the token for penalties."""
-        p = self._params
-        logits = logits.astype(mx.float32)
-        if self._bias is not None:
-            logits = logits + self._bias
-        if self._penalise and self._counts:
-            ids = mx.array(list(self._counts.keys()))
-            counts = mx.array(list(self._counts.values()), dtype=mx.float32)
-            logits = logits.at[ids].add(-(p.frequency_penalty * counts + p.presence_penalty))
-        logprobs = logits - mx.logsumexp(logits)
-        if p.temperature <= 0.0:
-            token = mx.argmax(logprobs)
-        else:
-            scaled = logprobs * (1.0 / p.temperature)
-            if 0.0 < p.top_p < 1.0:
-                scaled = apply_top_p(scaled - mx.logsumexp(scaled), p.top_p)
-            self._key, sub = mx.random.split(self._key)
-            token = mx.random.categorical(scaled, key=sub)
-        outputs = [token]
-        top_ids = top_vals = chosen = None
-        if p.logprobs:
-            chosen = logprobs[token]
-            outputs.append(chosen)
-            if p.top_logprobs > 0:
-                k = min(p.top_logprobs, logprobs.shape[-1])
-                top_ids = mx.argpartition(-logprobs, k - 1)[:k]
-                top_vals = logprobs[top_ids]
-                outputs += [top_ids, top_vals]
-        mx.eval(*outputs)
+        """Sample from ``logits`` (shape ``(vocab,)``)."""
+        row = logits.astype(mx.float32)[None]
+        for process in self._processors:
+            row = process(self._last, row)
+        logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
+        token = self._sample(logprobs)
+        self._last = token.reshape(1)
         tok = cast(int, token.item())
-        self._counts[tok] += 1
-        top: tuple[tuple[int, float], ...] = ()
-        if top_ids is not None and top_vals is not None:
-            pairs = zip(cast(list[int], top_ids.tolist()), cast(list[float], top_vals.tolist()), strict=True)
-            top = tuple(sorted(pairs, key=lambda t: -t[1]))
-        return SampledToken(tok, cast(float, chosen.item()) if chosen is not None else None, top)
+        return sampled_token(self._params, tok, logprobs[0])

@@ -78,6 +78,10 @@ class _Sampling(_Request, kw_only=True):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    # Not OpenAI's; sent by vLLM-, llama.cpp- and mlx_lm.server-style clients.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
