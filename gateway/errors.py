@@ -15,6 +15,7 @@ __all__ = [
     "ContextLengthExceeded",
     "ErrorBody",
     "ErrorResponse",
+    "Forbidden",
     "InvalidRequest",
     "NotFound",
     "PayloadTooLarge",
@@ -68,6 +69,12 @@ class AuthenticationError(APIError):
     status_code = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(APIError):

@@ -9,7 +9,7 @@ from functools import partial
 
 import anyio.to_thread
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Router, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
@@ -19,9 +19,9 @@ from litestar.types import ASGIApp
 
 from adapters.base import Engine, ModelInfo, UnknownModel
 from gateway.admission import Admission
+from gateway.auth import provide_tenant
 from gateway.config import Config, ModelConfig
 from gateway.encoding import encode
-from gateway.errors import AuthenticationError
 from gateway.planning import PlannedRequest, plan_chat, plan_completion
 from gateway.schemas.openai import (
     ChatCompletion,
@@ -34,29 +34,9 @@ from gateway.schemas.openai import (
 from gateway.serving import Running, collect, prefix_header, stream_chunks
 from gateway.sse import sse_response
 
-__all__ = ["openai_router", "provide_tenant"]
+__all__ = ["complete_planned", "openai_router", "resolve_model"]
 
 logger = logging.getLogger(__name__)
-
-
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-async def provide_tenant(request: Request, state: State) -> str:
-    """The tenant a request belongs to: its API key's, or the default tenant when auth is off."""
-    config: Config = state.config
-    if not config.auth_enabled:
-        return config.default_tenant
-    token = bearer_token(request)
-    if token is None:
-        raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'")
-    tenant = config.api_keys.get(token)
-    if tenant is None:
-        raise AuthenticationError("Incorrect API key provided")
-    return tenant
 
 
 def _model_info(engine: Engine, name: str) -> ModelInfo:

@@ -11,8 +11,9 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
 from gateway import prefix_service
+from gateway.auth import Access, provide_access, provide_tenant
 from gateway.planning import plan_completion
-from gateway.routes.openai import complete_planned, provide_tenant, resolve_model
+from gateway.routes.openai import complete_planned, resolve_model
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
 from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
@@ -21,19 +22,19 @@ __all__ = ["seed_router"]
 
 
 @post("/prefix-cache/create", status_code=201)
-async def seed_create(data: JSONBody[SeedCreate], tenant: NamedDependency[str], state: State) -> PrefixCacheOut:
+async def seed_create(data: JSONBody[SeedCreate], access: NamedDependency[Access], state: State) -> PrefixCacheOut:
     req = CreatePrefixCache(name=data.cache_name, model=data.model, prompt=data.prefix_prompt, replace=True)
-    return await prefix_service.create(state.engine, state.config, tenant, req)
+    return await prefix_service.create(state.engine, state.config, access.tenant, req)
 
 
 @get("/prefix-cache/list")
-async def seed_list(tenant: NamedDependency[str], state: State) -> PrefixCacheList:
-    return prefix_service.listing(state.engine, tenant)
+async def seed_list(access: NamedDependency[Access], state: State) -> PrefixCacheList:
+    return prefix_service.listing(state.engine, access.tenant)
 
 
 @delete("/prefix-cache/{name:str}", status_code=200)
-async def seed_delete(name: FromPath[str], tenant: NamedDependency[str], state: State) -> DeletedPrefixCache:
-    return await prefix_service.delete(state.engine, tenant, name)
+async def seed_delete(name: FromPath[str], access: NamedDependency[Access], state: State) -> DeletedPrefixCache:
+    return await prefix_service.delete(state.engine, access.tenant, name)
 
 
 async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: str | None) -> SeedGenerated:
@@ -78,6 +79,7 @@ async def seed_generate_with_prefix(
 seed_router = Router(
     "/v1",
     route_handlers=[seed_create, seed_list, seed_delete, seed_generate, seed_generate_with_prefix],
-    dependencies={"tenant": Provide(provide_tenant)},
+    # Managing caches takes `access` (the admin routes' guard); generating takes `tenant`, like /v1/completions.
+    dependencies={"access": Provide(provide_access), "tenant": Provide(provide_tenant)},
     tags=["Seed API (aliases)"],
 )
