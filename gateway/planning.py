@@ -6,16 +6,26 @@ as an :class:`~gateway.errors.APIError` that names the offending parameter.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
+
 from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
-from gateway.schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, PrefixCacheRef
+from gateway.schemas.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    PrefixCacheRef,
+    ResponseFormatText,
+    ToolCallIn,
+)
 from prefix_caches import Manifest, PrefixCacheStore
 
 __all__ = ["PlannedRequest", "plan_chat", "plan_completion"]
@@ -263,9 +273,27 @@ def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls is not None:
-        out["tool_calls"] = message.tool_calls
+        out["tool_calls"] = [_tool_call_dict(i, j, call) for j, call in enumerate(message.tool_calls)]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _tool_call_dict(i: int, j: int, call: ToolCallIn) -> dict[str, Any]:
+    """A resent tool call as chat templates take it: OpenAI sends ``arguments`` as JSON text, templates
+    iterate over an object (mlx_lm.server converts them the same way)."""
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(
+                f"Tool call arguments must be JSON text: {exc}",
+                param=f"messages[{i}].tool_calls[{j}].function.arguments",
+            ) from None
+    out: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    if call.id is not None:
+        out["id"] = call.id
     return out
 
 
@@ -292,11 +320,8 @@ def plan_chat(
     tenant: str,
     store: PrefixCacheStore | None = None,
 ) -> PlannedRequest:
-    if req.response_format is not None and req.response_format.get("type") not in (None, "text"):
-        raise InvalidRequest(
-            f"response_format type '{req.response_format.get('type')}' is not supported yet",
-            param="response_format",
-        )
+    if req.response_format is not None and not isinstance(req.response_format, ResponseFormatText):
+        raise InvalidRequest("this response_format type is not supported yet", param="response_format")
     top = req.top_logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
@@ -314,7 +339,8 @@ def plan_chat(
     )
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
     dicts, form = _chat_with_prefix(prefix, message_dicts(req.messages))
-    text = render_messages(tokenizer, dicts, req.tools)
+    tools = [msgspec.to_builtins(t) for t in req.tools] if req.tools else None
+    text = render_messages(tokenizer, dicts, tools)
     tokens = tokenizer.encode(text)
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
     use, miss = _prefix_use(prefix, tokens, tenant, _chat_cache_text(prefix, tokenizer), text)

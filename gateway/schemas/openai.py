@@ -26,6 +26,22 @@ __all__ = [
     "CompletionResponse",
     "ContentPart",
     "Delta",
+    "DeltaFunctionCall",
+    "DeltaToolCall",
+    "FunctionCall",
+    "FunctionCallIn",
+    "FunctionDef",
+    "FunctionName",
+    "JSONSchemaFormat",
+    "NamedToolChoice",
+    "ResponseFormat",
+    "ResponseFormatJSONObject",
+    "ResponseFormatJSONSchema",
+    "ResponseFormatText",
+    "ToolCall",
+    "ToolCallIn",
+    "ToolChoice",
+    "ToolDef",
     "LogprobContent",
     "Model",
     "ModelList",
@@ -53,12 +69,73 @@ class ContentPart(_Request, kw_only=True):
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
+class FunctionCallIn(_Request, kw_only=True):
+    name: str
+    # OpenAI sends a JSON string; some clients send the object itself.
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Request, kw_only=True):
+    """A tool call of an earlier assistant turn, resent by the client."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request, kw_only=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDef(_Request, kw_only=True):
+    name: str
+    description: str | None = None
+    # A JSON schema of the arguments (absent: the function takes none).
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Request, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Request, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(_Request, kw_only=True):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ResponseFormatText(_Request, kw_only=True, tag_field="type", tag="text"):
+    pass
+
+
+class ResponseFormatJSONObject(_Request, kw_only=True, tag_field="type", tag="json_object"):
+    pass
+
+
+class JSONSchemaFormat(_Request, kw_only=True):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(_Request, kw_only=True, tag_field="type", tag="json_schema"):
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema
 
 
 class PrefixCacheRef(_Request, kw_only=True):
@@ -98,9 +175,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -148,10 +226,22 @@ class ChatLogprobs(_Response, kw_only=True):
     refusal: None = None
 
 
+class FunctionCall(_Response, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Response, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(_Response, kw_only=True):
     role: str = "assistant"
     content: str | None = None
     refusal: None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(_Response, kw_only=True):
@@ -172,9 +262,25 @@ class ChatCompletion(_Response, kw_only=True):
     service_tier: None = None
 
 
+class DeltaFunctionCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    arguments: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class DeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A streamed fragment of a tool call: the first carries id, type and name; later ones only
+    ``index`` and more ``arguments`` (clients join fragments by ``index``)."""
+
+    index: int
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    function: DeltaFunctionCall
+
+
 class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | msgspec.UnsetType = msgspec.UNSET
     content: str | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[DeltaToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChunkChoice(_Response, kw_only=True):
