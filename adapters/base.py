@@ -33,6 +33,8 @@ __all__ = [
     "SamplingParams",
     "TokenEvent",
     "TokenLogprob",
+    "ToolCallOut",
+    "ToolCalling",
     "TopLogprob",
     "UnknownModel",
 ]
@@ -91,6 +93,29 @@ class PrefixUse:
 
 
 @dataclass(frozen=True)
+class ToolCalling:
+    """The request's tools, when its output is to be searched for tool calls (``tool_choice`` not none).
+
+    ``choice``: ``auto`` (the model decides), ``required`` (at least one call) or ``named`` (exactly one
+    call of ``names[0]``); the last two are enforced by constrained decoding.
+    """
+
+    tools: tuple[Mapping[str, object], ...]
+    choice: str
+    names: tuple[str, ...]
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
+class ToolCallOut:
+    """A tool call the model made: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs for one request, decided before it is submitted."""
 
@@ -100,6 +125,7 @@ class Plan:
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
     prefix: PrefixUse | None = None
+    tools: ToolCalling | None = None
 
 
 @dataclass(frozen=True)
@@ -165,12 +191,13 @@ class TokenEvent:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallOut, ...] = ()
 
 
 @dataclass(frozen=True)
 class ChoiceFinished:
     choice: int
-    reason: str  # "stop" | "length"
+    reason: str  # "stop" | "length" | "tool_calls"
     text: str = ""  # held-back text released at the end
 
 
@@ -203,6 +230,11 @@ class PromptTokenizer(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def tool_call_format(self) -> str | None:
+        """The tool-call format the chat template uses (mlx-lm's parser name, e.g. ``json_tools``)."""
+        ...
 
 
 class Engine(Protocol):

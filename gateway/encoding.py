@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from adapters.base import ChoiceFinished, Finished, TokenEvent, TokenLogprob
+from adapters.base import ChoiceFinished, Finished, TokenEvent, TokenLogprob, ToolCallOut
 from gateway.planning import PlannedRequest
 from gateway.schemas.openai import (
     ChatChoice,
@@ -19,8 +19,12 @@ from gateway.schemas.openai import (
     CompletionLogprobs,
     CompletionResponse,
     Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
     LogprobContent,
     PromptTokensDetails,
+    ToolCall,
     TopLogprobEntry,
     Usage,
 )
@@ -72,8 +76,18 @@ def _completion_logprobs(items: list[TokenLogprob], offset: int, with_top: bool)
 class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCallOut] = field(default_factory=list)
     finish_reason: str | None = None
     offset: int = 0
+
+
+def _message(c: _Choice) -> ChatMessageOut:
+    """The assistant message; with tool calls, ``content`` is null unless the model also wrote text."""
+    content = "".join(c.text)
+    if not c.tool_calls:
+        return ChatMessageOut(content=content)
+    calls = [ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments)) for t in c.tool_calls]
+    return ChatMessageOut(content=content if content.strip() else None, tool_calls=calls)
 
 
 class ResponseEncoder:
@@ -97,6 +111,7 @@ class ResponseEncoder:
         choice.text.append(event.text)
         if isinstance(event, TokenEvent):
             choice.logprobs.extend(event.logprobs)
+            choice.tool_calls.extend(event.tool_calls)
         else:
             choice.finish_reason = event.reason
 
@@ -112,7 +127,7 @@ class ResponseEncoder:
                 choices=[
                     ChatChoice(
                         index=i,
-                        message=ChatMessageOut(content="".join(c.text)),
+                        message=_message(c),
                         logprobs=_chat_logprobs(c.logprobs) if p.logprobs else None,
                         finish_reason=c.finish_reason,
                     )
@@ -144,6 +159,7 @@ class ChunkEncoder:
         self._p = planned
         self._fingerprint = fingerprint
         self._offsets = [0] * (len(planned.plans) * planned.n)
+        self._calls = [0] * len(self._offsets)  # tool calls streamed so far, per choice
         self._finished: list[Finished] = []
 
     def opening(self) -> list[Chunk]:
@@ -169,6 +185,8 @@ class ChunkEncoder:
         if isinstance(event, TokenEvent):
             if event.text or event.logprobs:
                 out.append(self._content(index, event.text, list(event.logprobs)))
+            for call in event.tool_calls:
+                out += self._tool_call(index, call)
             return out
         if event.text:
             out.append(self._content(index, event.text, []))
@@ -200,6 +218,17 @@ class ChunkEncoder:
             return self._chat(ChunkChoice(index=index, delta=Delta(content=text), logprobs=lp))
         lps = _completion_logprobs(logprobs, self._offsets[index], p.top_logprobs > 0) if p.logprobs else None
         return self._text(index, text, lps, None)
+
+    def _tool_call(self, index: int, call: ToolCallOut) -> list[Chunk]:
+        """One call as OpenAI streams it: a first fragment with id, type, name and empty arguments, then the
+        arguments (clients join fragments by ``index``)."""
+        k = self._calls[index]
+        self._calls[index] += 1
+        head = DeltaToolCall(
+            index=k, id=call.id, type="function", function=DeltaFunctionCall(name=call.name, arguments="")
+        )
+        body = DeltaToolCall(index=k, function=DeltaFunctionCall(arguments=call.arguments))
+        return [self._chat(ChunkChoice(index=index, delta=Delta(tool_calls=[d]))) for d in (head, body)]
 
     def _chat(self, choice: ChunkChoice) -> ChatCompletionChunk:
         p = self._p

@@ -7,6 +7,7 @@ as an :class:`~gateway.errors.APIError` that names the offending parameter.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,13 +16,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams
+from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
 from gateway.schemas.openai import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    NamedToolChoice,
     PrefixCacheRef,
     ResponseFormatText,
     ToolCallIn,
@@ -29,6 +31,8 @@ from gateway.schemas.openai import (
 from prefix_caches import Manifest, PrefixCacheStore
 
 __all__ = ["PlannedRequest", "plan_chat", "plan_completion"]
+
+logger = logging.getLogger(__name__)
 
 MAX_N = 128
 MAX_STOP = 16
@@ -312,6 +316,39 @@ def render_messages(tokenizer: PromptTokenizer, dicts: Sequence[dict[str, Any]],
         raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
 
 
+def _tool_calling(req: ChatCompletionRequest, tokenizer: PromptTokenizer) -> ToolCalling | None:
+    """What the request's ``tools`` and ``tool_choice`` ask of the output (None: plain text)."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice is not None and choice not in ("none", "auto"):
+            raise InvalidRequest("'tool_choice' names a tool, but the request has no 'tools'", param="tool_choice")
+        return None
+    names = [t.function.name for t in req.tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("Each tool must have a distinct function name", param="tools")
+    if choice == "none":
+        return None
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise InvalidRequest(
+                f"'tool_choice' names the function '{choice.function.name}', which is not among the 'tools'",
+                param="tool_choice",
+            )
+        mode, allowed = "named", (choice.function.name,)
+    else:
+        mode, allowed = choice or "auto", tuple(names)
+    if tokenizer.tool_call_format is None:
+        if mode != "auto":
+            raise InvalidRequest(
+                "This model's chat template has no tool-call format, so a tool call cannot be required",
+                param="tool_choice",
+            )
+        logger.warning("tools sent to a model whose chat template has no tool-call format: none will be parsed")
+        return None
+    tools = tuple(msgspec.to_builtins(t) for t in req.tools)
+    return ToolCalling(tools, mode, allowed, req.parallel_tool_calls is not False)
+
+
 def plan_chat(
     req: ChatCompletionRequest,
     tokenizer: PromptTokenizer,
@@ -339,13 +376,13 @@ def plan_chat(
     )
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
     dicts, form = _chat_with_prefix(prefix, message_dicts(req.messages))
-    tools = [msgspec.to_builtins(t) for t in req.tools] if req.tools else None
-    text = render_messages(tokenizer, dicts, tools)
+    tools = _tool_calling(req, tokenizer)
+    text = render_messages(tokenizer, dicts, [msgspec.to_builtins(t) for t in req.tools] if req.tools else None)
     tokens = tokenizer.encode(text)
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
     use, miss = _prefix_use(prefix, tokens, tenant, _chat_cache_text(prefix, tokenizer), text)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    plan = Plan(rid, model.name, tenant, tuple(tokens), params, use)
+    plan = Plan(rid, model.name, tenant, tuple(tokens), params, use, tools)
     return PlannedRequest(
         "chat",
         rid,

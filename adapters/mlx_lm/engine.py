@@ -49,6 +49,7 @@ from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_mo
 from adapters.mlx_lm.reuse import TenantReuse
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
+from adapters.mlx_lm.tool_calls import ChoiceText
 from prefix_caches import kv
 from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
@@ -66,7 +67,7 @@ class _Choice:
     index: int
     cache: list[Any] | None  # None when the choice runs in a batch (the batch holds its cache)
     sampler: ChoiceSampler | None
-    text: StopTextAssembler
+    text: ChoiceText
     generated: int = 0
     last: int = -1
     done: bool = False
@@ -422,8 +423,7 @@ class MlxEngine:
         request.cache = None
         request.batched = True
         for i, uid in enumerate(uids):
-            text = StopTextAssembler(loaded.tokenizer.detokenizer(), params.stop)
-            choice = _Choice(i, None, None, text, uid=uid)
+            choice = _Choice(i, None, None, self._choice_text(request), uid=uid)
             request.choices.append(choice)
             self._batched[uid] = (request, choice)
         return True
@@ -474,7 +474,7 @@ class MlxEngine:
                 self._accept(request, choice, out.sampled)
                 if not choice.done and out.finish_reason is not None:
                     choice.done = True  # the batch ended it (its own length/EOS bookkeeping)
-                    request.emit(ChoiceFinished(choice.index, out.finish_reason, choice.text.finish()))
+                    self._end_choice(request, choice, out.finish_reason)
                 if choice.done:
                     if choice.index == 0:
                         self._keep_for_reuse(request, out.cache)
@@ -762,8 +762,7 @@ class MlxEngine:
             # Each choice decodes into a cache of its own; generation mutates caches in place.
             cache = request.cache if i == params.n - 1 else copy.deepcopy(request.cache)
             sampler = ChoiceSampler(params, loaded.vocab_size, keys[i], plan.prompt_tokens)
-            text = StopTextAssembler(loaded.tokenizer.detokenizer(), params.stop)
-            request.choices.append(_Choice(i, cache, sampler, text))
+            request.choices.append(_Choice(i, cache, sampler, self._choice_text(request)))
         request.cache = None
         for choice in request.choices:
             assert choice.sampler is not None
@@ -779,16 +778,35 @@ class MlxEngine:
         if sampled.token in tokenizer.eos_token_ids:
             choice.done = True
             request.emit(TokenEvent(choice.index, "", (sampled.token,), logprobs))
-            request.emit(ChoiceFinished(choice.index, "stop", choice.text.finish()))
+            self._end_choice(request, choice, "stop")
             return
         delta = choice.text.add(sampled.token)
-        request.emit(TokenEvent(choice.index, delta, (sampled.token,), logprobs))
+        request.emit(TokenEvent(choice.index, delta, (sampled.token,), logprobs, choice.text.take_calls()))
         if choice.text.stopped:
             choice.done = True
-            request.emit(ChoiceFinished(choice.index, "stop"))
+            self._end_choice(request, choice, "stop")
         elif choice.generated >= params.max_tokens:
             choice.done = True
-            request.emit(ChoiceFinished(choice.index, "length", choice.text.finish()))
+            self._end_choice(request, choice, "length")
+
+    @staticmethod
+    def _choice_text(request: _Request) -> ChoiceText:
+        tokenizer = request.model.tokenizer
+        text = StopTextAssembler(tokenizer.detokenizer(), request.plan.sampling.stop)
+        return ChoiceText(text, request.plan.tools, tokenizer.wrapper)
+
+    @staticmethod
+    def _end_choice(request: _Request, choice: _Choice, reason: str) -> None:
+        """The choice's last text and tool calls, then its finish: ``tool_calls`` when it stopped after
+        calling tools (as OpenAI reports it; a call cut off by max_tokens stays ``length``)."""
+        text = choice.text.finish()
+        calls = choice.text.take_calls()
+        if calls:
+            request.emit(TokenEvent(choice.index, text, (), (), calls))
+            text = ""
+        if reason == "stop" and choice.text.made_calls:
+            reason = "tool_calls"
+        request.emit(ChoiceFinished(choice.index, reason, text))
 
     @staticmethod
     def _logprobs(tokenizer: MlxTokenizer, sampled: SampledToken) -> tuple[TokenLogprob, ...]:

@@ -91,6 +91,11 @@ class MlxTokenizer:
         return str(self._hf.apply_chat_template(list(messages), **kwargs))
 
     @property
+    def tool_call_format(self) -> str | None:
+        parser = self.wrapper.tool_parser
+        return None if parser is None else str(parser.__module__).rsplit(".", 1)[-1]
+
+    @property
     def eos_token_ids(self) -> set[int]:
         return set(self.wrapper.eos_token_ids)
 

@@ -29,13 +29,39 @@ TOKENIZER_CORPUS_CHARS = 8_000_000
 # Shards keep each write bounded and give progress on the large shapes.
 SHARD_BYTES = 2 * 1024**3
 
+# ChatML (HF renders with trim_blocks: a newline right after a tag is dropped, hence {{ '\\n' }}), with a
+# Hermes-style tool section (as Qwen2.5's): tools listed in the system turn, calls as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, results in tool turns. mlx-lm
+# infers its json_tools parser from these markers.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% elif message['content'] %}{% for part in message['content'] %}"
+    "{% macro text(content) %}"
+    "{% if content is string %}{{ content }}"
+    "{% elif content %}{% for part in content %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% endmacro %}"
+    "{% if tools %}"
+    "<|im_start|>system\n"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ text(messages[0]['content']) }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\\n' }}</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|im_start|>{{ message['role'] }}\n{{ text(message['content']) }}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{% for tool_call in message['tool_calls'] %}"
+    "{% if tool_call['function'] is defined %}{% set tool_call = tool_call['function'] %}{% endif %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    '<tool_call>\n{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}'
+    "\n</tool_call>"
+    "{% endfor %}"
+    "{% endif %}"
     "<|im_end|>\n"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
