@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import PrefixCacheStore
@@ -28,6 +28,7 @@ __all__ = [
     "Failed",
     "Finished",
     "ModelInfo",
+    "OutputConstraint",
     "Plan",
     "PromptTokenizer",
     "SamplingParams",
@@ -81,6 +82,19 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """A grammar the output must follow (``response_format``, forced tool calls).
+
+    ``source`` is JSON-schema text for ``json_schema`` (``'{"type": "object"}'`` for ``json_object``), or a
+    Lark grammar in llguidance's dialect for ``lark`` (it may embed ``%json{...}``). Hashable: the
+    engine's compiler caches compiled grammars by it.
+    """
+
+    kind: Literal["json_schema", "lark"]
+    source: str
 
 
 @dataclass(frozen=True)
