@@ -67,6 +67,19 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """A grammar the output must follow (``response_format``, forced tool calls).
+
+    ``source`` is JSON-schema text for ``json_schema`` (``'{"type": "object"}'`` for ``json_object``), or a
+    Lark grammar in llguidance's dialect for ``lark`` (it may embed ``%json{...}``). Hashable: the
+    engine's compiler caches compiled grammars by it.
+    """
+
+    kind: Literal["json_schema", "lark"]
+    source: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
@@ -82,19 +95,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
-
-
-@dataclass(frozen=True)
-class OutputConstraint:
-    """A grammar the output must follow (``response_format``, forced tool calls).
-
-    ``source`` is JSON-schema text for ``json_schema`` (``'{"type": "object"}'`` for ``json_object``), or a
-    Lark grammar in llguidance's dialect for ``lark`` (it may embed ``%json{...}``). Hashable: the
-    engine's compiler caches compiled grammars by it.
-    """
-
-    kind: Literal["json_schema", "lark"]
-    source: str
+    # The grammar the output must follow (response_format, a required or named tool call).
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,15 @@ class PromptTokenizer(Protocol):
     @property
     def tool_call_format(self) -> str | None:
         """The tool-call format the chat template uses (mlx-lm's parser name, e.g. ``json_tools``)."""
+        ...
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """Raise ValueError (with a message for the user) if ``constraint`` cannot constrain this model."""
+        ...
+
+    def tool_call_constraint(self, tools: ToolCalling) -> OutputConstraint:
+        """The grammar of calls to ``tools.names`` in this model's tool-call format; ValueError if the
+        format cannot be constrained."""
         ...
 
 

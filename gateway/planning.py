@@ -6,6 +6,7 @@ as an :class:`~gateway.errors.APIError` that names the offending parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from adapters.base import Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
+from adapters.base import OutputConstraint, Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
 from gateway.schemas.openai import (
@@ -25,6 +26,7 @@ from gateway.schemas.openai import (
     CompletionRequest,
     NamedToolChoice,
     PrefixCacheRef,
+    ResponseFormatJSONSchema,
     ResponseFormatText,
     ToolCallIn,
 )
@@ -349,6 +351,36 @@ def _tool_calling(req: ChatCompletionRequest, tokenizer: PromptTokenizer) -> Too
     return ToolCalling(tools, mode, allowed, req.parallel_tool_calls is not False)
 
 
+def _output_constraint(
+    req: ChatCompletionRequest, tokenizer: PromptTokenizer, tools: ToolCalling | None
+) -> OutputConstraint | None:
+    """The grammar the output must follow: a required or named tool call, or ``response_format``'s JSON.
+
+    Compiled (and cached) here, so that a schema the grammar engine rejects is the request's 400, never an
+    engine failure.
+    """
+    if tools is not None and tools.choice != "auto":
+        try:
+            constraint = tokenizer.tool_call_constraint(tools)
+            tokenizer.check_constraint(constraint)
+        except ValueError as exc:
+            raise InvalidRequest(f"The tools cannot be enforced: {exc}", param="tools") from None
+        return constraint
+    fmt = req.response_format
+    if fmt is None or isinstance(fmt, ResponseFormatText):
+        return None
+    if isinstance(fmt, ResponseFormatJSONSchema) and fmt.json_schema.schema_ is not None:
+        source, param = json.dumps(fmt.json_schema.schema_, sort_keys=True), "response_format.json_schema.schema"
+    else:  # json_object, or a json_schema without a schema: any JSON object
+        source, param = '{"type": "object"}', "response_format"
+    constraint = OutputConstraint("json_schema", source)
+    try:
+        tokenizer.check_constraint(constraint)
+    except ValueError as exc:
+        raise InvalidRequest(f"The response_format schema cannot be used: {exc}", param=param) from None
+    return constraint
+
+
 def plan_chat(
     req: ChatCompletionRequest,
     tokenizer: PromptTokenizer,
@@ -357,8 +389,6 @@ def plan_chat(
     tenant: str,
     store: PrefixCacheStore | None = None,
 ) -> PlannedRequest:
-    if req.response_format is not None and not isinstance(req.response_format, ResponseFormatText):
-        raise InvalidRequest("this response_format type is not supported yet", param="response_format")
     top = req.top_logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
@@ -377,6 +407,7 @@ def plan_chat(
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
     dicts, form = _chat_with_prefix(prefix, message_dicts(req.messages))
     tools = _tool_calling(req, tokenizer)
+    params = dataclasses.replace(params, constraint=_output_constraint(req, tokenizer, tools))
     text = render_messages(tokenizer, dicts, [msgspec.to_builtins(t) for t in req.tools] if req.tools else None)
     tokens = tokenizer.encode(text)
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")

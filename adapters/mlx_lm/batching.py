@@ -95,10 +95,13 @@ class Batcher:
         whole prompt, the part already in ``cache`` included (a repetition penalty covers it)."""
         n = params.n
         vocab = self.loaded.vocab_size
+        grammars = self.loaded.tokenizer.grammars if params.constraint is not None else None
         if n == 1 and self._lane is None and not self._waiting:
             uid = next(self._uids)
             sampler = token_sampler(params, choice_keys(params.seed, 1)[0])
-            self._lane = _Lane(uid, list(prompt), cache, params, sampler, logits_processors(params, vocab, context))
+            self._lane = _Lane(
+                uid, list(prompt), cache, params, sampler, logits_processors(params, vocab, context, grammars)
+            )
             self._wants[uid] = params
             return [uid]
         caches = [cache] + [copy.deepcopy(cache) for _ in range(n - 1)]
@@ -109,7 +112,7 @@ class Batcher:
             caches=caches,
             all_tokens=[[] for _ in range(n)],
             samplers=[token_sampler(params, k) for k in keys],
-            logits_processors=[logits_processors(params, vocab, context) for _ in range(n)],
+            logits_processors=[logits_processors(params, vocab, context, grammars) for _ in range(n)],
         )
         uids = [self._adopt(g, params) for g in gen_uids]
         self._waiting.update(uids)

@@ -40,8 +40,6 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 # a few megabytes), so the cache is bounded.
 CACHE_ENTRIES = 256
 
-_SHIFTS = mx.arange(32, dtype=mx.uint32)
-
 # llguidance allows any run of whitespace between JSON tokens by default; a model that starts emitting blank
 # lines can then never leave them (seen with random weights: 96 tokens of spaces after '{'). Bounded runs
 # still fit compact, spaced and indented JSON; a schema's own "x-guidance" options take precedence.
@@ -157,6 +155,9 @@ class GrammarMatcher:
         self._words = (max(vocab_size, tokenizer_vocab) + 31) // 32
         # Filled in place every step; words past the tokenizer's ids stay zero (disallowed).
         self._mask = np.zeros(self._words, dtype=np.uint32)
+        # Made here, on the engine thread: a lazy array made at import belongs to the importing thread's
+        # stream, and evaluating it on another thread fails ("There is no Stream(cpu, 0) in current thread").
+        self._shifts = mx.arange(32, dtype=mx.uint32)
 
     @property
     def error(self) -> str | None:
@@ -180,7 +181,7 @@ class GrammarMatcher:
             self._mask = np.zeros(self._words, dtype=np.uint32)
         self._fill()
         words = mx.array(self._mask)  # one copy of (vocab / 8) bytes per step
-        allowed = ((words[:, None] >> _SHIFTS) & 1).reshape(-1)[:width].astype(mx.bool_)
+        allowed = ((words[:, None] >> self._shifts) & 1).reshape(-1)[:width].astype(mx.bool_)
         return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
     def processor(self) -> LogitsProcessor:

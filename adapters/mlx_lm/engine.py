@@ -761,7 +761,8 @@ class MlxEngine:
         for i in range(params.n):
             # Each choice decodes into a cache of its own; generation mutates caches in place.
             cache = request.cache if i == params.n - 1 else copy.deepcopy(request.cache)
-            sampler = ChoiceSampler(params, loaded.vocab_size, keys[i], plan.prompt_tokens)
+            grammars = loaded.tokenizer.grammars if params.constraint is not None else None
+            sampler = ChoiceSampler(params, loaded.vocab_size, keys[i], plan.prompt_tokens, grammars)
             request.choices.append(_Choice(i, cache, sampler, self._choice_text(request)))
         request.cache = None
         for choice in request.choices:

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
 from mlx_lm.utils import load
 
+from adapters.base import OutputConstraint, ToolCalling
+from adapters.mlx_lm.constraints import GrammarCompiler
 from adapters.mlx_lm.presets import PRESETS, build_model
+from adapters.mlx_lm.tool_calls import json_tools_grammar
 
 __all__ = ["LoadedModel", "MlxTokenizer", "ModelSpec", "load_model"]
 
@@ -62,6 +66,27 @@ class MlxTokenizer:
             self._detokenizer.__class__ = _ExactBPEDetokenizer
         elif hasattr(self._detokenizer, "trim_space"):
             self._detokenizer.trim_space = False
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The model's grammar compiler, built on first use (about 0.3 s for a 32K vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.wrapper, self._vocab_size, self.eos_token_ids)
+            return self._grammars
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        self.grammars.check(constraint)
+
+    def tool_call_constraint(self, tools: ToolCalling) -> OutputConstraint:
+        if self.tool_call_format != "json_tools":
+            raise ValueError(
+                f"Forcing a tool call is supported for the json_tools (Hermes) format; this model's chat "
+                f"template uses {self.tool_call_format or 'no tool-call format'}. Use tool_choice 'auto'."
+            )
+        return OutputConstraint("lark", json_tools_grammar(self.wrapper, tools))
 
     def detokenizer(self) -> Any:
         """A fresh streaming detokenizer whose text is exactly the tokens' decoding.

@@ -25,6 +25,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from adapters.base import SamplingParams
+from adapters.mlx_lm.constraints import GrammarCompiler
 
 __all__ = [
     "ChoiceSampler",
@@ -99,8 +100,11 @@ class _RepetitionPenalty:
         return mx.where(self._seen[None], penalised, logits)
 
 
-def logits_processors(params: SamplingParams, vocab: int, prompt: Sequence[int]) -> list[Processor]:
-    """A sequence's own processors (each call of this gives fresh state): bias, then penalties."""
+def logits_processors(
+    params: SamplingParams, vocab: int, prompt: Sequence[int], grammars: GrammarCompiler | None = None
+) -> list[Processor]:
+    """A sequence's own processors (each call of this gives fresh state): bias, then penalties, then the
+    grammar's mask (last, so that nothing after it can make a forbidden token possible again)."""
     out: list[Processor] = []
     bias = _logit_bias(params, vocab)
     if bias is not None:
@@ -109,6 +113,10 @@ def logits_processors(params: SamplingParams, vocab: int, prompt: Sequence[int])
         out.append(_OpenAIPenalties(params, vocab))
     if params.repetition_penalty != 1.0:
         out.append(_RepetitionPenalty(params.repetition_penalty, prompt, vocab))
+    if params.constraint is not None:
+        if grammars is None:
+            raise ValueError("a constrained request needs its model's grammar compiler")
+        out.append(grammars.matcher(params.constraint).processor())
     return out
 
 
@@ -183,9 +191,16 @@ def sampled_token(params: SamplingParams, token: int, logprobs: mx.array) -> Sam
 class ChoiceSampler:
     """One choice of the sequential path: its processors and sampler, fed one logits row per step."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, key: mx.array, prompt: Sequence[int]) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        key: mx.array,
+        prompt: Sequence[int],
+        grammars: GrammarCompiler | None = None,
+    ) -> None:
         self._params = params
-        self._processors = logits_processors(params, vocab_size, prompt)
+        self._processors = logits_processors(params, vocab_size, prompt, grammars)
         self._sample = token_sampler(params, key)
         self._last = mx.array(list(prompt[-1:]) or [0])
 

@@ -46,7 +46,7 @@ class ChoiceText:
                 }
             )
             self._state = machine.make_state("normal")
-            self._tool_text = ""
+            self._tool_text = self._gap = ""
             self._parse = wrapper.tool_parser
             self._markers = (wrapper.tool_call_start, wrapper.tool_call_end or "")
             self._tools = [dict(t) for t in tools.tools]
@@ -78,10 +78,15 @@ class ChoiceText:
         for state, piece in segments:
             if state == "tool":
                 self._tool_text += piece
+                self._gap = ""  # blank text between two calls is the separator, not content
                 continue
             if self._tool_text:
                 content.append(self._close_block(closed=True))
-            content.append(piece)
+            if self.made_calls and not (self._gap + piece).strip():
+                self._gap += piece  # held: content only if more than blank space follows
+                continue
+            content.append(self._gap + piece)
+            self._gap = ""
         if final and self._tool_text:  # a call that was cut off (max_tokens): no end marker came
             content.append(self._close_block(closed=False))
         return "".join(content)
@@ -121,6 +126,9 @@ def json_tools_grammar(wrapper: Any, tools: ToolCalling) -> str:
         fn = by_name[name]
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         schema = {
+            # Compact, with the template's own separators: the form the model saw in its prompt and
+            # training, and no room for runs of blank space (a random-weight model never leaves them).
+            "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "},
             "type": "object",
             "properties": {"name": {"const": name}, "arguments": params},
             "required": ["name", "arguments"],

@@ -55,12 +55,14 @@ def test_calls_are_taken_out_of_the_content(tokenizer: MlxTokenizer) -> None:
         '{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
     )
     content, calls = run(tokenizer, text, auto())
-    assert content == "Let me check.\n\n"
+    assert content == "Let me check.\n"  # the blank line between the two calls is their separator
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
         ("get_weather", {"city": "Rome"}),
     ]
     assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+    content, _ = run(tokenizer, text + "\nDone.", auto())
+    assert content == "Let me check.\n\nDone."  # blank space followed by text is content again
     _, first_only = run(tokenizer, text, auto(parallel=False))
     assert [json.loads(c.arguments) for c in first_only] == [{"city": "Paris"}]
 
