@@ -102,7 +102,8 @@ def test_non_streaming_shape(server: Server) -> None:
             {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0].type",
         ),
-        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**CHAT, "response_format": {"type": "yaml"}}, "response_format"),
+        ({**CHAT, "top_k": -5}, "top_k"),
     ],
 )
 def test_invalid_chat_requests_are_400(server: Server, body: dict, param: str) -> None:
