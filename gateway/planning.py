@@ -381,6 +381,25 @@ def _output_constraint(
     return constraint
 
 
+# Fields that change what OpenAI answers, for features these models lack: a 400, never silently ignored.
+UNSUPPORTED_CHAT = {
+    "audio": "audio output is not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "this model is not a reasoning model",
+    "verbosity": "'verbosity' is not supported by this model",
+    "functions": "the legacy 'functions' parameter is not supported: use 'tools'",
+    "function_call": "the legacy 'function_call' parameter is not supported: use 'tool_choice'",
+}
+
+
+def _check_unsupported(req: ChatCompletionRequest) -> None:
+    for name, why in UNSUPPORTED_CHAT.items():
+        if getattr(req, name) is not None:
+            raise InvalidRequest(f"'{name}': {why}", param=name)
+    if req.modalities is not None and set(req.modalities) - {"text"}:
+        raise InvalidRequest("Only the 'text' output modality is supported", param="modalities")
+
+
 def plan_chat(
     req: ChatCompletionRequest,
     tokenizer: PromptTokenizer,
@@ -389,6 +408,7 @@ def plan_chat(
     tenant: str,
     store: PrefixCacheStore | None = None,
 ) -> PlannedRequest:
+    _check_unsupported(req)
     top = req.top_logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")

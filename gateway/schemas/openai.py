@@ -179,6 +179,15 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI features these models lack: declared so that a request using one gets a 400 that names it,
+    # not an answer that silently differs from what OpenAI would give (see planning.UNSUPPORTED_CHAT).
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):

@@ -104,6 +104,9 @@ def test_non_streaming_shape(server: Server) -> None:
         ),
         ({**CHAT, "response_format": {"type": "yaml"}}, "response_format"),
         ({**CHAT, "top_k": -5}, "top_k"),
+        ({**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
+        ({**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+        ({**CHAT, "functions": [{"name": "f"}]}, "functions"),
     ],
 )
 def test_invalid_chat_requests_are_400(server: Server, body: dict, param: str) -> None:
