@@ -195,7 +195,15 @@ class GrammarMatcher:
         def process(tokens: mx.array, logits: mx.array) -> mx.array:
             nonlocal started
             if started:
-                self.advance(cast(int, tokens[-1].item()))
+                # The mask needs the token sampled last, so reading it waits for the device. Queue that
+                # token first, then this step's forward pass behind it: the device computes the pass while
+                # the CPU reads the token and fills the mask. (Reading the token with nothing queued
+                # leaves the device idle while the CPU works; queueing the pass before the token's own
+                # slice made the read wait for the whole pass.)
+                last = tokens[-1]
+                mx.async_eval(last)
+                mx.async_eval(logits)
+                self.advance(cast(int, last.item()))
             started = True
             return self.apply(logits)
 
