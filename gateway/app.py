@@ -13,7 +13,7 @@ from litestar.routes import HTTPRoute
 
 from adapters.base import Engine, EngineError, EngineNotReady, UnknownModel
 from gateway.admission import Admission
-from gateway.body import StrictBody
+from gateway.body import StrictBody, cache_name_error
 from gateway.config import Config
 from gateway.errors import (
     APIError,
@@ -56,11 +56,12 @@ def _api_error(_: Request, exc: APIError) -> Response[ErrorResponse]:
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
-def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
+def _validation_error(exc: ValidationException) -> InvalidRequest:
+    """A 400 for Litestar's validation of path and query parameters (bodies: gateway.body)."""
     extra = exc.extra if isinstance(exc.extra, list) else []
     details = [e for e in extra if isinstance(e, dict)]
     if not details:
-        return str(exc.detail), None
+        return InvalidRequest(str(exc.detail))
     texts, params = [], []
     for d in details:
         key, message = d.get("key"), str(d.get("message"))
@@ -68,16 +69,19 @@ def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
         if key in (None, "data") and missing:  # msgspec names the missing field only in the message
             key = missing.group(1)
             message = "this field is required"
+        if key and (named := cache_name_error(key, message)):
+            return named
         texts.append(f"Invalid value for '{key}': {message}" if key else message)
         params.append(key)
-    return "; ".join(texts), params[0]
+    return InvalidRequest("; ".join(texts), param=params[0])
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
     status = exc.status_code
-    if isinstance(exc, ValidationException) or status == 400:
-        message, param = _validation_message(exc) if isinstance(exc, ValidationException) else (exc.detail, None)
-        return _respond(InvalidRequest(message, param=param))
+    if isinstance(exc, ValidationException):
+        return _respond(_validation_error(exc))
+    if status == 400:
+        return _respond(InvalidRequest(exc.detail))
     if status == 401:
         return _respond(AuthenticationError(exc.detail))
     if status == 404:

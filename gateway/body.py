@@ -19,13 +19,14 @@ from litestar.dto import AbstractDTO, DTOConfig, DTOFieldDefinition
 from litestar.typing import FieldDefinition
 
 from gateway.errors import InvalidRequest
+from gateway.schemas.openai import CACHE_NAME_PATTERN, CACHE_NAME_RULE
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
     from litestar.dto._backend import DTOBackend
     from litestar.openapi.spec import Reference, Schema
 
-__all__ = ["StrictBody", "invalid_body"]
+__all__ = ["StrictBody", "cache_name_error", "invalid_body"]
 
 T = TypeVar("T")
 
@@ -36,6 +37,18 @@ _FIELD = re.compile(r"^Object (?P<what>missing required|contains unknown) field 
 
 def _join(path: str, field: str) -> str:
     return f"{path}.{field}" if path else field
+
+
+_CACHE_NAME_BROKEN = f"Expected `str` matching regex {CACHE_NAME_PATTERN!r}"
+
+
+def cache_name_error(param: str, message: str) -> InvalidRequest | None:
+    """A prefix-cache name that breaks the name rule, with the store's code and the rule in words."""
+    if message != _CACHE_NAME_BROKEN:
+        return None
+    return InvalidRequest(
+        f"Invalid prefix cache name for '{param}': use {CACHE_NAME_RULE}", param=param, code="invalid_prefix_cache_name"
+    )
 
 
 def invalid_body(exc: msgspec.ValidationError) -> InvalidRequest:
@@ -56,7 +69,7 @@ def invalid_body(exc: msgspec.ValidationError) -> InvalidRequest:
             got = message.rpartition("got ")[2]
             return InvalidRequest(f"The request body must be a JSON object, got {got}")
         return InvalidRequest(f"Invalid request body: {message}")
-    return InvalidRequest(f"Invalid value for '{path}': {message}", param=path)
+    return cache_name_error(path, message) or InvalidRequest(f"Invalid value for '{path}': {message}", param=path)
 
 
 class StrictBody(AbstractDTO[T]):

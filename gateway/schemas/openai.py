@@ -205,7 +205,8 @@ class _Sampling(_Request, kw_only=True):
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    # At least one message, unless `prefix_cache` names a cache built from messages (they come first).
+    messages: list[ChatMessage]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20, description="Needs `logprobs: true`")] | None = None
@@ -216,16 +217,17 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 # The four forms of a completion prompt, as the OpenAPI document states them.
-_NONEMPTY_TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
-_TOKEN_IDS: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_TEXT: dict[str, Any] = {"type": "string"}
+_TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 PROMPT_SCHEMA: dict[str, Any] = {
     "anyOf": [
-        _NONEMPTY_TEXT,
-        {"type": "array", "minItems": 1, "items": _NONEMPTY_TEXT},
-        _TOKEN_IDS,
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT},
+        {**_TOKEN_IDS, "minItems": 1},
         {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
     ],
-    "description": "A string, a list of strings, a list of token ids, or a list of token-id lists",
+    "description": "A string, a list of strings, a list of token ids, or a list of token-id lists; an empty "
+    "prompt is a 400 unless `prefix_cache` names a cache (the prompt follows it)",
 }
 
 
@@ -233,17 +235,8 @@ class CompletionRequest(_Sampling, kw_only=True):
     # A string, a list of strings, a list of token ids, or a list of token-id lists. msgspec cannot decode a
     # union of list types, so the Struct takes any mix and planning refuses mixes (400); the OpenAPI document
     # states the four forms (PROMPT_SCHEMA).
-    prompt: (
-        Annotated[str, msgspec.Meta(min_length=1)]
-        | Annotated[
-            list[
-                Annotated[str, msgspec.Meta(min_length=1)]
-                | TokenId
-                | Annotated[list[TokenId], msgspec.Meta(min_length=1)]
-            ],
-            msgspec.Meta(min_length=1),
-        ]
-    )
+    # Empty text or an empty token list is a 400 unless `prefix_cache` names a cache (the prompt follows it).
+    prompt: str | Annotated[list[str | TokenId | list[TokenId]], msgspec.Meta(min_length=1)]
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     echo: bool | None = False
     # Not supported: only null (or absent) or an empty string.
