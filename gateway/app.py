@@ -87,7 +87,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]
     if status == 404:
         return _respond(NotFound(f"No route for {request.method} {request.url.path}", code="not_found"))
     if status == 405:
-        allow = (exc.headers or {}).get("allow", "")
+        allow = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()))
         return _respond(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}", allow=allow))
     if status == 413:
         return _respond(PayloadTooLarge("The request body is too large"))
