@@ -204,6 +204,25 @@ def soak(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fuzz(result: dict[str, Any]) -> str:
+    r = result["rows"][0]
+    lines = _head(
+        "schemathesis against /docs/openapi.json, every check",
+        result,
+        f"Seed {r['seed']}, at most {r['examples_per_operation']} test cases per operation and phase; the real "
+        "server with a 64-token context and `default_max_tokens = 8`; allowances in "
+        "`tests/integration/schemathesis.toml`, each explained there. Command: "
+        f"`{r['st_command']}`.",
+    )
+    verdict = "no failures" if r["failures"] == 0 and r["exit_code"] == 0 else f"**{r['failures']} failures**"
+    lines += [
+        "",
+        f"{r['operations']} operations, {r['test_cases']} test cases, {verdict}, in {r['seconds']:.0f} s. "
+        "The test suite runs the same with 25 (`tests/integration/test_openapi_fuzz.py`).",
+    ]
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -213,6 +232,7 @@ RENDER = {
     "saveload": saveload,
     "bandwidth": bandwidth,
     "soak": soak,
+    "fuzz": fuzz,
 }
 
 

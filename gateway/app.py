@@ -9,12 +9,11 @@ import re
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.routes import HTTPRoute
 
 from adapters.base import Engine, EngineError, EngineNotReady, UnknownModel
-from gateway import __version__
 from gateway.admission import Admission
+from gateway.body import StrictBody, cache_name_error
 from gateway.config import Config
 from gateway.errors import (
     APIError,
@@ -22,11 +21,13 @@ from gateway.errors import (
     Conflict,
     ErrorResponse,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ServerError,
     ServiceUnavailable,
 )
+from gateway.openapi import openapi_config
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
 from gateway.routes.openai import openai_router
@@ -55,11 +56,12 @@ def _api_error(_: Request, exc: APIError) -> Response[ErrorResponse]:
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
-def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
+def _validation_error(exc: ValidationException) -> InvalidRequest:
+    """A 400 for Litestar's validation of path and query parameters (bodies: gateway.body)."""
     extra = exc.extra if isinstance(exc.extra, list) else []
     details = [e for e in extra if isinstance(e, dict)]
     if not details:
-        return str(exc.detail), None
+        return InvalidRequest(str(exc.detail))
     texts, params = [], []
     for d in details:
         key, message = d.get("key"), str(d.get("message"))
@@ -67,20 +69,26 @@ def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
         if key in (None, "data") and missing:  # msgspec names the missing field only in the message
             key = missing.group(1)
             message = "this field is required"
-        texts.append(f"'{key}': {message}" if key else message)
+        if key and (named := cache_name_error(key, message)):
+            return named
+        texts.append(f"Invalid value for '{key}': {message}" if key else message)
         params.append(key)
-    return f"Invalid request: {'; '.join(texts)}", params[0]
+    return InvalidRequest("; ".join(texts), param=params[0])
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
     status = exc.status_code
-    if isinstance(exc, ValidationException) or status == 400:
-        message, param = _validation_message(exc) if isinstance(exc, ValidationException) else (exc.detail, None)
-        return _respond(InvalidRequest(message, param=param))
+    if isinstance(exc, ValidationException):
+        return _respond(_validation_error(exc))
+    if status == 400:
+        return _respond(InvalidRequest(exc.detail))
     if status == 401:
         return _respond(AuthenticationError(exc.detail))
     if status == 404:
         return _respond(NotFound(f"No route for {request.method} {request.url.path}", code="not_found"))
+    if status == 405:
+        allow = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()))
+        return _respond(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}", allow=allow))
     if status == 413:
         return _respond(PayloadTooLarge("The request body is too large"))
     if status >= 500:
@@ -117,6 +125,19 @@ def _unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:
     return _respond(ServerError("The server had an error while processing your request"))
 
 
+def _answer_options(request: Request) -> Response[None] | None:
+    """``OPTIONS`` with every method of the path. Litestar 2's own OPTIONS handler lists only the methods of
+    the first handler registered on a path (litestar-org/litestar#4169, fixed in 3.0); the app's routes know
+    them all."""
+    if request.method != "OPTIONS":
+        return None
+    template = request.scope.get("path_template")
+    for route in request.app.routes:
+        if isinstance(route, HTTPRoute) and route.path_format == template:
+            return Response(None, status_code=204, headers={"allow": ", ".join(sorted(route.methods))})
+    return None
+
+
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     return Litestar(
@@ -140,12 +161,11 @@ def create_app(config: Config, engine: Engine) -> Litestar:
             Exception: _unexpected,
         },
         request_max_body_size=config.max_body_bytes,
-        openapi_config=OpenAPIConfig(
-            title="mlx-gateway",
-            version=__version__,
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
-        ),
+        # Bodies decode strictly into their Structs (Litestar's default conversion is lax: "5" -> 5).
+        dto=StrictBody,
+        return_dto=None,
+        before_request=_answer_options,
+        openapi_config=openapi_config([m.name for m in config.models]),
         debug=False,
         # Logging is configured once by the CLI; Litestar must not install its own handlers.
         logging_config=None,

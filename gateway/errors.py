@@ -17,6 +17,7 @@ __all__ = [
     "ErrorResponse",
     "Forbidden",
     "InvalidRequest",
+    "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "ServerError",
@@ -25,6 +26,9 @@ __all__ = [
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):
+    """What went wrong: ``param`` names the offending request field (or null), ``code`` is a stable
+    machine-readable reason (or null)."""
+
     message: str
     type: str
     param: str | None = None
@@ -32,6 +36,8 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 
 class ErrorResponse(msgspec.Struct, kw_only=True):
+    """Every error this server returns, as OpenAI shapes it."""
+
     error: ErrorBody
 
 
@@ -80,6 +86,20 @@ class Forbidden(APIError):
 class NotFound(APIError):
     status_code = 404
     type = "invalid_request_error"
+
+
+class MethodNotAllowed(APIError):
+    status_code = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110: a 405 must say which methods the resource has.
+        return {**super().headers(), "allow": self.allow}
 
 
 class Conflict(APIError):

@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 
 from gateway import __version__
 
@@ -25,7 +26,11 @@ ENDPOINTS = {
 }
 
 
-@get("/health", tags=["Operations"])
+@get(
+    "/health",
+    tags=["Operations"],
+    responses={503: ResponseSpec(dict[str, Any], description="Not ready: the engine is down or a model is loading")},
+)
 async def health(state: State) -> Response[dict[str, Any]]:
     """Engine alive, models loaded, memory in use. 200 when ready to serve, else 503."""
     report = state.engine.health()

@@ -22,6 +22,7 @@ from gateway.admission import Admission
 from gateway.auth import provide_tenant
 from gateway.config import Config, ModelConfig
 from gateway.encoding import encode
+from gateway.openapi import GENERATE, errors
 from gateway.planning import PlannedRequest, plan_chat, plan_completion
 from gateway.schemas.openai import (
     ChatCompletion,
@@ -123,7 +124,10 @@ def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
 @post(
     "/chat/completions",
     status_code=200,
-    responses={200: ResponseSpec(data_container=ChatCompletion, description="A chat completion, or SSE chunks")},
+    responses={
+        200: ResponseSpec(data_container=ChatCompletion, description="A chat completion, or SSE chunks"),
+        **errors(GENERATE),
+    },
 )
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State
@@ -139,7 +143,10 @@ async def chat_completions(
 @post(
     "/completions",
     status_code=200,
-    responses={200: ResponseSpec(data_container=CompletionResponse, description="A completion, or SSE chunks")},
+    responses={
+        200: ResponseSpec(data_container=CompletionResponse, description="A completion, or SSE chunks"),
+        **errors(GENERATE),
+    },
 )
 async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State) -> ASGIApp:
     model, info = resolve_model(state, data.model)
@@ -154,12 +161,12 @@ def _model_out(info: ModelInfo) -> Model:
     return Model(id=info.id, created=info.created, owned_by=info.owned_by)
 
 
-@get("/models")
+@get("/models", responses=errors([401, 500]))
 async def list_models(state: State, tenant: NamedDependency[str]) -> ModelList:
     return ModelList(data=[_model_out(m) for m in state.engine.models()])
 
 
-@get("/models/{model_id:path}")
+@get("/models/{model_id:path}", responses=errors([400, 401, 404, 500]))
 async def get_model(model_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Model:
     return _model_out(_model_info(state.engine, model_id.lstrip("/")))
 

@@ -8,10 +8,11 @@ import anyio.to_thread
 from litestar import Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 
 from gateway import prefix_service
 from gateway.auth import Access, provide_access, provide_tenant
+from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
 from gateway.routes.openai import complete_planned, resolve_model
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
@@ -21,19 +22,19 @@ from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGe
 __all__ = ["seed_router"]
 
 
-@post("/prefix-cache/create", status_code=201)
+@post("/prefix-cache/create", status_code=201, responses=errors(MANAGE))
 async def seed_create(data: JSONBody[SeedCreate], access: NamedDependency[Access], state: State) -> PrefixCacheOut:
     req = CreatePrefixCache(name=data.cache_name, model=data.model, prompt=data.prefix_prompt, replace=True)
     return await prefix_service.create(state.engine, state.config, access.tenant, req)
 
 
-@get("/prefix-cache/list")
+@get("/prefix-cache/list", responses=errors([400, 401, 500]))
 async def seed_list(access: NamedDependency[Access], state: State) -> PrefixCacheList:
     return prefix_service.listing(state.engine, access.tenant)
 
 
-@delete("/prefix-cache/{name:str}", status_code=200)
-async def seed_delete(name: FromPath[str], access: NamedDependency[Access], state: State) -> DeletedPrefixCache:
+@delete("/prefix-cache/{name:str}", status_code=200, responses=errors(READ))
+async def seed_delete(name: CachePath, access: NamedDependency[Access], state: State) -> DeletedPrefixCache:
     return await prefix_service.delete(state.engine, access.tenant, name)
 
 
@@ -64,12 +65,12 @@ async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: s
     )
 
 
-@post("/generate", status_code=200)
+@post("/generate", status_code=200, responses=errors(GENERATE))
 async def seed_generate(data: JSONBody[SeedGenerate], tenant: NamedDependency[str], state: State) -> SeedGenerated:
     return await _generate(state, tenant, data, None)
 
 
-@post("/generate-with-prefix", status_code=200)
+@post("/generate-with-prefix", status_code=200, responses=errors(GENERATE))
 async def seed_generate_with_prefix(
     data: JSONBody[SeedGenerateWithPrefix], tenant: NamedDependency[str], state: State
 ) -> SeedGenerated:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.schemas.openai import ChatMessage
+from gateway.schemas.openai import CacheName, ChatMessage, TokenId
 
 __all__ = ["CreatePrefixCache", "DeletedPrefixCache", "PrefixCacheList", "PrefixCacheOut"]
 
 
 class CreatePrefixCache(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str
+    """Exactly one of ``prompt`` (text or token ids: the prefix of completions) and ``messages`` (a
+    conversation prefix for chat, rendered with the model's template without a generation prompt)."""
+
+    name: CacheName
     model: str
-    # One of: a prompt (text or token ids, the prefix of completions) or messages (a conversation prefix
-    # for chat, rendered with the model's template without a generation prompt).
-    prompt: str | list[int] | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[TokenId], msgspec.Meta(min_length=1)] | None = (
+        None
+    )
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] | None = None
     kv_bits: Literal[4, 8] | None = None
     kv_group_size: Literal[32, 64, 128] = 64
     replace: bool = False

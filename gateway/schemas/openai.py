@@ -7,11 +7,16 @@ Request Structs accept unknown fields: SDKs and frameworks send extras (``user``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from prefix_caches.names import NAME_PATTERN
+
 __all__ = [
+    "CACHE_NAME_PATTERN",
+    "CACHE_NAME_RULE",
+    "CacheName",
     "ChatChoice",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -43,11 +48,16 @@ __all__ = [
     "ToolChoice",
     "ToolDef",
     "LogprobContent",
+    "MaxTokens",
     "Model",
     "ModelList",
+    "PROMPT_SCHEMA",
     "PrefixCacheRef",
     "PromptTokensDetails",
+    "StopList",
     "StreamOptions",
+    "Temperature",
+    "TokenId",
     "TopLogprobEntry",
     "Usage",
 ]
@@ -55,6 +65,24 @@ __all__ = [
 
 class _Request(msgspec.Struct, kw_only=True):
     pass
+
+
+# The rules a request's fields must follow, stated once: msgspec checks them as it decodes a body (a 400
+# naming the field and the rule) and the OpenAPI document shows them (gateway.openapi).
+# The store's NAME_PATTERN, and not ending in the store's own suffixes (prefix_caches.names.validate_name).
+CACHE_NAME_PATTERN = r"^(?!.*\.(?:tmp|json)$)" + NAME_PATTERN.removeprefix("^")
+CACHE_NAME_RULE = (
+    "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, not ending in '.tmp' or '.json'"
+)
+CacheName = Annotated[str, msgspec.Meta(pattern=CACHE_NAME_PATTERN, description=CACHE_NAME_RULE)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, description="A token id of the model's vocabulary")]
+MaxTokens = Annotated[
+    int, msgspec.Meta(ge=1, description="At most this many tokens; prompt + this must fit the context")
+]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2, description="0 is greedy")]
+Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+StopList = Annotated[list[str], msgspec.Meta(max_length=16)]
 
 
 class StreamOptions(_Request, kw_only=True):
@@ -144,37 +172,44 @@ class PrefixCacheRef(_Request, kw_only=True):
     (a chat template that renders the cached messages differently once more follow): ``error`` (400
     ``prefix_cache_mismatch``) or ``recompute`` (the whole prompt, no reuse)."""
 
-    name: str
+    name: CacheName
     on_mismatch: Literal["error", "recompute"] = "error"
 
 
 class _Sampling(_Request, kw_only=True):
     model: str
     # Ours: a named prefix cache to start from (SDKs send it through extra_body).
-    prefix_cache: str | PrefixCacheRef | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    prefix_cache: CacheName | PrefixCacheRef | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
     # Not OpenAI's; sent by vLLM-, llama.cpp- and mlx_lm.server-style clients.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    n: int | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=-1, description="-1 or 0 is off")] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=10, description="1 is off")] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | StopList | None = None
     seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: (
+        dict[
+            Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}$", description="A token id of the vocabulary")],
+            Annotated[float, msgspec.Meta(ge=-100, le=100)],
+        ]
+        | None
+    ) = None
     user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
+    # At least one message, unless `prefix_cache` names a cache built from messages (they come first).
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20, description="Needs `logprobs: true`")] | None = None
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -190,13 +225,33 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     function_call: str | dict[str, Any] | None = None
 
 
+# The four forms of a completion prompt, as the OpenAPI document states them.
+_TEXT: dict[str, Any] = {"type": "string"}
+_TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT},
+        {**_TOKEN_IDS, "minItems": 1},
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+    ],
+    "description": "A string, a list of strings, a list of token ids, or a list of token-id lists; an empty "
+    "prompt is a 400 unless `prefix_cache` names a cache (the prompt follows it)",
+}
+
+
 class CompletionRequest(_Sampling, kw_only=True):
-    # A string, a list of strings, a list of token ids, or a list of token-id lists.
-    prompt: str | list[str | int | list[int]]
-    logprobs: int | None = None
+    # A string, a list of strings, a list of token ids, or a list of token-id lists. msgspec cannot decode a
+    # union of list types, so the Struct takes any mix and planning refuses mixes (400); the OpenAPI document
+    # states the four forms (PROMPT_SCHEMA).
+    # Empty text or an empty token list is a 400 unless `prefix_cache` names a cache (the prompt follows it).
+    prompt: str | Annotated[list[str | TokenId | list[TokenId]], msgspec.Meta(min_length=1)]
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
+    # Not supported: only null (or absent) or an empty string.
+    suffix: Annotated[str, msgspec.Meta(max_length=0)] | None = None
+    # Only best_of equal to n (the default, 1) is supported.
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=128, description="Must equal `n`")] | None = None
 
 
 # ---- responses ------------------------------------------------------------------------------------

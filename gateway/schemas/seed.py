@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
-from gateway.schemas.openai import Usage
+from gateway.schemas.openai import CacheName, MaxTokens, StopList, Temperature, Usage
 
 __all__ = ["SeedCreate", "SeedGenerate", "SeedGenerateWithPrefix", "SeedGenerated"]
 
 
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class SeedCreate(msgspec.Struct, kw_only=True):
     model: str
-    cache_name: str
-    prefix_prompt: str
+    cache_name: CacheName
+    prefix_prompt: NonEmpty
 
 
 class SeedGenerate(msgspec.Struct, kw_only=True):
-    prompt: str
+    prompt: NonEmpty
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    stop_strings: list[str] | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    stop_strings: StopList | None = None
 
 
 class SeedGenerateWithPrefix(SeedGenerate, kw_only=True):
-    cache_name: str
+    cache_name: CacheName
 
 
 class SeedGenerated(msgspec.Struct, kw_only=True):

@@ -230,3 +230,68 @@ def test_auth(auth_server: Server) -> None:
     assert_error(httpx.get(f"{auth_server.v1}/models", timeout=30), 401, "authentication_error", "invalid_api_key")
     # Health stays open for orchestrators.
     assert httpx.get(f"{auth_server.url}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({**CHAT, "max_tokens": "5"}, "max_tokens", "got `str`"),
+        ({**CHAT, "stream": "true"}, "stream", "got `str`"),
+        ({**CHAT, "temperature": 2.5}, "temperature", "<= 2.0"),
+        ({**CHAT, "stop": ["x"] * 17}, "stop", "length <= 16"),
+        ({**CHAT, "prefix_cache": "../etc"}, "prefix_cache", "1-128 letters"),
+    ],
+)
+def test_strict_types_and_rules_name_the_field(server: Server, body: dict, param: str, words: str) -> None:
+    r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=30)
+    code = "invalid_prefix_cache_name" if param == "prefix_cache" else None
+    err = assert_error(r, 400, "invalid_request_error", code)
+    assert err["param"] == param and param in err["message"] and words in err["message"]
+
+
+def test_body_must_be_an_object(server: Server) -> None:
+    r = httpx.post(f"{server.v1}/chat/completions", json=["data"], timeout=30)
+    err = assert_error(r, 400, "invalid_request_error", None)
+    assert err["message"] == "The request body must be a JSON object, got `array`" and err["param"] is None
+
+
+def test_admin_refuses_unknown_fields(server: Server) -> None:
+    body = {"name": "x", "model": "tiny", "prompt": "hi", "colour": "red"}
+    err = assert_error(
+        httpx.post(f"{server.url}/admin/prefix-caches", json=body, timeout=30), 400, "invalid_request_error", None
+    )
+    assert err["param"] == "colour"
+
+
+def test_405_says_allow_and_options_lists_every_method(server: Server) -> None:
+    r = httpx.put(f"{server.v1}/models", timeout=30)
+    assert_error(r, 405, "invalid_request_error", "method_not_allowed")
+    assert r.headers["allow"] == "GET, OPTIONS"
+    r = httpx.options(f"{server.url}/admin/prefix-caches", timeout=30)
+    assert r.status_code == 204 and r.headers["allow"] == "GET, OPTIONS, POST"
+    r = httpx.options(f"{server.url}/admin/prefix-caches/some-name", timeout=30)
+    assert r.status_code == 204 and r.headers["allow"] == "DELETE, GET, OPTIONS"
+
+
+def test_openapi_documents_openai_errors_and_rules(server: Server) -> None:
+    doc = httpx.get(f"{server.url}/docs/openapi.json", timeout=30).json()
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["ErrorBody"]["required"]) == {"message", "type"}
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for status, response in op["responses"].items():
+                if status.startswith(("4", "5")) and path != "/health":
+                    assert response["content"]["application/json"]["schema"] == error_ref, (path, method, status)
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat)
+    request = schemas["ChatCompletionRequest"]["properties"]
+    assert request["stop"]["anyOf"][1]["maxItems"] == 16
+    assert request["temperature"]["anyOf"][0] == {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 2,
+        "description": "0 is greedy",
+    }
+    assert schemas["CreatePrefixCache"]["additionalProperties"] is False
+    assert "text/event-stream" in chat["200"]["content"]
