@@ -223,6 +223,44 @@ def fuzz(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def structured(result: dict[str, Any]) -> str:
+    lines = _head(
+        "Structured output: decode with a JSON schema against without",
+        result,
+        result.get("notes", ""),
+        ["clients", "requests", "tok/s (one stream: decode; a burst: all streams)", "vs plain"],
+    )
+    for r in result["rows"]:
+        rate = r.get("decode_tokens_per_s") or r["tokens_per_s"]
+        lines.append(
+            f"| {r['clients']} | {r['requests']} | {rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f}) | "
+            f"{r.get('ratio_to_plain', 1.0):.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def grammar_libs(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    lines = _head(
+        "Grammar libraries: compile, per-token mask, validity, decode",
+        result,
+        result.get("notes", ""),
+        ["library", "schema", "compile cold ms", "compile cached ms", "mask fill us (median)", "all outputs valid"],
+    )
+    fills = {(r["library"], r["schema"]): r for r in rows if r["section"] == "decode"}
+    for r in (r for r in rows if r["section"] == "compile"):
+        d = fills.get((r["library"], r["schema"]), {})
+        fill = f"{d['fill_mask_s']['median'] * 1e6:.0f}" if d else "-"
+        lines.append(
+            f"| {r['library']} | {r['schema']} | {r['cold_s']['median'] * 1e3:.2f} | "
+            f"{r['cached_s']['median'] * 1e3:.3f} | {fill} | {d.get('all_valid', '-')} |"
+        )
+    lines += ["", "| decode loop (in process, greedy) | tok/s | vs none |", "| --- | --- | --- |"]
+    for r in (r for r in rows if r["section"] == "throughput"):
+        lines.append(f"| {r['variant']} | {r['decode_tokens_per_s']['median']:.1f} | {r['ratio_to_none']:.2f}x |")
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -233,6 +271,8 @@ RENDER = {
     "bandwidth": bandwidth,
     "soak": soak,
     "fuzz": fuzz,
+    "structured": structured,
+    "grammar-libs": grammar_libs,
 }
 
 
