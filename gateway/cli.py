@@ -119,17 +119,30 @@ def _build_model(args: argparse.Namespace) -> int:
     from adapters.mlx_lm.blas import load_optimised_blas
 
     load_optimised_blas()
-    from adapters.mlx_lm.presets import PRESETS, build_model
+    from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
+    from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
+    from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 
-    if args.preset not in PRESETS:
-        print(f"mlx-gateway: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
-        return 2
-    path = build_model(
-        args.preset,
-        seed=args.seed,
-        models_dir=Path(args.models_dir) if args.models_dir else None,
-        progress=lambda msg: print(f"[build-model {args.preset}] {msg}", file=sys.stderr, flush=True),
-    )
+    models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
+    try:
+        if args.preset in PRESETS:
+            path = build_model(
+                args.preset,
+                seed=args.seed,
+                models_dir=models_dir,
+                progress=lambda msg: print(f"[build-model {args.preset}] {msg}", file=sys.stderr, flush=True),
+            )
+        elif args.preset in REGISTRY_MODELS:
+            path = build_registry_model(args.preset, models_dir)
+        elif args.preset.lower().endswith(".gguf"):
+            path = build_from_gguf(Path(args.preset).expanduser(), models_dir)
+        else:
+            names = ", ".join([*PRESETS, *REGISTRY_MODELS])
+            print(f"mlx-gateway: unknown model {args.preset!r}; give one of {names} or a .gguf file", file=sys.stderr)
+            return 2
+    except (GGUFError, RuntimeError) as exc:
+        print(f"mlx-gateway: {exc}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
@@ -138,7 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    serve.add_argument("--model", help="a preset (tiny, small, llama-1b, llama-8b), a local path or a Hugging Face id")
+    serve.add_argument(
+        "--model",
+        help="smollm2-135m (the default, a real model), a preset with random weights (tiny, small, llama-1b, "
+        "llama-8b), a .gguf file (llama architecture; F32, F16, Q4_0, Q4_1, Q8_0), an mlx-lm directory or a "
+        "Hugging Face id",
+    )
     serve.add_argument("--model-name", help="the model's id in the API (default: --model as given)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -146,8 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", help="where named prefix caches are stored")
     serve.add_argument("--models-dir", help="where built preset models are cached")
     serve.set_defaults(func=_serve)
-    build = sub.add_parser("build-model", help="build (once, cached) a preset model and print its path")
-    build.add_argument("preset")
+    build = sub.add_parser(
+        "build-model", help="build (once, cached) a preset, a registry model or a .gguf file's mlx-lm directory"
+    )
+    build.add_argument("preset", help="a preset, smollm2-135m, or a .gguf file")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--models-dir")
     build.set_defaults(func=_build_model)

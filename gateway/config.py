@@ -16,7 +16,7 @@ import msgspec
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "load_config"]
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "smollm2-135m"
 
 
 class ConfigError(ValueError):

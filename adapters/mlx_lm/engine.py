@@ -267,6 +267,7 @@ class MlxEngine:
                     "state": s.state,
                     "error": s.error,
                     "dtype": s.loaded.dtype if s.loaded else None,
+                    "weights": s.loaded.weights if s.loaded else None,
                     "isolation_mode": s.spec.isolation_mode,
                 }
                 for name, s in self._slots.items()

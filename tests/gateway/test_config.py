@@ -7,10 +7,10 @@ import pytest
 from gateway.config import ConfigError, load_config
 
 
-def test_defaults_serve_the_tiny_preset() -> None:
+def test_defaults_serve_the_real_default_model() -> None:
     c = load_config({}, environ={})
     assert c.host == "127.0.0.1" and c.port == 8000
-    assert [(m.name, m.path) for m in c.models] == [("tiny", "tiny")] and not c.auth_enabled
+    assert [(m.name, m.path) for m in c.models] == [("smollm2-135m", "smollm2-135m")] and not c.auth_enabled
 
 
 def test_flags_over_env_over_file(tmp_path: Path) -> None:
