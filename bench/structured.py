@@ -151,7 +151,7 @@ def main() -> None:
         notes=(
             f"{PROMPT_TOKENS}-token prompt, {args.max_tokens} tokens per stream (EOS banned), greedy, balanced "
             f"mode, medians of {args.repeats}; schema rows: response_format json_schema (strict) decoded "
-            "with llguidance's mask as the sequence's last logits processor."
+            "with llguidance's masks, filled and applied batch-wide on each decode step."
         ),
     )
 

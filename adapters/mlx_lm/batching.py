@@ -11,6 +11,15 @@ H100, 8B shape, a 4K-token prompt took ~2.7x the in-process prefill). So one seq
 *lane*, is prefilled here on its own plain cache, one chunk per step between the batch's decode steps;
 its first token comes from the last position and it joins the batch with that token. Arrivals while the
 lane is busy (bursts) go to mlx-lm's batched prefill, which handles many short prompts in few passes.
+
+Grammars (structured output) are masked batch-wide. mlx-lm runs logits processors row by row in Python
+(slice, call, concatenate, and for a grammar a device sync per row: ~0.4 ms per constrained row per step
+on an H200), so a constrained sequence's grammar processor only serves its first token (the lane's, and
+the first step of a sequence joining the batch, where mlx-lm samples from the prompt's logits); from then
+on the model that BatchGenerator calls is wrapped, and on each decode step of the running batch the
+wrapper reads every row's last token at once, advances each constrained row's matcher, fills all masks in
+one llguidance call and applies them with one ``mx.where`` (:class:`BatchMasker`). Masking before the
+other processors instead of after them changes nothing: they are elementwise and keep -inf at -inf.
 """
 
 from __future__ import annotations
@@ -19,14 +28,15 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from adapters.base import SamplingParams
+from adapters.mlx_lm.constraints import BatchMasker, GrammarMatcher
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.sampling import (
     Processor,
@@ -37,6 +47,9 @@ from adapters.mlx_lm.sampling import (
     sampled_token,
     token_sampler,
 )
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
 
 __all__ = ["Batcher", "SequenceOut"]
 
@@ -61,7 +74,24 @@ class _Lane:
     params: SamplingParams
     sampler: Sampler
     processors: list[Processor]
+    matcher: GrammarMatcher | None
     done: int = 0
+
+
+class _HookedModel:
+    """The model as mlx-lm's BatchGenerator calls it, every call's logits passed through ``hook``."""
+
+    def __init__(self, model: Any, hook: Callable[[mx.array, Any, mx.array], mx.array]) -> None:
+        self._model = model
+        self._hook = hook
+
+    def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
+        return self._hook(inputs, cache, self._model(inputs, cache=cache, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:  # layers, make_cache, ...: the model's own
+        if name.startswith("__") or name in ("_model", "_hook"):
+            raise AttributeError(name)
+        return getattr(self._model, name)
 
 
 class Batcher:
@@ -71,7 +101,7 @@ class Batcher:
         self.loaded = loaded
         self.step_size = loaded.spec.prefill_step_size or 512
         self.gen = BatchGenerator(
-            loaded.model,
+            cast("nn.Module", _HookedModel(loaded.model, self._mask_decode)),
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
             completion_batch_size=max_running,
             prefill_batch_size=min(8, max_running),
@@ -83,6 +113,11 @@ class Batcher:
         self._ours: dict[int, int] = {}  # the batch generator's uid -> ours
         self._waiting: set[int] = set()  # in mlx-lm's prefill, no token out yet
         self._lane: _Lane | None = None
+        # Constrained sequences, by the batch generator's uid: those whose grammar processor has yet to
+        # serve their first step in the batch (with that processor), then those the batch-wide mask drives.
+        self._first: dict[int, tuple[GrammarMatcher, Processor]] = {}
+        self._grammar: dict[int, GrammarMatcher] = {}
+        self._masker: BatchMasker | None = None
         # (prompt tokens, seconds) of each prefill chunk the last step ran.
         self.prefill_timings: list[tuple[int, float]] = []
 
@@ -94,29 +129,45 @@ class Batcher:
         """Queue ``params.n`` sequences continuing ``cache`` with ``prompt``; their uids. ``context`` is the
         whole prompt, the part already in ``cache`` included (a repetition penalty covers it)."""
         n = params.n
-        vocab = self.loaded.vocab_size
-        grammars = self.loaded.tokenizer.grammars if params.constraint is not None else None
         if n == 1 and self._lane is None and not self._waiting:
             uid = next(self._uids)
             sampler = token_sampler(params, choice_keys(params.seed, 1)[0])
-            self._lane = _Lane(
-                uid, list(prompt), cache, params, sampler, logits_processors(params, vocab, context, grammars)
-            )
+            processors, matcher = self._processors(params, context)
+            self._lane = _Lane(uid, list(prompt), cache, params, sampler, processors, matcher)
             self._wants[uid] = params
             return [uid]
         caches = [cache] + [copy.deepcopy(cache) for _ in range(n - 1)]
         keys = choice_keys(params.seed, n)
+        each = [self._processors(params, context) for _ in range(n)]
         gen_uids = self.gen.insert(
             [list(prompt) for _ in range(n)],
             max_tokens=[params.max_tokens] * n,
             caches=caches,
             all_tokens=[[] for _ in range(n)],
             samplers=[token_sampler(params, k) for k in keys],
-            logits_processors=[logits_processors(params, vocab, context, grammars) for _ in range(n)],
+            logits_processors=[processors for processors, _ in each],
         )
+        for gen_uid, (processors, matcher) in zip(gen_uids, each, strict=True):
+            self._expect_first_step(gen_uid, processors, matcher)
         uids = [self._adopt(g, params) for g in gen_uids]
         self._waiting.update(uids)
         return uids
+
+    def _processors(
+        self, params: SamplingParams, context: Sequence[int]
+    ) -> tuple[list[Processor], GrammarMatcher | None]:
+        """A new sequence's logits processors, and its grammar's matcher (None if unconstrained)."""
+        matcher = None
+        if params.constraint is not None:
+            matcher = self.loaded.tokenizer.grammars.matcher(params.constraint)
+        return logits_processors(params, self.loaded.vocab_size, context, matcher=matcher), matcher
+
+    def _expect_first_step(self, gen_uid: int, processors: list[Processor], matcher: GrammarMatcher | None) -> None:
+        """A constrained sequence's processor (last in its list) masks its first step in the batch."""
+        if matcher is not None:
+            self._first[gen_uid] = (matcher, processors[-1])
+            if self._masker is None:
+                self._masker = BatchMasker()
 
     def _adopt(self, gen_uid: int, params: SamplingParams, uid: int | None = None) -> int:
         uid = next(self._uids) if uid is None else uid
@@ -156,6 +207,9 @@ class Batcher:
                 samplers=[lane.sampler],
                 logits_processors=[lane.processors],
             )
+            # The processor has masked this first token without consuming it; it consumes it on the batch's
+            # first step with this sequence (the token is that step's input), then the batch-wide mask goes on.
+            self._expect_first_step(gen_uid, lane.processors, lane.matcher)
             self._adopt(gen_uid, params, lane.uid)
         else:
             self._wants.pop(lane.uid, None)
@@ -168,6 +222,8 @@ class Batcher:
         gen_uids = [self._in_gen.pop(u) for u in uids if u in self._in_gen]
         for g in gen_uids:
             self._ours.pop(g, None)
+            self._first.pop(g, None)
+            self._grammar.pop(g, None)
         if gen_uids:
             self.gen.remove(gen_uids)
         for u in uids:
@@ -186,6 +242,7 @@ class Batcher:
             return []
         with self.gen.stats() as stats:
             _, responses = self.gen.next()
+        self._grammars_to_batch()
         if stats.prompt_tokens:
             self.prefill_timings.append((stats.prompt_tokens, stats.prompt_time))
         out = []
@@ -199,10 +256,50 @@ class Batcher:
                 self._wants.pop(uid, None)
                 self._in_gen.pop(uid, None)
                 self._ours.pop(r.uid, None)
+                self._first.pop(r.uid, None)
+                self._grammar.pop(r.uid, None)
             out.append(
                 SequenceOut(uid, sampled_token(params, int(r.token), r.logprobs), r.finish_reason, r.prompt_cache)
             )
         return out
+
+    def _grammars_to_batch(self) -> None:
+        """Constrained sequences that took their first step in the batch: their grammar processor leaves
+        their processor list (mlx-lm's row-by-row loop then skips a sequence that has no other) and the
+        batch-wide mask drives their matcher from the next decode step on."""
+        if not self._first:
+            return
+        batch = self.gen._generation_batch  # mlx-lm offers no accessor; pinned by tests/adapters/test_batch_masks.py
+        processors = batch.logits_processors
+        assert processors is not None
+        for i, gen_uid in enumerate(batch.uids):
+            first = self._first.pop(gen_uid, None)
+            if first is None:
+                continue
+            matcher, process = first
+            processors[i] = [p for p in processors[i] if p is not process]
+            self._grammar[gen_uid] = matcher
+
+    def _mask_decode(self, inputs: mx.array, cache: Any, logits: mx.array) -> mx.array:
+        """The running batch's decode step (``inputs``: each row's last token, shape (rows, 1)): every
+        constrained row's matcher consumes its token, then all rows are masked at once. Other calls of the
+        model (prefill chunks, a joining group's first step) pass through."""
+        batch = self.gen._generation_batch
+        if not self._grammar or cache is not batch.prompt_cache:
+            return logits
+        rows = [self._grammar.get(g) for g in batch.uids]
+        if inputs.shape != (len(rows), 1) or not self._first.keys().isdisjoint(batch.uids):
+            raise RuntimeError(f"unexpected decode call: inputs {inputs.shape} for {len(rows)} rows")
+        assert self._masker is not None
+        # Queue the tokens' read, then this step's forward pass behind it: the device computes the pass
+        # while the CPU reads the tokens and fills the masks (one sync per step, not one per row).
+        mx.async_eval(inputs)
+        mx.async_eval(logits)
+        tokens = cast(list[int], inputs.reshape(-1).tolist())
+        for matcher, token in zip(rows, tokens, strict=True):
+            if matcher is not None:
+                matcher.advance(token)
+        return self._masker.apply(logits, rows)
 
     def close(self) -> None:
         self.gen.close()

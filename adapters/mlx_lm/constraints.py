@@ -17,7 +17,7 @@ import copy
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -32,7 +32,14 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["CompiledGrammar", "GrammarCompiler", "GrammarMatcher", "InvalidConstraint", "LogitsProcessor"]
+__all__ = [
+    "BatchMasker",
+    "CompiledGrammar",
+    "GrammarCompiler",
+    "GrammarMatcher",
+    "InvalidConstraint",
+    "LogitsProcessor",
+]
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -211,8 +218,63 @@ class GrammarMatcher:
 
     def _fill(self) -> None:
         if self._matcher.is_error():
-            self._mask[:] = 0
-            for eos in self._eos:
-                self._mask[eos // 32] |= np.uint32(1 << (eos % 32))
+            self._only_eos(self._mask)
             return
         self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._fill_bytes)
+
+    def _only_eos(self, words: np.ndarray) -> None:
+        words[:] = 0
+        for eos in self._eos:
+            words[eos // 32] |= np.uint32(1 << (eos % 32))
+
+
+class BatchMasker:
+    """The masks of many sequences' next tokens at once, for one step of a batch.
+
+    llguidance fills every constrained row's bitmask in one call (in parallel, on its own threads, without
+    the GIL); the (rows, words) bitmask goes to MLX in one copy and is unpacked and applied in one
+    ``mx.where``. Per-row work stays on the CPU side and is small: no per-row MLX ops, no per-row sync.
+    Engine thread only.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self._executor = llg.LLExecutor(threads)
+        self._shifts: mx.array | None = None  # made on first use, on the engine thread (see GrammarMatcher)
+
+    def apply(self, logits: mx.array, rows: Sequence[GrammarMatcher | None]) -> mx.array:
+        """``logits`` (``(rows, ..., vocab)``) with every token each row's grammar forbids at -inf.
+
+        Args:
+            logits: one leading entry per row; the last axis is the vocabulary (it may be wider than the
+                tokenizer: padding ids are never allowed in a constrained row).
+            rows: each row's matcher, already advanced past the row's last token; None leaves a row as it is.
+        """
+        constrained = [(i, m) for i, m in enumerate(rows) if m is not None]
+        if not constrained:
+            return logits
+        width = logits.shape[-1]
+        fill_bytes = constrained[0][1]._fill_bytes
+        filled = fill_bytes // 4
+        words = max(filled, (width + 31) // 32)
+        fill = np.empty((len(constrained), filled), dtype=np.uint32)
+        parallel = []
+        for k, (_, m) in enumerate(constrained):
+            if m._fill_bytes != fill_bytes:
+                raise ValueError("matchers of one batch must share one tokenizer")
+            if m._matcher.is_error():
+                m._only_eos(fill[k])
+            else:
+                parallel.append((m._matcher, k))
+        if parallel:
+            # llguidance checks that one mask is exactly its tokenizer's size, and writes row k at k * size.
+            self._executor.unsafe_compute_mask_ptr(parallel, fill.ctypes.data, fill_bytes, len(constrained))
+        mask = np.full((len(rows), words), 0xFFFFFFFF, dtype=np.uint32)  # unconstrained rows: all allowed
+        index = [i for i, _ in constrained]
+        mask[index] = 0  # ids past the tokenizer's stay disallowed in constrained rows
+        mask[index, :filled] = fill
+        if self._shifts is None:
+            self._shifts = mx.arange(32, dtype=mx.uint32)
+        bits = mx.array(mask)  # the one host->device copy of the step
+        allowed = ((bits[:, :, None] >> self._shifts) & 1).reshape(len(rows), -1)[:, :width].astype(mx.bool_)
+        allowed = allowed.reshape(len(rows), *([1] * (logits.ndim - 2)), width)
+        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))

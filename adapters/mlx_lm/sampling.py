@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from adapters.base import SamplingParams
-from adapters.mlx_lm.constraints import GrammarCompiler
+from adapters.mlx_lm.constraints import GrammarCompiler, GrammarMatcher
 
 __all__ = [
     "ChoiceSampler",
@@ -101,10 +101,18 @@ class _RepetitionPenalty:
 
 
 def logits_processors(
-    params: SamplingParams, vocab: int, prompt: Sequence[int], grammars: GrammarCompiler | None = None
+    params: SamplingParams,
+    vocab: int,
+    prompt: Sequence[int],
+    grammars: GrammarCompiler | None = None,
+    matcher: GrammarMatcher | None = None,
 ) -> list[Processor]:
     """A sequence's own processors (each call of this gives fresh state): bias, then penalties, then the
-    grammar's mask (last, so that nothing after it can make a forbidden token possible again)."""
+    grammar's mask (last, so that nothing after it can make a forbidden token possible again).
+
+    A constrained sequence's matcher is made from ``grammars``, or is ``matcher`` when the caller keeps
+    it to drive it later itself (the batch masks its decode steps batch-wide).
+    """
     out: list[Processor] = []
     bias = _logit_bias(params, vocab)
     if bias is not None:
@@ -114,9 +122,11 @@ def logits_processors(
     if params.repetition_penalty != 1.0:
         out.append(_RepetitionPenalty(params.repetition_penalty, prompt, vocab))
     if params.constraint is not None:
-        if grammars is None:
-            raise ValueError("a constrained request needs its model's grammar compiler")
-        out.append(grammars.matcher(params.constraint).processor())
+        if matcher is None:
+            if grammars is None:
+                raise ValueError("a constrained request needs its model's grammar compiler")
+            matcher = grammars.matcher(params.constraint)
+        out.append(matcher.processor())
     return out
 
 
