@@ -228,14 +228,16 @@ def structured(result: dict[str, Any]) -> str:
         "Structured output: decode with a JSON schema against without",
         result,
         result.get("notes", ""),
-        ["clients", "requests", "tok/s (one stream: decode; a burst: all streams)", "vs plain"],
+        ["clients", "requests", "tok/s (one stream: decode; a burst: all streams)", "vs plain (per round)"],
     )
     for r in result["rows"]:
         rate = r.get("decode_tokens_per_s") or r["tokens_per_s"]
-        lines.append(
-            f"| {r['clients']} | {r['requests']} | {rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f}) | "
-            f"{r.get('ratio_to_plain', 1.0):.2f}x |"
-        )
+        spread = r.get("ratio_per_round")
+        ratio = f"{r.get('ratio_to_plain', 1.0):.2f}x"
+        if spread and r["requests"] != "all plain":
+            ratio += f" ({spread['min']:.2f}-{spread['max']:.2f})"
+        spread_rate = f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})"
+        lines.append(f"| {r['clients']} | {r['requests']} | {spread_rate} | {ratio} |")
     return "\n".join(lines)
 
 
