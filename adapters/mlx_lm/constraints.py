@@ -265,7 +265,10 @@ class BatchMasker:
                 m._only_eos(fill[k])
             else:
                 parallel.append((m._matcher, k))
-        if parallel:
+        if len(parallel) == 1:  # one row: fill it here (handing one fill to the thread pool costs more)
+            matcher, k = parallel[0]
+            matcher.unsafe_compute_mask_ptr(fill[k].ctypes.data, fill_bytes)
+        elif parallel:
             # llguidance checks that one mask is exactly its tokenizer's size, and writes row k at k * size.
             self._executor.unsafe_compute_mask_ptr(parallel, fill.ctypes.data, fill_bytes, len(constrained))
         mask = np.full((len(rows), words), 0xFFFFFFFF, dtype=np.uint32)  # unconstrained rows: all allowed

@@ -108,15 +108,20 @@ def test_batched_and_sequential_agree(engine: MlxEngine) -> None:
 def test_cpu_extra_brings_a_fast_blas() -> None:
     info = load_optimised_blas()
     assert info.name == "mkl" and info.fast, info
-    # And mlx picks it up: float32 matmul well above the reference BLAS's ~6 GFLOP/s.
+    # And mlx picks it up in a fresh process: MKL is mapped there, and float32 matmul runs well above the
+    # reference BLAS's ~6 GFLOP/s. (The bound is loose on purpose: on a loaded 2-core machine MKL measured
+    # 15-65 GFLOP/s; a timed threshold near its quiet speed failed under load.)
     code = (
         "from adapters.mlx_lm.blas import load_optimised_blas; load_optimised_blas();"
         "import mlx.core as mx, time; mx.set_default_device(mx.cpu);"
         "a=mx.random.normal((1024,1024)); mx.eval(a@a); t=time.perf_counter();"
-        "[mx.eval(a@a) for _ in range(5)]; print(2*1024**3*5/(time.perf_counter()-t)/1e9)"
+        "[mx.eval(a@a) for _ in range(5)]; g=2*1024**3*5/(time.perf_counter()-t)/1e9;"
+        "print(g, 'libmkl_rt' in open('/proc/self/maps').read())"
     )
-    gflops = float(subprocess.check_output([sys.executable, "-c", code], cwd=Path(__file__).parents[2]))
-    assert gflops > 30, f"{gflops:.1f} GFLOP/s: the optimised BLAS is not in use"
+    out = subprocess.check_output([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).split()
+    gflops, mapped = float(out[0]), out[1] == b"True"
+    assert mapped, "MKL is not loaded in the process that runs mlx"
+    assert gflops > 12, f"{gflops:.1f} GFLOP/s: the optimised BLAS is not in use"
 
 
 @pytest.mark.parametrize(
