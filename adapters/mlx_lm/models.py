@@ -20,6 +20,7 @@ import msgspec
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
+from mlx_lm.utils import _download as hf_snapshot  # mlx-lm's snapshot download, with its file patterns
 from mlx_lm.utils import dequantize_model, load
 
 from adapters.base import OutputConstraint, ToolCalling
@@ -189,7 +190,18 @@ def _resolve(spec: ModelSpec) -> str:
     looks_like_path = spec.source.startswith(("/", ".", "~")) or local.exists() or spec.source.count("/") > 1
     if looks_like_path and not local.is_dir():
         raise ModelNotFound(f"No model directory at {local}")
-    return str(local) if local.is_dir() else spec.source  # a Hugging Face id: mlx-lm's own resolution
+    if local.is_dir():
+        return str(local)
+    # A Hugging Face id: resolved to its snapshot directory here (mlx-lm's own download, with its file
+    # patterns), so that the model's fingerprint covers the snapshot's files: a stored prefix cache is
+    # never used on weights that changed under the same id.
+    try:
+        return str(hf_snapshot(spec.source))
+    except Exception as exc:  # offline, unknown repo, gated ...: say which, not a repo-id validation error
+        raise ModelNotFound(
+            f"'{spec.source}' is not a local directory, and its Hugging Face snapshot is neither cached nor "
+            f"fetchable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
 
 
 def _choose_weights(model: Any, on_cpu: bool) -> str:
