@@ -131,3 +131,19 @@ def test_a_missing_path_says_so(source: str, tmp_path: Path) -> None:
         _resolve(ModelSpec("m", source, models_dir=str(tmp_path)))
     with pytest.raises(GGUFError, match="No GGUF file at"):
         _resolve(ModelSpec("m", "/no/such/model.gguf", models_dir=str(tmp_path)))
+
+
+def test_preset_template_renders_as_smollm2s_own_without_tools(smollm: LoadedModel, models_dir: Path) -> None:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    _, meta = mx.load(str(models_dir / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"), return_metadata=True)
+    own = _compile_jinja_template(str(meta["tokenizer.chat_template"]))  # type: ignore[index]
+    for messages in (
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    ):
+        for generation in (True, False):
+            ours = smollm.tokenizer.render_chat(messages, add_generation_prompt=generation)
+            assert ours == own.render(messages=messages, add_generation_prompt=generation)
+    assert smollm.tokenizer.tool_call_format == "json_tools"
