@@ -204,25 +204,65 @@ def _resolve(spec: ModelSpec) -> str:
         ) from exc
 
 
-def _choose_weights(model: Any, on_cpu: bool) -> str:
-    """Put quantised weights in the form this backend runs fastest, and say which and why.
+# On CUDA a quantised model is dequantised to bfloat16 only when that copy takes at most this share of the
+# device's memory (an 8B model: 16 GB of a 141 GB H200).
+DEQUANTISE_MEMORY_SHARE = 0.5
+
+
+def _decode_step_ms(model: Any, batch: int, steps: int = 4) -> float:
+    """One batched decode step of ``model`` on a fresh cache (after two warm-up steps), in ms."""
+    cache = make_prompt_cache(model)
+    x = mx.zeros((batch, 1), dtype=mx.int32)
+    for _ in range(2):
+        mx.eval(model(x, cache=cache))
+    start = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(x, cache=cache))
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def _choose_weights(model: Any, on_cpu: bool, batch: int) -> tuple[Any, str]:
+    """Put quantised weights in the form this backend runs fastest; the model, and which form and why.
 
     Linux CPU: float32 (MKL does the matmuls; mlx's quantised CPU kernels decoded SmolLM2-135M at 7.6
-    tok/s against 21.6 in float32 on our 2-core build machine). Other backends keep what the checkpoint
-    has (CUDA's batched quantised matmul is slow in mlx 0.32.4, but the choice there needs a start-up
-    measurement that is not written yet; Metal's quantised kernels are fast).
+    tok/s against 21.6 in float32 on our 2-core build machine). CUDA: mlx 0.32.4's quantised matmul is
+    fine for one sequence but collapses in a batch (an 8B model on an H200: 207 ms a step at batch 64
+    against 12.8 in bf16), so when a bfloat16 copy fits a share of the device's memory both forms are
+    timed on a batched decode step at start-up and the faster one is kept. Metal: kept quantised
+    (Apple's kernels are fast).
     """
     quantized = any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules())
     if on_cpu:
         if quantized:
             dequantize_model(model)
         model.set_dtype(mx.float32)
-        return (
+        return model, (
             "float32, dequantised at load: on a CPU, mlx's quantised kernels are about 3x slower than float32 with MKL"
             if quantized
             else "float32: bfloat16/float16 matmul has no BLAS path on mlx's CPU backend"
         )
-    return "quantised, as the checkpoint stores it" if quantized else "as the checkpoint stores it"
+    if not quantized:
+        return model, "as the checkpoint stores it"
+    if mx.metal.is_available():
+        return model, "quantised, as the checkpoint stores it (Metal's quantised kernels are fast)"
+    params = sum(v.size for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array))
+    bf16_bytes = 2 * params  # an upper bound: packed weights count their uint32 words, not their values
+    info = mx.device_info()
+    memory = int(info.get("memory_size") or info.get("total_memory") or 0)  # Metal's key, CUDA's key
+    if memory and bf16_bytes > DEQUANTISE_MEMORY_SHARE * memory:
+        return model, (
+            f"quantised: a bfloat16 copy (~{bf16_bytes / 1e9:.0f} GB) would exceed "
+            f"{DEQUANTISE_MEMORY_SHARE:.0%} of the device's {memory / 1e9:.0f} GB"
+        )
+    quantised_ms = _decode_step_ms(model, batch)
+    candidate = dequantize_model(copy.deepcopy(model))
+    candidate.set_dtype(mx.bfloat16)
+    mx.eval(candidate.parameters())
+    bf16_ms = _decode_step_ms(candidate, batch)
+    timing = f"a batch-{batch} decode step took {quantised_ms:.1f} ms quantised, {bf16_ms:.1f} ms in bfloat16"
+    if bf16_ms < quantised_ms:
+        return candidate, f"bfloat16, dequantised at load: {timing}"
+    return model, f"quantised: {timing}"
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -238,7 +278,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         return_config=True,
     )
     on_cpu = mx.default_device() == mx.cpu
-    weights = _choose_weights(model, on_cpu)
+    model, weights = _choose_weights(model, on_cpu, spec.max_running)
     if spec.prefill_step_size is None:
         spec = dataclasses.replace(spec, prefill_step_size=512 if on_cpu else 2048)
     arrays: list[mx.array] = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
