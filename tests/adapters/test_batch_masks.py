@@ -30,6 +30,7 @@ from adapters.mlx_lm.constraints import BatchMasker  # noqa: E402
 from adapters.mlx_lm.models import LoadedModel, ModelSpec, load_model  # noqa: E402
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys  # noqa: E402
 from tests.adapters.test_constraints import FLAT, NESTED, TOOL_CALL, TOOL_GRAMMAR, check_schema  # noqa: E402
+from tests.closers import closing_bias_ids  # noqa: E402
 
 TOL = 1e-4
 Decode = list[SampledToken]
@@ -42,20 +43,8 @@ def loaded(models_dir: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def closing_bias(loaded: LoadedModel) -> tuple[tuple[int, float], ...]:
-    """As in test_constraints: favour closing punctuation so that random weights finish their JSON."""
-    out = []
-    for i in range(loaded.vocab_size):
-        raw = loaded.tokenizer.decode([i])
-        text = raw.strip()
-        if text.startswith('"') and set(text) <= set('"}],'):
-            out.append((i, 12.0))
-        elif text and set(text) <= set("}]"):
-            out.append((i, 10.0))
-        elif text == ",":
-            out.append((i, 4.0))
-        elif raw and not text:
-            out.append((i, -6.0))
-    return tuple(out)
+    """Favour closing punctuation so that random weights finish their JSON (tests/closers.py)."""
+    return tuple(closing_bias_ids(loaded.tokenizer.decode, loaded.vocab_size).items())
 
 
 def prompt(loaded: LoadedModel, words: str) -> list[int]:

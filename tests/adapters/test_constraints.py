@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from adapters.base import OutputConstraint  # noqa: E402
 from adapters.mlx_lm.constraints import GrammarCompiler, InvalidConstraint  # noqa: E402
 from adapters.mlx_lm.models import LoadedModel, ModelSpec, load_model  # noqa: E402
+from tests.closers import closing_bias_ids  # noqa: E402
 
 FLAT = {
     "type": "object",
@@ -88,22 +89,10 @@ def compiler(loaded: LoadedModel) -> GrammarCompiler:
 
 @pytest.fixture(scope="module")
 def closing_bias(loaded: LoadedModel) -> mx.array:
-    """Random weights never end a string or a number: favour closing punctuation, disfavour blank tokens.
-
-    The grammar's mask still decides which tokens are allowed; this only makes sequences end in time.
-    """
+    """Random weights never end a string or a number (tests/closers.py); the grammar still decides."""
     bias = np.zeros(loaded.vocab_size, dtype=np.float32)
-    for i in range(loaded.vocab_size):
-        raw = loaded.tokenizer.decode([i])
-        text = raw.strip()
-        if text.startswith('"') and set(text) <= set('"}],'):  # closes a string before '}' inside one
-            bias[i] = 12.0
-        elif text and set(text) <= set("}]"):
-            bias[i] = 10.0
-        elif text == ",":
-            bias[i] = 4.0
-        elif raw and not text:
-            bias[i] = -6.0
+    for i, b in closing_bias_ids(loaded.tokenizer.decode, loaded.vocab_size).items():
+        bias[i] = b
     return mx.array(bias)
 
 

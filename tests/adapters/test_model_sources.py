@@ -12,6 +12,7 @@ import pytest
 
 from adapters.mlx_lm.models import ModelNotFound, ModelSpec, _resolve, model_fingerprint
 from adapters.mlx_lm.presets import build_model
+from tests.adapters.gguf_files import write_gguf
 
 
 def fingerprint(source: str, models_dir: Path) -> str:
@@ -64,20 +65,8 @@ def test_a_hugging_face_id_follows_its_snapshot(
 def test_a_gguf_file_is_named_by_its_digest(tmp_path: Path) -> None:
     from adapters.mlx_lm.gguf import build_from_gguf
 
-    path = tmp_path / "m.gguf"
-    meta = {
-        "general.architecture": "llama",
-        "llama.attention.head_count": mx.array(2, dtype=mx.uint32),
-        "llama.embedding_length": mx.array(8, dtype=mx.uint32),
-        "llama.block_count": mx.array(1, dtype=mx.uint32),
-        "llama.feed_forward_length": mx.array(16, dtype=mx.uint32),
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt2",
-        "tokenizer.ggml.tokens": ["a", "b", "ab"],
-        "tokenizer.ggml.merges": ["a b"],
-    }
-    mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((3, 8))}, meta)  # type: ignore[arg-type]
+    path = write_gguf(tmp_path / "m.gguf", mx.zeros((3, 8)), **{"tokenizer.ggml.pre": "gpt2"})
     first = build_from_gguf(path, tmp_path / "models")
-    mx.save_gguf(str(path), {"token_embd.weight": mx.ones((3, 8))}, meta)  # type: ignore[arg-type]
+    write_gguf(path, mx.ones((3, 8)), **{"tokenizer.ggml.pre": "gpt2"})
     second = build_from_gguf(path, tmp_path / "models")
     assert first != second and model_fingerprint(first, "f") != model_fingerprint(second, "f")

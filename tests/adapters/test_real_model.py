@@ -14,6 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
 from adapters.mlx_lm.models import LoadedModel, ModelSpec, load_model
+from tests.adapters.gguf_files import write_gguf
 
 PROSE = (Path(__file__).parents[1] / "data" / "prose.txt").read_text()
 # Measured once (2026-11-29, float32 on the 2-core build machine, mlx 0.32.4): 281 tokens.
@@ -92,23 +93,6 @@ def test_tokenizer_follows_the_files_pre_tokenizer(smollm: LoadedModel) -> None:
     assert tok.eos_token_ids == {2}
 
 
-def _gguf(tmp: Path, name: str, **meta: object) -> Path:
-    base: dict[str, object] = {
-        "general.architecture": "llama",
-        "llama.attention.head_count": mx.array(2, dtype=mx.uint32),
-        "llama.embedding_length": mx.array(8, dtype=mx.uint32),
-        "llama.block_count": mx.array(1, dtype=mx.uint32),
-        "llama.feed_forward_length": mx.array(16, dtype=mx.uint32),
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "smollm",
-        "tokenizer.ggml.tokens": ["a", "b"],
-    }
-    base.update(meta)
-    path = tmp / f"{name}.gguf"
-    mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((2, 8))}, base)  # type: ignore[arg-type]
-    return path
-
-
 @pytest.mark.parametrize(
     ("meta", "words"),
     [
@@ -119,7 +103,7 @@ def _gguf(tmp: Path, name: str, **meta: object) -> Path:
 )
 def test_unsupported_gguf_files_are_clear_errors(tmp_path: Path, meta: dict, words: str) -> None:
     with pytest.raises(GGUFError, match=words):
-        build_from_gguf(_gguf(tmp_path, "bad", **meta), tmp_path / "models")
+        build_from_gguf(write_gguf(tmp_path / "bad.gguf", **meta), tmp_path / "models")
     assert not list((tmp_path / "models").glob("gguf-*"))  # nothing half-built is left
 
 

@@ -16,11 +16,6 @@ MESSAGES = [
 
 
 @pytest.fixture()
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
-@pytest.fixture()
 def aclient(server: Server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0)
 

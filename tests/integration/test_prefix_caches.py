@@ -27,11 +27,6 @@ def create(server: Server, name: str, headers: dict[str, str] | None = None, **b
     return httpx.post(f"{server.url}/admin/prefix-caches", json=payload, headers=headers or {}, timeout=60)
 
 
-@pytest.fixture()
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
 def test_admin_crud(server: Server) -> None:
     r = create(server, "crud-sys")
     assert r.status_code == 201, r.text

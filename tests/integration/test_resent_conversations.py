@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -23,11 +22,6 @@ from tests.servers import Server
 
 COMMON = {"max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 5, "logit_bias": NO_EOS}
 SYS = {"role": "system", "content": SYSTEM}
-
-
-@pytest.fixture()
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
 
 
 def _header(raw: object) -> dict[str, str]:

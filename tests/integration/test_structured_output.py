@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -14,7 +13,6 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from tests.integration.closers import closing_bias
 from tests.integration.test_wire import assert_error
 from tests.servers import Server
 
@@ -30,16 +28,6 @@ class Weather(BaseModel):
 class Forecast(BaseModel):
     days: list[Weather] = Field(max_length=3)
     source: str | None
-
-
-@pytest.fixture()
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
-@pytest.fixture()
-def bias(models_dir: Path) -> dict[str, float]:
-    return closing_bias(models_dir)
 
 
 def test_sdk_parse_with_a_pydantic_model(client: openai.OpenAI, bias: dict[str, float]) -> None:

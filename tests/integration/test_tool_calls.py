@@ -9,7 +9,6 @@ named): the grammar admits only calls of the given functions with arguments vali
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -21,7 +20,6 @@ from llama_index.core.tools import FunctionTool
 from llama_index.llms.openai_like import OpenAILike
 from pydantic import BaseModel, ConfigDict
 
-from tests.integration.closers import closing_bias
 from tests.integration.test_wire import assert_error
 from tests.servers import Server
 
@@ -44,16 +42,6 @@ TOOLS = [
     for name, model in ARGS.items()
 ]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture()
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
-@pytest.fixture()
-def bias(models_dir: Path) -> dict[str, float]:
-    return closing_bias(models_dir)
 
 
 def _check_calls(calls: list, names: set[str]) -> None:

@@ -8,6 +8,7 @@ produced by constrained decoding, and the bias only makes it end in time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -16,19 +17,26 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from adapters.mlx_lm.presets import build_model
 
 
-@cache
-def closing_bias(models_dir: Path) -> dict[str, float]:
-    tok = load_tokenizer(build_model("tiny", models_dir=models_dir))
-    bias: dict[str, float] = {}
-    for i in range(len(tok._tokenizer)):
-        raw = tok._tokenizer.decode([i])
+def closing_bias_ids(decode: Callable[[list[int]], str], vocab: int) -> dict[int, float]:
+    """Token id -> bias, for any tokenizer's ``decode``."""
+    bias: dict[int, float] = {}
+    for i in range(vocab):
+        raw = decode([i])
         text = raw.strip()
         if text.startswith('"') and set(text) <= set('"}],:'):  # ends a string (a key, with ':')
-            bias[str(i)] = 16.0 if len(text) <= 2 else 12.0
+            bias[i] = 16.0 if len(text) <= 2 else 12.0
         elif text and set(text) <= set("}]"):
-            bias[str(i)] = 10.0
+            bias[i] = 10.0
         elif text == ",":
-            bias[str(i)] = 4.0
+            bias[i] = 4.0
         elif raw and not text:
-            bias[str(i)] = -6.0
+            bias[i] = -6.0
     return bias
+
+
+@cache
+def closing_bias(models_dir: Path) -> dict[str, float]:
+    """The tiny model's closing bias in OpenAI's ``logit_bias`` form."""
+    tok = load_tokenizer(build_model("tiny", models_dir=models_dir))
+    hf = tok._tokenizer
+    return {str(i): b for i, b in closing_bias_ids(hf.decode, len(hf)).items()}
