@@ -54,6 +54,15 @@ def main() -> None:
     ]
     quick = ["--quick"] if args.quick else []
     runs += [["bench.saveload", *dev, *model, *quick], ["bench.bandwidth", *dev, *model, *quick]]
+    runs.append(
+        [
+            "bench.structured",
+            *dev,
+            *model,
+            *(["--repeats", "1", "--max-tokens", "32", "--clients", "1", "4"] if args.quick else []),
+        ]
+    )
+    runs.append(["bench.grammar_libs", *dev, *model, *(["--repeats", "1", "--skip-outlines"] if args.quick else [])])
     if args.device == "cpu":
         runs.insert(0, ["bench.blas"])
         runs.append(["bench.soak", *dev, *model, *quick])  # 30 minutes unless --quick
