@@ -157,9 +157,9 @@ def main() -> None:
     clients = [int(c) for c in (args.clients or ("1,8,32" if args.device == "cpu" else "1,8,32,64")).split(",")]
     max_tokens = args.max_tokens or (64 if args.device == "cpu" else 128)
     texts = Texts(model)
-    from adapters.mlx_lm.presets import PRESETS, build_model
+    from adapters.mlx_lm.models import ModelSpec, _resolve
 
-    path = build_model(model) if model in PRESETS else Path(model)
+    path = Path(_resolve(ModelSpec(model, model)))  # mlx_lm.server gets the same converted directory
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"

@@ -94,7 +94,9 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     """The options every benchmark takes: ``--device``, ``--model`` (default per device), ``--out``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--model", help=f"a preset or a path (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model", help=f"a preset, a registry model (smollm2-135m), a .gguf file or a path (default: {DEFAULT_MODEL})"
+    )
     parser.add_argument("--out", type=Path, help="the result file (default: bench/results/NAME-DEVICE-MODEL.json)")
     return parser
 
@@ -154,10 +156,11 @@ class Texts:
     def __init__(self, model: str) -> None:
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-        from adapters.mlx_lm.presets import PRESETS, build_model
+        from adapters.mlx_lm.models import ModelSpec, _resolve
 
-        path = build_model(model) if model in PRESETS else Path(model)
-        self.tok = load_tokenizer(path)
+        # The gateway's own resolution: a preset, a registry model (fetched and converted), a GGUF file or a
+        # directory.
+        self.tok = load_tokenizer(Path(_resolve(ModelSpec(model, model))))
         self.ids = self.tok.encode(corpus_text(), add_special_tokens=False)
 
     def text(self, tokens: int, offset: int = 0) -> str:
@@ -223,7 +226,7 @@ def write_result(
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(device),
         "versions": versions(),
-        "command": "python -m " + " ".join([f"bench.{name}", *sys.argv[1:]]),
+        "command": "python -m " + " ".join([f"bench.{name.replace('-', '_')}", *sys.argv[1:]]),
         "rows": rows,
         "notes": notes,
     }

@@ -263,6 +263,53 @@ def grammar_libs(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def peer_llamacpp(result: dict[str, Any]) -> str:
+    lines = _head(
+        "A peer on the same GGUF file: llama.cpp (llama-cpp-python) against the gateway",
+        result,
+        result.get("notes", ""),
+        ["engine", "measure", "TTFT ms", "decode tok/s"],
+    )
+    ratios = None
+    for r in result["rows"]:
+        if r["what"] == "ratios":
+            ratios = r
+            continue
+        rate = r.get("decode_tokens_per_s")
+        decode = f"{rate['median']:.1f}" if rate else "-"
+        lines.append(f"| {r['engine']} | {r['what']} | {ms(r['ttft'])} | {decode} |")
+    if ratios:
+        lines += [
+            "",
+            f"Gateway / llama.cpp: decode tok/s **{ratios['decode_gateway_over_llamacpp']:.2f}x**; full TTFT "
+            f"{ratios['full_ttft_gateway_over_llamacpp']:.2f}x; named-cache hit TTFT "
+            f"**{ratios['cached_ttft_gateway_over_llamacpp_reuse']:.2f}x** llama.cpp's in-context prefix reuse and "
+            f"**{ratios['cached_ttft_gateway_over_llamacpp_state']:.2f}x** its restored state snapshot (below 1: the "
+            "gateway is faster).",
+        ]
+    return "\n".join(lines)
+
+
+def cpu_paths(result: dict[str, Any]) -> str:
+    lines = _head(
+        "mlx weight forms and MKL threads on a CPU, in process",
+        result,
+        result.get("notes", ""),
+        ["weights", "MKL threads", "decode tok/s", "vs float32", "1K prefill ms", "vs float32"],
+    )
+    for r in result["rows"]:
+        if "timed_out_s" in r:
+            decode = r.get("decode_tokens_per_s")
+            done = f"{decode['median']:.1f} | {r['decode_vs_float32']:.2f}x" if decode else "- | -"
+            lines.append(f"| {r['form']} | {r['mkl_threads']} | {done} | not done in {r['timed_out_s']:.0f} s | - |")
+            continue
+        lines.append(
+            f"| {r['form']} | {r['mkl_threads']} | {r['decode_tokens_per_s']['median']:.1f} | "
+            f"{r['decode_vs_float32']:.2f}x | {ms(r['prefill_1k_s'])} | {r['prefill_vs_float32']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -275,6 +322,8 @@ RENDER = {
     "fuzz": fuzz,
     "structured": structured,
     "grammar-libs": grammar_libs,
+    "peer-llamacpp": peer_llamacpp,
+    "cpu-paths": cpu_paths,
 }
 
 

@@ -119,7 +119,9 @@ def measure(
     return {"ttft": summary(ttfts), "total": summary(totals), "prompt_tokens": prompt, "cached_tokens": cached}
 
 
-def suffix_floor(model: str, texts: Texts, repeats: int) -> dict[str, dict[str, float]]:
+def suffix_floor(
+    model: str, texts: Texts, repeats: int, scenarios: tuple[Scenario, ...] = SCENARIOS
+) -> dict[str, dict[str, float]]:
     """One bare forward pass over a 32-token suffix on a cached prefix, in process: what a hit can reach."""
     import mlx.core as mx
 
@@ -128,7 +130,7 @@ def suffix_floor(model: str, texts: Texts, repeats: int) -> dict[str, dict[str, 
 
     loaded = load_model(ModelSpec(model, model))
     out = {}
-    for s in SCENARIOS:
+    for s in scenarios:
         cache = loaded.make_cache()
         prefix = texts.ids[: s.prefix_tokens]
         step = loaded.spec.prefill_step_size or 512
@@ -153,17 +155,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(s.name for s in SCENARIOS),
+        help="a comma-separated subset (a 4K-token prefill of a 135M model takes about a minute on 2 cores)",
+    )
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
     repeats = 2 if args.quick else args.repeats
+    chosen = args.scenarios.split(",")
+    assert set(chosen) <= {s.name for s in SCENARIOS}, f"unknown scenario in {chosen}"
+    scenarios = tuple(s for s in SCENARIOS if s.name in chosen)
     texts = Texts(model)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir, log = Path(tmp) / "caches", Path(tmp) / "server.log"
-        prefixes = {s.name: prefix_body(s, texts) for s in SCENARIOS}
+        prefixes = {s.name: prefix_body(s, texts) for s in scenarios}
         with gateway(model, cache_dir, log) as gw:
             client = client_for(gw, model)
-            for s in SCENARIOS:
+            for s in scenarios:
                 r = httpx.post(
                     f"{gw.url}/admin/prefix-caches",
                     timeout=3600,
@@ -187,12 +197,12 @@ def main() -> None:
         # Cold: a server that keeps nothing resident, so every hit reads the file.
         with gateway(model, cache_dir, log, env={"MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "0"}) as gw:
             client = client_for(gw, model)
-            for row, s in zip(rows, SCENARIOS, strict=True):
+            for row, s in zip(rows, scenarios, strict=True):
                 row["cold"] = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
                 print(s.name, "cold", row["cold"]["ttft"]["median"], flush=True)
         if args.device == "gpu":
             print(log.read_text()[-4000:])
-    floors = suffix_floor(model, texts, repeats)
+    floors = suffix_floor(model, texts, repeats, scenarios)
     for row in rows:
         row["floor"] = floors[row["scenario"]]
         row["hot_over_floor"] = row["hot"]["ttft"]["median"] / row["floor"]["median"]
