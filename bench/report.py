@@ -60,11 +60,18 @@ def ms(s: dict[str, float]) -> str:
     return f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f})"
 
 
+def _flag(result: dict[str, Any], flag: str, default: str) -> str:
+    """A command-line option's value as the result's command recorded it."""
+    words = result["command"].split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else default
+
+
 def ttft(result: dict[str, Any]) -> str:
     lines = _head(
         "TTFT with and without a prefix cache",
         result,
-        "Streaming over HTTP with the openai SDK, a 32-token question after the prefix, 32 output tokens. "
+        "Streaming over HTTP with the openai SDK, a 32-token question after the prefix, "
+        f"{_flag(result, '--max-tokens', '32')} output tokens. "
         "*full*: no cache; *hot*: cache resident; *cold*: a server keeping nothing resident, so each hit reads "
         "the file (OS page cache warm) or, where reading was measured to cost more than the prefill, recomputes "
         "the prefix; *floor*: one bare forward pass over the 32-token suffix on a cached prefix, in process.",
