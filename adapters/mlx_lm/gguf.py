@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's and Ollama's format) as mlx-lm model directories.
 
 ``mx.load`` reads a GGUF file itself: F32/F16 tensors as they are, Q4_0/Q4_1/Q8_0 already in mlx's
-affine quantised layout (packed uint32 weights, float16 scales and biases, groups of 32). What it
-leaves to us, and this module does:
+affine quantised layout (packed uint32 weights, float16 scales and biases, groups of 32), and other types
+its reader (gguflib) knows, K-quants among them, dequantised to float16 (so they load, at twice the
+file's size or more). What it leaves to us, and this module does:
 
 - llama.cpp's names -> mlx-lm's llama names, and llama.cpp's converter's row permutation of ``attn_q``
   and ``attn_k`` (for its rotary layout) undone, on weights, scales and biases alike;
@@ -147,9 +148,10 @@ def _convert(path: Path, out: Path, chat_template: str | None) -> None:
     try:
         loaded = mx.load(str(path), return_metadata=True)
         arrays, meta = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
-    except Exception as exc:  # mlx names the tensor type it cannot read (K-quants, IQ types ...)
+    except Exception as exc:  # a file mlx's reader (gguflib) cannot parse
         raise GGUFError(
-            f"mlx cannot read {path.name}: {exc}. Supported tensor types: {SUPPORTED_TYPES} (no K-quants)"
+            f"mlx cannot read {path.name}: {exc}. Tensor types kept quantised: {SUPPORTED_TYPES}; other types "
+            "gguflib knows (K-quants) arrive dequantised to float16"
         ) from exc
     arch = str(meta.get("general.architecture", ""))
     if arch != "llama":

@@ -131,3 +131,14 @@ def test_preset_template_renders_as_smollm2s_own_without_tools(smollm: LoadedMod
             ours = smollm.tokenizer.render_chat(messages, add_generation_prompt=generation)
             assert ours == own.render(messages=messages, add_generation_prompt=generation)
     assert smollm.tokenizer.tool_call_format == "json_tools"
+
+
+def test_k_quants_arrive_as_float16_and_unreadable_files_are_errors(tmp_path: Path) -> None:
+    from tests.adapters.gguf_files import write_q4k_gguf
+
+    arrays = mx.load(str(write_q4k_gguf(tmp_path / "k.gguf")))
+    assert isinstance(arrays, dict) and arrays["token_embd.weight"].dtype == mx.float16
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(GGUFError, match="mlx cannot read broken.gguf.*Q4_0, Q4_1 and Q8_0"):
+        build_from_gguf(broken, tmp_path / "models")
