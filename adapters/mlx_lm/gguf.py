@@ -21,14 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
+
+from adapters.mlx_lm.model_dirs import building
 
 __all__ = ["GGUFError", "SUPPORTED_PRE_TOKENIZERS", "build_from_gguf", "file_digest"]
 
@@ -105,28 +104,9 @@ def build_from_gguf(path: Path, models_dir: Path, chat_template: str | None = No
     out = models_dir / f"gguf-{path.stem}-{file_digest(path)[:16]}{suffix}-v{CONVERTER_VERSION}"
     if (out / "config.json").exists():
         return out
-    models_dir.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to an mlx-lm directory under %s", path.name, models_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=models_dir))
-    try:
+    with building(out) as tmp:
         _convert(path, tmp, chat_template)
-        for file in tmp.iterdir():
-            with file.open("rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished the same build first
-            if not (out / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        dir_fd = os.open(models_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

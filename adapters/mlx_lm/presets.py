@@ -12,12 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapters.mlx_lm.model_dirs import building
 
 __all__ = ["PRESETS", "Preset", "build_model", "default_models_dir", "preset_dir"]
 
@@ -203,11 +204,7 @@ def build_model(
     final = preset_dir(name, seed, models_dir)
     if (final / "config.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building(final) as tmp:
         import mlx.core as mx
         from mlx_lm.models.llama import Model, ModelArgs
 
@@ -240,11 +237,7 @@ def build_model(
         model = Model(args)
         model.set_dtype(getattr(mx, preset.dtype))
         _save_weights(model, tmp, say)
-        os.replace(tmp, final)
-        say(f"done in {time.perf_counter() - start:.1f}s: {final}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    say(f"done in {time.perf_counter() - start:.1f}s: {final}")
     return final
 
 
