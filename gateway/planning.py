@@ -451,31 +451,24 @@ def plan_chat(
     )
 
 
-def _prompts(req: CompletionRequest, tokenizer: PromptTokenizer) -> list[tuple[list[int], str]]:
-    """Each prompt's tokens and text (for ``echo``); OpenAI's four prompt forms."""
+def _prompts(req: CompletionRequest, tokenizer: PromptTokenizer) -> list[tuple[list[int], str, str | None]]:
+    """Each prompt's tokens, its text (for ``echo``) and the text as the client sent it (None for token
+    ids: a cache's text cannot be matched against them); OpenAI's four prompt forms."""
     p = req.prompt
     if isinstance(p, str):
-        return [(tokenizer.encode(p), p)]
+        return [(tokenizer.encode(p), p, p)]
     if not p:
         raise InvalidRequest("'prompt' must not be empty", param="prompt")
     if all(isinstance(x, str) for x in p):
-        return [(tokenizer.encode(x), x) for x in p]  # type: ignore[arg-type]
+        return [(tokenizer.encode(x), x, x) for x in p]  # type: ignore[arg-type]
     if all(isinstance(x, int) for x in p):
-        return [_checked_ids(p, tokenizer, "prompt")]  # type: ignore[arg-type]
+        return [(*_checked_ids(p, tokenizer, "prompt"), None)]  # type: ignore[arg-type]
     if all(isinstance(x, list) for x in p):
-        return [_checked_ids(x, tokenizer, f"prompt[{i}]") for i, x in enumerate(p)]  # type: ignore[arg-type]
+        return [(*_checked_ids(x, tokenizer, f"prompt[{i}]"), None) for i, x in enumerate(p)]  # type: ignore[arg-type]
     raise InvalidRequest(
         "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
         param="prompt",
     )
-
-
-def _prompt_texts(req: CompletionRequest) -> list[str | None]:
-    """Each prompt's text as the client sent it (None for token ids), parallel to :func:`_prompts`."""
-    p = req.prompt
-    if isinstance(p, str):
-        return [p]
-    return [x if isinstance(x, str) else None for x in p] if not all(isinstance(x, int) for x in p) else [None]
 
 
 def _checked_ids(ids: list[int], tokenizer: PromptTokenizer, param: str) -> tuple[list[int], str]:
@@ -515,13 +508,12 @@ def plan_completion(
     prompts = _prompts(req, tokenizer)
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
     miss = form = None
-    texts = _prompt_texts(req)
-    for i, (tokens, _) in enumerate(prompts):
+    for i, (tokens, _, sent) in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        full, form = _prompt_with_prefix(prefix, tokens, texts[i])
+        full, form = _prompt_with_prefix(prefix, tokens, sent)
         limited = _with_limits(params, requested, len(full), model, context_length, "max_tokens", param)
         cache_text = prefix.manifest.prompt if prefix is not None and prefix.manifest is not None else None
-        use, miss = _prefix_use(prefix, full, tenant, cache_text, texts[i] if form == "resent" else None)
+        use, miss = _prefix_use(prefix, full, tenant, cache_text, sent if form == "resent" else None)
         plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(full), limited, use))
     return PlannedRequest(
         "completion",
@@ -534,7 +526,7 @@ def plan_completion(
         bool(req.stream_options and req.stream_options.include_usage),
         params.logprobs,
         k or 0,
-        echo=tuple(text for _, text in prompts) if req.echo else (),
+        echo=tuple(text for _, text, _ in prompts) if req.echo else (),
         prefix_name=prefix.name if prefix else None,
         prefix_miss_reason=miss,
         prefix_form=form,
