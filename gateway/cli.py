@@ -41,30 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     engine = _make_engine(config)
 
-    import uvicorn
-    from sse_starlette.sse import AppStatus
+    from gateway.server import run_server
 
-    from gateway.app import create_app
-
-    app = create_app(config, engine)
-    # sse-starlette would end every stream on SIGTERM; we let running streams finish instead (uvicorn
-    # stops accepting connections and waits up to shutdown_timeout_seconds) and refuse new requests.
-    AppStatus.disable_automatic_graceful_drain()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            log_config=None,
-            timeout_graceful_shutdown=int(config.shutdown_timeout_seconds),
-        )
-    )
-    app.state.admission.is_closing = lambda: server.should_exit
-    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, config.port)
-    server.run()
-    AppStatus.should_exit = True  # anything still streaming after the grace period ends now
-    return 0
+    return run_server(config, engine)
 
 
 def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type lives behind a lazy import

@@ -75,6 +75,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     sse_ping_seconds: float = 10.0
     sse_send_timeout_seconds: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: one human-readable line per record; json: one JSON object per line (with the request id).
+    log_format: Literal["text", "json"] = "text"
+    # Browser origins allowed by CORS (e.g. "https://app.example.com", or "*"); empty: CORS off.
+    cors_allowed_origins: tuple[str, ...] = ()
     # "none" keeps mlx's reference BLAS; a path loads that library; None searches for MKL.
     blas: str | None = None
     # Write a cProfile of the engine thread here at shutdown (diagnostics).
@@ -138,6 +142,7 @@ def load_config(
         "MLX_GATEWAY_MODELS_DIR": "models_dir",
         "MLX_GATEWAY_CACHE_DIR": "cache_dir",
         "MLX_GATEWAY_LOG_LEVEL": "log_level",
+        "MLX_GATEWAY_LOG_FORMAT": "log_format",
         "MLX_GATEWAY_BLAS": "blas",
         "MLX_GATEWAY_PROFILE": "profile_path",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
@@ -153,6 +158,9 @@ def load_config(
     for var, key in env_map.items():
         if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"
             raw[key] = env[var]
+    if env.get("MLX_GATEWAY_CORS_ALLOWED_ORIGINS"):
+        origins = env["MLX_GATEWAY_CORS_ALLOWED_ORIGINS"].split(",")
+        raw["cors_allowed_origins"] = [o.strip() for o in origins if o.strip()]
     if env.get("MLX_GATEWAY_API_KEYS"):
         raw["api_keys"] = _parse_keys(env["MLX_GATEWAY_API_KEYS"])
     env_model = env.get("MLX_GATEWAY_MODEL")
