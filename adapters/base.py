@@ -25,6 +25,7 @@ __all__ = [
     "EngineError",
     "EngineEvent",
     "EngineNotReady",
+    "ModelUnavailable",
     "Failed",
     "Finished",
     "ModelInfo",
@@ -52,7 +53,11 @@ class UnknownModel(EngineError):
 
 
 class EngineNotReady(EngineError):
-    """Models are still loading (or failed to load)."""
+    """The model is still loading: retrying shortly will help."""
+
+
+class ModelUnavailable(EngineError):
+    """The model failed to load, or the engine stopped: retrying will not help until the server restarts."""
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ class Engine(Protocol):
     def models(self) -> list[ModelInfo]: ...
 
     def tokenizer(self, model: str) -> PromptTokenizer:
-        """Raises UnknownModel or EngineNotReady."""
+        """Raises UnknownModel, EngineNotReady (loading) or ModelUnavailable (failed)."""
         ...
 
     def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
@@ -288,4 +293,6 @@ class Engine(Protocol):
 
     def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop (idempotent); requests still running fail. ``wait=False`` only asks, for an event loop."""
+        ...

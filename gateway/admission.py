@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-from gateway.errors import APIError, ServiceUnavailable
+from gateway.errors import APIError
 
 __all__ = ["Admission", "RateLimited"]
 
@@ -36,8 +36,6 @@ class Admission:
         self.running = 0
         self.queued = 0
         self.queued_tokens = 0
-        # Set by the CLI to "has the server begun shutting down?": then new requests get 503.
-        self.is_closing: Callable[[], bool] = lambda: False
         self._freed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
@@ -52,8 +50,6 @@ class Admission:
                 self._freed.notify()
 
     async def _enter(self, tokens: int) -> None:
-        if self.is_closing():
-            raise ServiceUnavailable("The server is shutting down; running streams are finishing")
         async with self._freed:
             if self.running < self.max_running and self.queued == 0:
                 self.running += 1

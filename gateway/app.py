@@ -11,10 +11,11 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.routes import HTTPRoute
 
-from adapters.base import Engine, EngineError, EngineNotReady, UnknownModel
+from adapters.base import Engine, EngineError, EngineNotReady, ModelUnavailable, UnknownModel
 from gateway.admission import Admission
 from gateway.body import StrictBody, cache_name_error
 from gateway.config import Config
+from gateway.draining import Drain
 from gateway.errors import (
     APIError,
     AuthenticationError,
@@ -22,6 +23,7 @@ from gateway.errors import (
     ErrorResponse,
     InvalidRequest,
     MethodNotAllowed,
+    ModelUnavailableError,
     NotFound,
     PayloadTooLarge,
     ServerError,
@@ -103,7 +105,9 @@ def _engine_error(_: Request, exc: EngineError) -> Response[ErrorResponse]:
     if isinstance(exc, UnknownModel):
         return _respond(NotFound(str(exc), param="model", code="model_not_found"))
     if isinstance(exc, EngineNotReady):
-        return _respond(ServiceUnavailable(str(exc)))
+        return _respond(ServiceUnavailable(str(exc), param="model", code="model_loading"))
+    if isinstance(exc, ModelUnavailable):
+        return _respond(ModelUnavailableError(str(exc), param="model"))
     logger.error("engine error: %s", exc)
     return _respond(ServerError(str(exc)))
 
@@ -140,12 +144,14 @@ def _answer_options(request: Request) -> Response[None] | None:
 
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
+    drain = Drain()
     return Litestar(
         route_handlers=[openai_router, seed_router, admin_router, health, index],
         state=State(
             {
                 "config": config,
                 "engine": engine,
+                "drain": drain,
                 "admission": Admission(
                     config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds
                 ),
@@ -165,6 +171,7 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         dto=StrictBody,
         return_dto=None,
         before_request=_answer_options,
+        middleware=[drain.middleware],
         openapi_config=openapi_config([m.name for m in config.models]),
         debug=False,
         # Logging is configured once by the CLI; Litestar must not install its own handlers.

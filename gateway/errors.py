@@ -22,6 +22,7 @@ __all__ = [
     "PayloadTooLarge",
     "ServerError",
     "ServiceUnavailable",
+    "ModelUnavailableError",
 ]
 
 
@@ -120,7 +121,26 @@ class ServerError(APIError):
 
 
 class ServiceUnavailable(APIError):
+    """Try again shortly (a model loading, the server draining toward another replica)."""
+
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
     retryable = True
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int = 5
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "retry-after": str(self.retry_after)}
+
+
+class ModelUnavailableError(APIError):
+    """The model cannot serve until the server is fixed and restarted: clients must not retry."""
+
+    status_code = 503
+    type = "server_error"
+    code = "model_unavailable"

@@ -34,7 +34,8 @@ _WHEN = {
     413: "The request body is larger than the server's limit (`request_too_large`)",
     429: "Too many requests running or queued (`rate_limit_exceeded`); `Retry-After` says when to retry",
     500: "The engine failed while serving the request",
-    503: "The model is still loading, or the server is shutting down",
+    503: "The model is still loading (Retry-After), failed to load (x-should-retry: false, code model_unavailable), "
+    "or the server is draining (Retry-After)",
 }
 
 # The errors each kind of route can answer with.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def run_server(
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # As in a terminal: Ctrl-C raises KeyboardInterrupt (a background shell job would ignore SIGINT).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:

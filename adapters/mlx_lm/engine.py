@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from adapters.base import (
     Failed,
     Finished,
     ModelInfo,
+    ModelUnavailable,
     Plan,
     PrefixBuild,
     PrefixBuilt,
@@ -45,7 +46,7 @@ from adapters.base import (
     UnknownModel,
 )
 from adapters.mlx_lm.batching import Batcher
-from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_model
+from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_steps
 from adapters.mlx_lm.reuse import TenantReuse
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
@@ -115,6 +116,8 @@ class _ModelSlot:
     state: str = "loading"  # loading | ready | failed
     error: str | None = None
     loaded: LoadedModel | None = None
+    stage: str = "waiting to start"  # what loading does now
+    load_seconds: float | None = None
 
 
 class MlxEngine:
@@ -148,16 +151,26 @@ class MlxEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True, timeout: float = 60.0) -> None:
+        """Stop the engine thread (idempotent): it finishes its current MLX call, fails the requests still
+        running and exits. Waiting for it means MLX is never torn down under a running thread at exit."""
         self._stopping.set()
         self._inbox.put(None)
-        self._thread.join(timeout=10)
+        if not wait:
+            return
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                logger.error("the engine thread did not stop within %.0fs", timeout)
         if self._store is not None:
             self._store.flush()  # hit counters and last-used times
 
     def models(self) -> list[ModelInfo]:
+        """The models that serve or will serve: a model that failed to load is not listed."""
         out = []
         for name, slot in self._slots.items():
+            if slot.state == "failed":
+                continue
             loaded = slot.loaded
             out.append(
                 ModelInfo(
@@ -266,6 +279,8 @@ class MlxEngine:
                 name: {
                     "state": s.state,
                     "error": s.error,
+                    "stage": s.stage if s.state == "loading" else None,
+                    "load_seconds": s.load_seconds,
                     "dtype": s.loaded.dtype if s.loaded else None,
                     "weights": s.loaded.weights if s.loaded else None,
                     "isolation_mode": s.spec.isolation_mode,
@@ -281,11 +296,14 @@ class MlxEngine:
         if slot is None:
             raise UnknownModel(model)
         if self._crashed is not None or not self._thread.is_alive():
-            raise EngineNotReady(f"The engine is not running: {self._crashed or 'stopped'}")
-        if slot.state == "loading":
-            raise EngineNotReady(f"The model '{model}' is still loading")
-        if slot.state == "failed" or slot.loaded is None:
-            raise EngineNotReady(f"The model '{model}' failed to load: {slot.error}")
+            raise ModelUnavailable(f"The engine is not running: {self._crashed or 'stopped'}")
+        if slot.state == "failed":
+            raise ModelUnavailable(
+                f"The model '{model}' failed to load ({slot.error}); retrying will not help until the server's "
+                "operator fixes it and restarts the server"
+            )
+        if slot.state == "loading" or slot.loaded is None:
+            raise EngineNotReady(f"The model '{model}' is still loading ({slot.stage}); retry shortly")
         return slot.loaded
 
     # ---- the engine thread ---------------------------------------------------------------------
@@ -311,30 +329,71 @@ class MlxEngine:
                 # memory (seen on an H200 at 64 streams). Bound it. (On CPU mlx's default bound is 32 MB; a
                 # 1 GiB one doubled the server's resident memory in the soak benchmark.)
                 mx.set_cache_limit(4 * 1024**3)
-            for slot in self._slots.values():
-                try:
-                    slot.loaded = load_model(slot.spec)
-                    self._calibrate_prefill(slot.loaded)
-                    slot.state = "ready"
-                    self._check_stored_prefixes(slot.loaded)
-                except Exception as exc:  # a bad model must not take the others down
-                    logger.exception("model %s failed to load", slot.spec.name)
-                    slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
-            self._record_memory()
+            # Models load one stage per turn of the loop, taking turns: each serves as soon as it is ready,
+            # whatever the others still have to do.
+            loading = deque(self._load(slot) for slot in self._slots.values())
             while not self._stopping.is_set():
-                self._admit(block=not self._active and not self._batched)
+                if loading:
+                    stages = loading.popleft()
+                    if next(stages, None) is None:
+                        self._record_memory()
+                    else:
+                        loading.append(stages)
+                self._admit(block=not self._active and not self._batched and not loading)
                 self._hand_new_to_batches()
                 if self._batched:
                     self._batch_turn()
                 if self._active:
                     self._turn()
+            self._fail_all("The server is stopping")
         except BaseException as exc:
             self._crashed = f"{type(exc).__name__}: {exc}"
             logger.exception("the engine loop crashed")
-            batched = {id(r): r for r, _ in self._batched.values()}
-            for request in [*self._active, *batched.values()]:
-                request.emit(Failed(EngineError("The engine stopped")))
+            self._fail_all("The engine stopped")
             raise
+
+    def _fail_all(self, reason: str) -> None:
+        """Every request and build still in the engine, or waiting in its inbox, gets ``reason``."""
+        waiting: list[_Request | _Build] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._inbox.get_nowait()
+                if isinstance(item, _Call):
+                    item.future.set_exception(EngineError(reason))
+                elif item is not None:
+                    waiting.append(item)
+        batched = {id(r): r for r, _ in self._batched.values()}
+        for request in [*self._active, *batched.values(), *waiting]:
+            request.emit(Failed(EngineError(reason)))
+        self._active.clear()
+        self._batched.clear()
+
+    def _load(self, slot: _ModelSlot) -> Iterator[str]:
+        """Load one model, one stage per ``next()``; a model that fails is marked so and the others go on."""
+        name = slot.spec.name
+        started = time.perf_counter()
+        try:
+            stages = load_steps(slot.spec)
+            while True:
+                try:
+                    slot.stage = next(stages)
+                except StopIteration as done:
+                    loaded: LoadedModel = done.value
+                    break
+                logger.info("model %s: %s (%.1fs)", name, slot.stage, time.perf_counter() - started)
+                yield slot.stage
+            if self._store is not None:
+                slot.stage = "calibrating prefill"
+                logger.info("model %s: %s (%.1fs)", name, slot.stage, time.perf_counter() - started)
+                yield slot.stage
+                self._calibrate_prefill(loaded)
+            slot.loaded, slot.state = loaded, "ready"
+            slot.load_seconds = round(time.perf_counter() - started, 2)
+            logger.info("model %s: ready after %.1fs", name, slot.load_seconds)
+            self._check_stored_prefixes(loaded)
+        except Exception as exc:  # a bad model must not take the others down
+            logger.exception("model %s failed to load", name)
+            slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
 
     def _admit(self, *, block: bool) -> None:
         try:

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,7 +30,7 @@ from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 from adapters.mlx_lm.tool_calls import json_tools_grammar
 
-__all__ = ["LoadedModel", "MlxTokenizer", "ModelSpec", "load_model"]
+__all__ = ["LoadedModel", "MlxTokenizer", "ModelSpec", "load_model", "load_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,24 +266,59 @@ def _choose_weights(model: Any, on_cpu: bool, batch: int) -> tuple[Any, str]:
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load ``spec`` on the calling (engine) thread. On CPU, floating weights become float32.
+    """Load ``spec`` on the calling (engine) thread, all stages at once (see :func:`load_steps`)."""
+    steps = load_steps(spec)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
-    bfloat16/float16 matmul has no BLAS path on mlx's CPU backend (about 4 GFLOP/s against ~180).
+
+# Weights are evaluated in groups of about this many bytes, each one stage of loading: the engine serves the
+# models that are ready between two groups.
+WEIGHT_GROUP_BYTES = 512 * 1024**2
+
+
+def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
+    """Load ``spec`` on the calling (engine) thread, one stage per ``next()``; each stage yields what it
+    is about to do and the generator returns the loaded model. On CPU, floating weights become float32
+    (bfloat16/float16 matmul has no BLAS path on mlx's CPU backend: about 4 GFLOP/s against ~180).
+
+    The engine advances one stage between two turns of serving, so a model that is ready serves while the
+    next one loads: the longest wait is one stage (fetching or converting a model, one group of weights,
+    the weight-format timing on CUDA).
     """
     start = time.perf_counter()
+    yield f"resolving {spec.source}"
     path = _resolve(spec)
+    yield f"reading the model at {path}"
     model, wrapper, config = load(  # type: ignore[misc]
         path,
         tokenizer_config={"trust_remote_code": spec.trust_remote_code},
         return_config=True,
+        lazy=True,
     )
     on_cpu = mx.default_device() == mx.cpu
-    model, weights = _choose_weights(model, on_cpu, spec.max_running)
+    if on_cpu:  # the conversion stays lazy: each group below computes its float32 weights once
+        model, weights = _choose_weights(model, on_cpu, spec.max_running)
+    arrays: list[mx.array] = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
+    groups = _weight_groups(arrays)
+    total = sum(a.nbytes for a in arrays)
+    done = 0
+    for group in groups:
+        yield f"weights {done / total:.0%} ({done / 1e9:.2f} of {total / 1e9:.2f} GB)" if total else "weights"
+        mx.eval(group)
+        done += sum(a.nbytes for a in group)
+    if not on_cpu:
+        yield "choosing the weight format"
+        model, weights = _choose_weights(model, on_cpu, spec.max_running)
     if spec.prefill_step_size is None:
         spec = dataclasses.replace(spec, prefill_step_size=512 if on_cpu else 2048)
-    arrays: list[mx.array] = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
+    arrays = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
     dtype = str(arrays[0].dtype).replace("mlx.core.", "") if arrays else "unknown"
     mx.eval(model.parameters())
+    yield "reading the tokenizer"
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 0)
     hf_vocab = len(wrapper._tokenizer)
     vocab = vocab or hf_vocab
@@ -329,6 +364,19 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         head_dim=int(head_dim),
         weights=weights,
     )
+
+
+def _weight_groups(arrays: list[mx.array]) -> list[list[mx.array]]:
+    """``arrays`` in order, cut into groups of about :data:`WEIGHT_GROUP_BYTES`."""
+    groups: list[list[mx.array]] = [[]]
+    size = 0
+    for array in arrays:
+        if groups[-1] and size + array.nbytes > WEIGHT_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(array)
+        size += array.nbytes
+    return groups if groups[0] else []
 
 
 class _SampleableLogits:

@@ -29,23 +29,33 @@ ENDPOINTS = {
 @get(
     "/health",
     tags=["Operations"],
-    responses={503: ResponseSpec(dict[str, Any], description="Not ready: the engine is down or a model is loading")},
+    responses={
+        503: ResponseSpec(
+            dict[str, Any], description="No model can serve (loading, failed, engine down), or the server drains"
+        )
+    },
 )
 async def health(state: State) -> Response[dict[str, Any]]:
-    """Engine alive, models loaded, memory in use. 200 when ready to serve, else 503."""
+    """200 when at least one model can serve: ``ok`` (all ready), ``loading`` (others still loading) or
+    ``degraded`` (some failed; each model's ``state``, ``stage`` and ``error`` say which and why). 503 when
+    none can: ``loading``, ``unhealthy`` (every model failed, or the engine stopped), or ``draining``."""
     report = state.engine.health()
-    models = report["models"]
-    if not report["engine_alive"]:
+    states = [m["state"] for m in report["models"].values()]
+    ready = "ready" in states
+    if state.drain.draining:
+        status = "draining"
+    elif not report["engine_alive"]:
         status = "unhealthy"
-    elif any(m["state"] == "loading" for m in models.values()):
+    elif "failed" in states:
+        status = "degraded" if ready else ("loading" if "loading" in states else "unhealthy")
+    elif "loading" in states:
         status = "loading"
-    elif any(m["state"] == "failed" for m in models.values()):
-        status = "degraded"
     else:
         status = "ok"
+    serving = ready and report["engine_alive"] and status != "draining"
     # Every request runs on its own cache; no automatic reuse across requests exists to turn on.
     body = {"status": status, "version": __version__, "isolation_enabled": True, **report}
-    return Response(body, status_code=200 if status in ("ok", "degraded") else 503)
+    return Response(body, status_code=200 if serving else 503)
 
 
 @get("/", tags=["Operations"])

@@ -44,6 +44,7 @@ def _model_info(engine: Engine, name: str) -> ModelInfo:
     for info in engine.models():
         if info.id == name:
             return info
+    engine.tokenizer(name)  # a configured model that failed to load: the error that says why
     raise UnknownModel(name)
 
 
@@ -166,7 +167,7 @@ async def list_models(state: State, tenant: NamedDependency[str]) -> ModelList:
     return ModelList(data=[_model_out(m) for m in state.engine.models()])
 
 
-@get("/models/{model_id:path}", responses=errors([400, 401, 404, 500]))
+@get("/models/{model_id:path}", responses=errors([400, 401, 404, 500, 503]))
 async def get_model(model_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Model:
     return _model_out(_model_info(state.engine, model_id.lstrip("/")))
 

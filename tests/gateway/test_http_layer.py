@@ -84,7 +84,7 @@ class FakeEngine:
 
     def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self, *, wait: bool = True) -> None: ...
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,9 @@ def test_503_while_loading(fake: tuple[str, FakeEngine]) -> None:
     engine.loading = True
     try:
         r = chat(url, "x", False)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         assert "x-should-retry" not in r.headers  # a retry can succeed once loading ends
+        assert r.headers["retry-after"] == "5"
         assert httpx.get(f"{url}/health").status_code == 503
     finally:
         engine.loading = False
