@@ -14,6 +14,7 @@ from litestar.routes import HTTPRoute
 from adapters.base import Engine, EngineError, EngineNotReady, UnknownModel
 from gateway.admission import Admission
 from gateway.body import StrictBody, cache_name_error
+from gateway.browsers import cors_config, docs_assets_router, playground_router
 from gateway.config import Config
 from gateway.errors import (
     APIError,
@@ -141,7 +142,15 @@ def _answer_options(request: Request) -> Response[None] | None:
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     return Litestar(
-        route_handlers=[openai_router, seed_router, admin_router, health, index],
+        route_handlers=[
+            openai_router,
+            seed_router,
+            admin_router,
+            health,
+            index,
+            playground_router(),
+            docs_assets_router(),
+        ],
         state=State(
             {
                 "config": config,
@@ -165,6 +174,7 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         dto=StrictBody,
         return_dto=None,
         before_request=_answer_options,
+        cors_config=cors_config(config.cors_allowed_origins),
         openapi_config=openapi_config([m.name for m in config.models]),
         debug=False,
         # Logging is configured once by the CLI; Litestar must not install its own handlers.
