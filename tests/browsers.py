@@ -32,7 +32,7 @@ def chromium_executable() -> str:
         pytest.fail("the browser tests need Debian's chromium package, and there is no apt-get to install it")
     print("chromium is missing: installing Debian's chromium package with apt-get")
     update = _apt_get("update")
-    install = _apt_get("install", "-y", "--no-install-recommends", "chromium")
+    install = _apt_get("install", "-y", "chromium")
     found = shutil.which("chromium")
     if install.returncode != 0 or not found:
         pytest.fail(
