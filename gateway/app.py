@@ -14,6 +14,7 @@ from litestar.routes import HTTPRoute
 from adapters.base import Engine, EngineError, EngineNotReady, ModelUnavailable, UnknownModel
 from gateway.admission import Admission
 from gateway.body import StrictBody, cache_name_error
+from gateway.browsers import cors_config, docs_assets_router, playground_router
 from gateway.config import Config
 from gateway.draining import Drain
 from gateway.errors import (
@@ -146,7 +147,15 @@ def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     drain = Drain()
     return Litestar(
-        route_handlers=[openai_router, seed_router, admin_router, health, index],
+        route_handlers=[
+            openai_router,
+            seed_router,
+            admin_router,
+            health,
+            index,
+            playground_router(),
+            docs_assets_router(),
+        ],
         state=State(
             {
                 "config": config,
@@ -172,6 +181,7 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         return_dto=None,
         before_request=_answer_options,
         middleware=[drain.middleware],
+        cors_config=cors_config(config.cors_allowed_origins),
         openapi_config=openapi_config([m.name for m in config.models]),
         debug=False,
         # Logging is configured once by the CLI; Litestar must not install its own handlers.

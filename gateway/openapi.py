@@ -9,7 +9,7 @@ Every error response is documented with the one OpenAI error body, :class:`~gate
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -20,6 +20,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import PathParameter
 
 from gateway import __version__
+from gateway.browsers import DOCS_ASSETS
 from gateway.errors import ErrorResponse
 from gateway.schemas import admin, openai, seed
 
@@ -112,20 +113,41 @@ def document(app: Litestar, models: Sequence[str]) -> dict[str, Any]:
     return doc
 
 
+class _SwaggerPage(SwaggerRenderPlugin):
+    """Swagger UI from the package's own files, showing the document that ``/docs/openapi.json`` serves
+    (Litestar's page would embed its own rendering of the schemas)."""
+
+    def __init__(self, built: Callable[[Litestar], dict[str, Any]]) -> None:
+        super().__init__(
+            js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+            favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS}/favicon-32x32.png'>",
+            path="/",
+        )
+        self._built = built
+
+    def render(self, request: Request, openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, self._built(request.app))
+
+
 def openapi_config(models: Sequence[str]) -> OpenAPIConfig:
-    """Docs at ``/docs`` (Swagger UI) and the document at ``/docs/openapi.json``, built once."""
+    """Docs at ``/docs`` (Swagger UI, no CDN) and the document at ``/docs/openapi.json``, built once."""
     built: dict[str, Any] = {}
+
+    def build(app: Litestar) -> dict[str, Any]:
+        if not built:
+            built.update(document(app, models))
+        return built
 
     @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
     def openapi_json(request: Request) -> dict[str, Any]:
-        if not built:
-            built.update(document(request.app, models))
-        return built
+        return build(request.app)
 
     return OpenAPIConfig(
         title="mlx-gateway",
         version=__version__,
         path="/docs",
-        render_plugins=[SwaggerRenderPlugin(path="/")],
+        render_plugins=[_SwaggerPage(build)],
         openapi_router=Router("/docs", route_handlers=[openapi_json], include_in_schema=False),
     )

@@ -23,6 +23,7 @@ ENDPOINTS = {
     "DELETE /admin/prefix-caches/{name}": "delete a prefix cache",
     "GET /health": "engine, models, memory and prefix-cache statistics",
     "GET /docs": "interactive API documentation (OpenAPI schema at /docs/openapi.json)",
+    "GET /playground": "a chat page in the browser: models, prefix caches, streaming, TTFT and tokens/s",
 }
 
 
@@ -68,4 +69,5 @@ async def index(state: State) -> dict[str, Any]:
         "auth": "bearer API key" if state.config.auth_enabled else "off",
         "endpoints": ENDPOINTS,
         "docs": "/docs",
+        "playground": "/playground",
     }
