@@ -106,6 +106,27 @@ def concurrency(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ms_each(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def decode_ceiling(result: dict[str, Any]) -> str:
+    lines = _head(
+        "Decode ceiling: mlx's own batched step, in process",
+        result,
+        f"{result.get('notes', '')} *plain*: one KVCache with a batch dimension, equal lengths, no mask; "
+        "*padded*: mlx-lm's BatchKVCache, mixed left padding; *batch-generator*: mlx-lm's BatchGenerator "
+        "after every sequence has its first token. Last column: tok/s over the plain row of the same batch.",
+        ["variant", "batch", "ms per step", "tokens/s", "of plain"],
+    )
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {_ms_each(r['ms_per_step'])} | {r['tokens_per_s']:.1f} | "
+            f"{r.get('of_ceiling', float('nan')):.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def overhead(result: dict[str, Any]) -> str:
     lines = _head(
         "Gateway overhead, one stream",
@@ -323,6 +344,7 @@ RENDER = {
     "overhead": overhead,
     "kvquant": kvquant,
     "concurrency": concurrency,
+    "decode-ceiling": decode_ceiling,
     "saveload": saveload,
     "bandwidth": bandwidth,
     "soak": soak,
