@@ -136,7 +136,7 @@ def concurrency(result: dict[str, Any]) -> str:
                 + (f" {of_ceiling(r)} |" if ceiling else "")
             )
     if ceiling:
-        lines += ["", "Plain decode loop (in process, `bench.decode_ceiling --variants plain`, same run): "]
+        lines += ["", "Plain decode loop (in process, `bench.decode_ceiling --variants plain`, same run):"]
         lines += [
             "; ".join(
                 f"batch {r['clients']}: {r['tokens_per_s']:.1f} tok/s ({r['ms_per_step']['median']:.2f} ms/step)"
