@@ -90,18 +90,81 @@ def ttft(result: dict[str, Any]) -> str:
 
 
 def concurrency(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    ceiling = {r["clients"]: r["tokens_per_s"] for r in rows if r.get("loop") == "ceiling"}
+
+    def of_ceiling(r: dict[str, Any]) -> str:
+        plain = ceiling.get(r["clients"]) if "scenario" not in r else None
+        return f"{r['tokens_per_s'] / plain:.0%}" if plain else "-"
+
     lines = _head(
         "Concurrent streaming clients",
         result,
         f"{result.get('notes', '')} Both servers started by the benchmark, same weights, same run. Errors: "
-        "requests the server failed (connection reset or error).",
-        ["server", "clients", "tokens/s", "p50 TTFT s", "p95 TTFT s", "p99 TTFT s", "errors"],
+        "requests the server failed (connection reset or error)."
+        + (" *of ceiling*: tokens/s over the plain in-process decode loop at that batch size." if ceiling else ""),
+        ["server", "clients", "tokens/s", "p50 TTFT s", "p95 TTFT s", "p99 TTFT s", "errors"]
+        + (["of ceiling"] if ceiling else []),
     )
-    for r in result["rows"]:
+    for r in rows:
+        if r.get("loop", "burst") != "burst":
+            continue
         label = r.get("scenario", str(r["clients"]))
         lines.append(
             f"| {r['server']} | {label} | {r['tokens_per_s']:.1f} | {r['ttft']['median']:.2f} | "
             f"{r['ttft_p95']:.2f} | {r['ttft_p99']:.2f} | {r.get('errors', 0)} |"
+            + (f" {of_ceiling(r)} |" if ceiling else "")
+        )
+    closed = [r for r in rows if r.get("loop") == "closed"]
+    if closed:
+        lines += [
+            "",
+            "Closed loop (each client sends its next request as soon as its last ends; "
+            f"{closed[0]['duration_s']:.0f} s counted after a {closed[0]['warmup_s']:.0f} s ramp): "
+            "steady-state tokens/s, TTFT of the requests "
+            "started in the window, inter-token latency (ITL).",
+            "",
+            "| server | clients | tokens/s | per client | p50 TTFT s | p95 TTFT s | ITL p50 ms | ITL p95 ms | requests "
+            "| errors |" + (" of ceiling |" if ceiling else ""),
+            "|" + " --- |" * (10 + bool(ceiling)),
+        ]
+        for r in closed:
+            lines.append(
+                f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_per_client']:.1f} | "
+                f"{r['ttft']['median']:.2f} | {r['ttft_p95']:.2f} | {r['itl_ms']['p50']:.1f} | "
+                f"{r['itl_ms']['p95']:.1f} | {r['requests']} | {r['errors']} |"
+                + (f" {of_ceiling(r)} |" if ceiling else "")
+            )
+    if ceiling:
+        lines += ["", "Plain decode loop (in process, `bench.decode_ceiling --variants plain`, same run):"]
+        lines += [
+            "; ".join(
+                f"batch {r['clients']}: {r['tokens_per_s']:.1f} tok/s ({r['ms_per_step']['median']:.2f} ms/step)"
+                for r in rows
+                if r.get("loop") == "ceiling"
+            )
+            + "."
+        ]
+    return "\n".join(lines)
+
+
+def _ms_each(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def decode_ceiling(result: dict[str, Any]) -> str:
+    lines = _head(
+        "Decode ceiling: mlx's own batched step, in process",
+        result,
+        f"{result.get('notes', '')} *plain*: one KVCache with a batch dimension, equal lengths, no mask; "
+        "*padded*: mlx-lm's BatchKVCache, mixed left padding; *batch-generator*: mlx-lm's BatchGenerator "
+        "after every sequence has its first token. Last column: tok/s over the plain row of the same batch.",
+        ["variant", "batch", "ms per step", "tokens/s", "of plain"],
+    )
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {_ms_each(r['ms_per_step'])} | {r['tokens_per_s']:.1f} | "
+            f"{r.get('of_ceiling', float('nan')):.2f}x |"
         )
     return "\n".join(lines)
 
@@ -323,6 +386,7 @@ RENDER = {
     "overhead": overhead,
     "kvquant": kvquant,
     "concurrency": concurrency,
+    "decode-ceiling": decode_ceiling,
     "saveload": saveload,
     "bandwidth": bandwidth,
     "soak": soak,
