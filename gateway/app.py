@@ -27,9 +27,12 @@ from gateway.errors import (
     ServerError,
     ServiceUnavailable,
 )
+from gateway.metrics import Metrics
 from gateway.openapi import openapi_config
+from gateway.request_context import RequestContext
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
+from gateway.routes.metrics import metrics
 from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
 from prefix_caches import (
@@ -140,17 +143,11 @@ def _answer_options(request: Request) -> Response[None] | None:
 
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
-    return Litestar(
-        route_handlers=[openai_router, seed_router, admin_router, health, index],
-        state=State(
-            {
-                "config": config,
-                "engine": engine,
-                "admission": Admission(
-                    config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds
-                ),
-            }
-        ),
+    admission = Admission(config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds)
+    registry = Metrics(engine, admission)
+    app = Litestar(
+        route_handlers=[openai_router, seed_router, admin_router, health, index, metrics],
+        state=State({"config": config, "engine": engine, "admission": admission, "metrics": registry}),
         on_startup=[lambda: engine.start()],
         on_shutdown=[lambda: engine.stop()],
         exception_handlers={
@@ -170,3 +167,6 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         # Logging is configured once by the CLI; Litestar must not install its own handlers.
         logging_config=None,
     )
+    # Outside routing (as Litestar wraps its own CORS middleware), so 404s and 405s get an id and are counted.
+    app.asgi_handler = RequestContext(app.asgi_handler, registry.request_finished)
+    return app
