@@ -462,7 +462,7 @@ class MlxEngine:
                     self._record_prefill(batcher.loaded, tokens, seconds)
                 seconds = time.perf_counter() - started
                 self.stats.batch_step(name, len(outs), seconds)
-                if outs:  # the step's decode time: without the prefill chunk it may have carried
+                if outs and batcher.decoded:  # the step's decode time, without the prefill chunk it carried
                     prefill = sum(s for _, s in batcher.prefill_timings)
                     self.stats.decode_step(name, "batch", max(0.0, seconds - prefill))
             except Exception as exc:  # a batch failure fails the requests in it, not the engine
