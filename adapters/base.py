@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from adapters.stats import EngineStats
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import PrefixCacheStore
 
@@ -290,6 +291,11 @@ class Engine(Protocol):
     def prefix_store(self) -> PrefixCacheStore | None: ...
 
     def health(self) -> dict[str, object]: ...
+
+    @property
+    def stats(self) -> EngineStats:
+        """The counters ``health()`` totals and ``/metrics`` details (requests, decode steps, batches)."""
+        ...
 
     def start(self) -> None: ...
 

@@ -30,9 +30,12 @@ from gateway.errors import (
     ServerError,
     ServiceUnavailable,
 )
+from gateway.metrics import Metrics
 from gateway.openapi import openapi_config
+from gateway.request_context import RequestContext
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
+from gateway.routes.metrics import metrics
 from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
 from prefix_caches import (
@@ -146,26 +149,20 @@ def _answer_options(request: Request) -> Response[None] | None:
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     drain = Drain()
-    return Litestar(
+    admission = Admission(config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds)
+    registry = Metrics(engine, admission)
+    app = Litestar(
         route_handlers=[
             openai_router,
             seed_router,
             admin_router,
             health,
             index,
+            metrics,
             playground_router(),
             docs_assets_router(),
         ],
-        state=State(
-            {
-                "config": config,
-                "engine": engine,
-                "drain": drain,
-                "admission": Admission(
-                    config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds
-                ),
-            }
-        ),
+        state=State({"config": config, "engine": engine, "drain": drain, "admission": admission, "metrics": registry}),
         on_startup=[lambda: engine.start()],
         on_shutdown=[lambda: engine.stop()],
         exception_handlers={
@@ -187,3 +184,6 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         # Logging is configured once by the CLI; Litestar must not install its own handlers.
         logging_config=None,
     )
+    # Outside routing (as Litestar wraps its own CORS middleware), so 404s and 405s get an id and are counted.
+    app.asgi_handler = RequestContext(app.asgi_handler, registry.request_finished)
+    return app

@@ -3,6 +3,7 @@
 The rule: with no API keys and no admin key everything is open and belongs to the default tenant. An admin
 key alone guards prefix-cache management and leaves inference open. API keys guard everything under
 ``/v1``; a tenant key manages only its tenant's caches, the admin key may act for any tenant.
+``/metrics`` (every tenant's figures) is open while no key is configured, and then needs the admin key.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from litestar.datastructures import State
 from gateway.config import Config
 from gateway.errors import AuthenticationError, Forbidden
 
-__all__ = ["Access", "bearer_token", "provide_access", "provide_tenant"]
+__all__ = ["Access", "bearer_token", "check_metrics_access", "provide_access", "provide_tenant"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +101,27 @@ async def provide_access(request: Request, state: State) -> Access:
     if tenant is None:
         raise AuthenticationError("Incorrect API key provided")
     return Access(tenant, is_admin=False)
+
+
+def check_metrics_access(request: Request, config: Config) -> None:
+    """The guard of ``/metrics``: it names every tenant, so once any key is configured only the admin key
+    reads it (Prometheus sends it with ``authorization: {credentials: <admin key>}``).
+
+    Raises:
+        AuthenticationError: no token, or one that is no key of this server.
+        Forbidden: a tenant's key, or API keys configured without an admin key (no one may read it).
+    """
+    if not config.auth_enabled and not config.admin_key:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise AuthenticationError("Reading /metrics needs the admin key: send 'Authorization: Bearer <key>'")
+    is_admin = _is_admin(token, config.admin_key)
+    tenant = _tenant_of(token, config.api_keys)  # both checked, so the time says nothing about which
+    if is_admin:
+        return
+    if tenant is None:
+        raise AuthenticationError("Incorrect API key provided")
+    if not config.admin_key:
+        raise Forbidden("Reading /metrics needs the admin key, and this server has none (set admin_key)")
+    raise Forbidden("A tenant's key cannot read /metrics (it holds every tenant's figures); use the admin key")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -38,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mlx-gateway: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     engine = _make_engine(config)
 
     from gateway.server import run_server

@@ -407,6 +407,7 @@ def plan_chat(
     context_length: int,
     tenant: str,
     store: PrefixCacheStore | None = None,
+    request_id: str | None = None,
 ) -> PlannedRequest:
     _check_unsupported(req)
     top = req.top_logprobs or 0
@@ -433,7 +434,7 @@ def plan_chat(
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
     use, miss = _prefix_use(prefix, tokens, tenant, _chat_cache_text(prefix, tokenizer), text)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    plan = Plan(rid, model.name, tenant, tuple(tokens), params, use, tools)
+    plan = Plan(request_id or rid, model.name, tenant, tuple(tokens), params, use, tools)
     return PlannedRequest(
         "chat",
         rid,
@@ -485,6 +486,7 @@ def plan_completion(
     context_length: int,
     tenant: str,
     store: PrefixCacheStore | None = None,
+    request_id: str | None = None,
 ) -> PlannedRequest:
     if req.suffix:
         raise InvalidRequest("'suffix' is not supported", param="suffix")
@@ -514,7 +516,7 @@ def plan_completion(
         limited = _with_limits(params, requested, len(full), model, context_length, "max_tokens", param)
         cache_text = prefix.manifest.prompt if prefix is not None and prefix.manifest is not None else None
         use, miss = _prefix_use(prefix, full, tenant, cache_text, sent if form == "resent" else None)
-        plans.append(Plan(f"{rid}-{i}", model.name, tenant, tuple(full), limited, use))
+        plans.append(Plan(request_id or f"{rid}-{i}", model.name, tenant, tuple(full), limited, use))
     return PlannedRequest(
         "completion",
         rid,

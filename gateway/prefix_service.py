@@ -13,6 +13,7 @@ from adapters.base import BuildProgress, Engine, Failed, PrefixBuild, PrefixBuil
 from gateway.config import Config
 from gateway.errors import ContextLengthExceeded, InvalidRequest, ServerError
 from gateway.planning import message_dicts
+from gateway.request_context import current_request_id
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from prefix_caches import Manifest, PrefixCacheStore, validate_name
 
@@ -98,7 +99,7 @@ async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixC
     store.check_new(tenant, req.name, req.replace)
     tokens, source = await anyio.to_thread.run_sync(_tokens, engine, config, req)
     job = PrefixBuild(
-        request_id=f"pc-{uuid.uuid4().hex[:12]}",
+        request_id=current_request_id.get() or f"pc-{uuid.uuid4().hex[:12]}",
         model=req.model,
         tenant=tenant,
         name=req.name,
@@ -107,7 +108,7 @@ async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixC
         kv_group_size=req.kv_group_size,
         **source,
     )
-    logger.info("[%s] building prefix cache %s (%d tokens, model %s)", job.request_id, req.name, len(tokens), req.model)
+    logger.info("building prefix cache %s (%d tokens, model %s)", req.name, len(tokens), req.model)
     async for event in engine.build_prefix(job):
         if isinstance(event, Failed):
             raise ServerError(f"Building the prefix cache failed: {event.error}")

@@ -12,10 +12,12 @@ import msgspec
 from adapters.base import Engine, EngineEvent, Failed, Plan, Started
 from gateway.encoding import ChunkEncoder, ResponseEncoder
 from gateway.errors import ServerError
+from gateway.metrics import GenerationObserver
 from gateway.planning import PlannedRequest
 from gateway.schemas.openai import ChatCompletion, CompletionResponse
+from prefix_caches.store import PrefixCacheStore
 
-__all__ = ["Running", "collect", "prefix_header", "stream_chunks"]
+__all__ = ["Running", "collect", "count_planned_misses", "prefix_header", "stream_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +64,13 @@ def _failure(event: Failed, planned: PlannedRequest) -> ServerError:
 
 
 class Running:
-    """A submitted request's events; ``started()`` waits until the engine admitted every prompt."""
+    """A submitted request's events; ``started()`` waits until the engine admitted every prompt. The
+    observer (metrics) sees each event as it arrives, also those held while waiting."""
 
-    def __init__(self, engine: Engine, planned: PlannedRequest) -> None:
+    def __init__(self, engine: Engine, planned: PlannedRequest, observer: GenerationObserver | None = None) -> None:
         self.planned = planned
         self._events = _events(engine, planned.plans)
+        self._observer = observer
         self._held: list[tuple[int, EngineEvent]] = []
         self.started: list[Started] = []
 
@@ -76,6 +80,8 @@ class Running:
                 index, event = await anext(self._events)
             except StopAsyncIteration:
                 break
+            if self._observer is not None:
+                self._observer.event(index, event)
             if isinstance(event, Failed):
                 await self.aclose()
                 raise _failure(event, self.planned)
@@ -90,6 +96,8 @@ class Running:
         for item in held:
             yield item
         async for index, event in self._events:
+            if self._observer is not None:
+                self._observer.event(index, event)
             if isinstance(event, Failed):
                 raise _failure(event, self.planned)
             if isinstance(event, Started):
@@ -124,6 +132,16 @@ async def stream_chunks(running: Running, fingerprint: str) -> AsyncIterator[msg
         await running.aclose()
     if planned.include_usage:
         yield encoder.usage()
+
+
+def count_planned_misses(planned: PlannedRequest, store: PrefixCacheStore | None) -> None:
+    """Prompts that named a cache and were planned without it (a mismatch recomputed, a stale cache): the
+    engine never sees the cache, so the store's miss counter (``/health``, ``/metrics``) is told here."""
+    if planned.prefix_name is None or store is None:
+        return
+    for plan in planned.plans:
+        if plan.prefix is None:
+            store.record_miss(plan.model, plan.tenant)
 
 
 def prefix_header(planned: PlannedRequest, started: list[Started]) -> str | None:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixC
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
 
-__all__ = ["CacheStatus", "PrefixCacheStore", "file_sha256", "tokens_sha256"]
+__all__ = ["CacheStatus", "CacheUsage", "PrefixCacheStore", "file_sha256", "tokens_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,20 @@ class CacheStatus:
     reason: str | None = None
 
 
+@dataclass
+class CacheUsage:
+    """What one (model, tenant)'s prefix caches hold and how requests used them."""
+
+    count: int = 0
+    bytes_on_disk: int = 0
+    bytes_in_memory: int = 0
+    resident: int = 0
+    hits: int = 0
+    misses: int = 0  # recomputes included
+    loads: int = 0  # KV files read from disk (a hit on a cache that was not resident)
+    recomputes: int = 0  # cold caches recomputed because reading them was measured dearer
+
+
 class PrefixCacheStore:
     def __init__(self, root: Path, memory_budget_bytes: int = 2 * 1024**3) -> None:
         self.root = root
@@ -89,8 +103,8 @@ class PrefixCacheStore:
         self._resident: OrderedDict[Key, tuple[list[Any], int, str]] = OrderedDict()
         self._drop: set[Key] = set()
         self._verified: dict[Key, tuple[tuple[int, int, int], str]] = {}
-        self.hits = 0
-        self.misses = 0
+        # (model, tenant) -> hits, misses, loads, recomputes (the other CacheUsage fields stay 0 here).
+        self._use: dict[tuple[str, str], CacheUsage] = {}
         # Measured on this machine (engine thread): seconds per byte to read and check a file.
         self.load_rate = Rate()
         self.hash_rate = Rate()
@@ -180,11 +194,22 @@ class PrefixCacheStore:
                 manifest.hits += 1
                 manifest.last_used_at = time.time()
                 self._dirty.add((tenant, name))
-            self.hits += 1
+            self._usage(manifest.model if manifest else "", tenant).hits += 1
 
-    def record_miss(self) -> None:
+    def record_miss(self, model: str, tenant: str) -> None:
+        """A request named a cache of ``tenant`` for ``model`` and computed its prompt without it."""
         with self._lock:
-            self.misses += 1
+            self._usage(model, tenant).misses += 1
+
+    def record_recompute(self, model: str, tenant: str) -> None:
+        """A cold cache was recomputed rather than read (counted as a miss too: the request computed it)."""
+        with self._lock:
+            use = self._usage(model, tenant)
+            use.misses += 1
+            use.recomputes += 1
+
+    def _usage(self, model: str, tenant: str) -> CacheUsage:
+        return self._use.setdefault((model, tenant), CacheUsage())
 
     def flush(self) -> None:
         """Write the manifests whose use counters changed (called periodically and at shutdown)."""
@@ -199,18 +224,30 @@ class PrefixCacheStore:
         data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
         _atomic_write(manifest_path, lambda p: _write_bytes(p, data))
 
-    def stats(self) -> dict[str, int]:
+    def usage(self) -> dict[tuple[str, str], CacheUsage]:
+        """Per (model, tenant): caches, bytes on disk and resident, hits, misses, loads, recomputes."""
         with self._lock:
-            manifests = list(self._manifests.values())
-            hits, misses = self.hits, self.misses
-        resident = list(self._resident.values())
+            manifests = dict(self._manifests)
+            out = {key: CacheUsage(**{f.name: getattr(u, f.name) for f in fields(u)}) for key, u in self._use.items()}
+        for m in manifests.values():
+            use = out.setdefault((m.model, m.tenant), CacheUsage())
+            use.count += 1
+            use.bytes_on_disk += m.size_bytes
+        for key, (_, size, _) in list(self._resident.items()):  # one C-level copy: safe beside the engine thread
+            manifest = manifests.get(key)
+            use = out.setdefault((manifest.model if manifest else "", key[0]), CacheUsage())
+            use.resident += 1
+            use.bytes_in_memory += size
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """The totals of :meth:`usage` over every model and tenant, and the measured load rate."""
+        totals = CacheUsage()
+        for use in self.usage().values():
+            for f in fields(use):
+                setattr(totals, f.name, getattr(totals, f.name) + getattr(use, f.name))
         return {
-            "count": len(manifests),
-            "bytes_on_disk": sum(m.size_bytes for m in manifests),
-            "bytes_in_memory": sum(r[1] for r in resident),
-            "resident": len(resident),
-            "hits": hits,
-            "misses": misses,
+            **{f.name: getattr(totals, f.name) for f in fields(totals)},
             "load_bytes_per_second": round(self.load_rate.per_second() or 0),
         }
 
@@ -263,6 +300,8 @@ class PrefixCacheStore:
         started = time.perf_counter()
         cache, metadata = kv.load_kv(arrays_path)
         self.load_rate.add(stat.st_size, time.perf_counter() - started)
+        with self._lock:
+            self._usage(manifest.model, manifest.tenant).loads += 1
         if metadata.get("mlx_gateway_tokens_sha256") != manifest.tokens_sha256:
             raise PrefixCacheUnusable("its KV file was built from other tokens")
         if {c.offset for c in cache} != {manifest.num_tokens}:

@@ -120,6 +120,8 @@ class Batcher:
         self._masker: BatchMasker | None = None
         # (prompt tokens, seconds) of each prefill chunk the last step ran.
         self.prefill_timings: list[tuple[int, float]] = []
+        # Whether the last step ran a batched decode (a step may only prefill the lane's chunk).
+        self.decoded = False
 
     @property
     def busy(self) -> bool:
@@ -234,6 +236,7 @@ class Batcher:
         """One prefill chunk of the lane, then one batched decode step (with one chunk of mlx-lm's own
         prefill); the tokens they produced. A lane's first token goes out at once: the batch steps next."""
         self.prefill_timings = []
+        self.decoded = False
         if self._lane is not None:
             first = self._lane_chunk()
             if first is not None:
@@ -242,6 +245,7 @@ class Batcher:
             return []
         with self.gen.stats() as stats:
             _, responses = self.gen.next()
+        self.decoded = True
         self._grammars_to_batch()
         if stats.prompt_tokens:
             self.prefill_timings.append((stats.prompt_tokens, stats.prompt_time))

@@ -51,6 +51,7 @@ from adapters.mlx_lm.reuse import TenantReuse
 from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
 from adapters.mlx_lm.text import StopTextAssembler
 from adapters.mlx_lm.tool_calls import ChoiceText
+from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
@@ -100,6 +101,7 @@ class _Build:
     cache: list[Any] | None = None
     prefilled: int = 0
     started: float = field(default_factory=time.perf_counter)
+    request_id: str | None = None  # None: a rebuild at start-up, no request asked for it
 
 
 @dataclass
@@ -137,11 +139,11 @@ class MlxEngine:
         self._crashed: str | None = None
         self._stats: dict[str, Any] = {"active_memory": 0, "peak_memory": 0, "cache_memory": 0}
         self._started = time.time()
-        self._counters = {"completed": 0, "cancelled": 0, "failed": 0}
+        # Request outcomes, decode-step times, batch steps: /health and /metrics both read these.
+        self.stats = EngineStats()
         # Balanced mode: one continuous batch per model; uid -> (request, choice).
         self._batchers: dict[str, Batcher] = {}
         self._batched: dict[int, tuple[_Request, _Choice]] = {}
-        self._batch_stats = {"steps": 0, "sequences": 0, "seconds": 0.0}
         self._reuse = TenantReuse()
         # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
         self._prefill_rates: dict[str, Rate] = {}
@@ -230,7 +232,7 @@ class MlxEngine:
             job.kv_bits,
             job.kv_group_size,
         )
-        build = _Build(manifest, loaded, emit)
+        build = _Build(manifest, loaded, emit, request_id=job.request_id)
         self._inbox.put(build)
         try:
             while True:
@@ -273,9 +275,9 @@ class MlxEngine:
             "device": self.device,
             "active_requests": len(self._active) + len({id(r) for r, _ in self._batched.values()}),
             "batched_sequences": len(self._batched),
-            "batch_steps": dict(self._batch_stats),
+            "batch_steps": self.stats.batch_totals(),
             "automatic_reuse": self._reuse.stats(),
-            "requests": dict(self._counters),
+            "requests": self.stats.request_totals(),
             "models": {
                 name: {
                     "state": s.state,
@@ -439,8 +441,8 @@ class MlxEngine:
             self._build_turn(request)
             return
         if request.cancelled.is_set():
-            logger.info("request %s cancelled", request.plan.request_id)
-            self._counters["cancelled"] += 1
+            logger.info("request %s cancelled", request.plan.request_id, extra=_about(request.plan))
+            self.stats.request_done(request.plan.model, "cancelled")
             return
         try:
             done = self._step(request)
@@ -455,14 +457,14 @@ class MlxEngine:
     def _fail(self, request: _Request, exc: Exception, log: bool = True) -> None:
         """One request failed: it alone gets the error; the engine goes on."""
         if log:
-            logger.exception("request %s failed", request.plan.request_id, exc_info=exc)
+            logger.exception("request %s failed", request.plan.request_id, exc_info=exc, extra=_about(request.plan))
         request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
-        self._counters["failed"] += 1
+        self.stats.request_done(request.plan.model, "failed")
 
     def _finish(self, request: _Request) -> None:
         plan = request.plan
         request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
-        self._counters["completed"] += 1
+        self.stats.request_done(plan.model, "completed")
         self._record_memory()
 
     # ---- balanced mode: continuous batching -----------------------------------------------------
@@ -521,9 +523,11 @@ class MlxEngine:
                 outs = batcher.step()
                 for tokens, seconds in batcher.prefill_timings:
                     self._record_prefill(batcher.loaded, tokens, seconds)
-                self._batch_stats["steps"] += 1
-                self._batch_stats["sequences"] += len(outs)
-                self._batch_stats["seconds"] += time.perf_counter() - started
+                seconds = time.perf_counter() - started
+                self.stats.batch_step(name, len(outs), seconds)
+                if outs and batcher.decoded:  # the step's decode time, without the prefill chunk it carried
+                    prefill = sum(s for _, s in batcher.prefill_timings)
+                    self.stats.decode_step(name, "batch", max(0.0, seconds - prefill))
             except Exception as exc:  # a batch failure fails the requests in it, not the engine
                 logger.exception("batch step failed for model %s", name)
                 self._fail_batch(name, exc)
@@ -556,8 +560,8 @@ class MlxEngine:
             self._batchers[request.model.spec.name].remove(uids)
             for uid in uids:
                 self._batched.pop(uid, None)
-            logger.info("request %s cancelled", request.plan.request_id)
-            self._counters["cancelled"] += 1
+            logger.info("request %s cancelled", request.plan.request_id, extra=_about(request.plan))
+            self.stats.request_done(request.plan.model, "cancelled")
 
     def _fail_batch(self, name: str, exc: Exception) -> None:
         failed = {id(r): r for r, _ in self._batched.values() if r.model.spec.name == name}
@@ -578,11 +582,13 @@ class MlxEngine:
                 self._keep_recomputed_prefix(request, request.cache)
                 self._start_choices(request, logits)
         else:
+            started = time.perf_counter()
             for choice in request.choices:
                 if not choice.done:
                     assert choice.cache is not None and choice.sampler is not None
                     logits = self._forward(request.model, [choice.last], choice.cache)
                     self._accept(request, choice, choice.sampler(logits))
+            self.stats.decode_step(request.plan.model, "sequential", time.perf_counter() - started)
         return all(c.done for c in request.choices) if request.choices else False
 
     def _forward(self, loaded: LoadedModel, tokens: list[int], cache: list[Any], quantize: bool = True) -> mx.array:
@@ -611,10 +617,12 @@ class MlxEngine:
         except PrefixCacheError as exc:
             reason = str(exc)
             if isinstance(exc, PrefixCacheUnusable):
-                logger.warning("prefix cache %s unusable, recomputing: %s", use.name, reason)
+                logger.warning(
+                    "prefix cache %s unusable, recomputing: %s", use.name, reason, extra=_about(request.plan)
+                )
                 store.set_status(use.tenant, use.name, "invalid", reason)
                 self._queue_rebuild(request.model, use.tenant, use.name)
-            store.record_miss()
+            store.record_miss(request.plan.model, use.tenant)
             request.cache = request.model.make_cache()
             request.emit(Started(0, prefix_miss_reason=reason))
             return
@@ -661,8 +669,8 @@ class MlxEngine:
             f"recomputed (reading {manifest.size_bytes / 1e6:.0f} MB ~{load * 1000:.0f} ms > "
             f"prefilling {reuse} tokens ~{prefill * 1000:.0f} ms)"
         )
-        logger.info("prefix cache %s is cold: %s", manifest.name, reason)
-        store.record_miss()
+        logger.info("prefix cache %s is cold: %s", manifest.name, reason, extra=_about(request.plan))
+        store.record_recompute(manifest.model, manifest.tenant)
         request.cache = request.model.make_cache()
         request.recomputing = manifest
         request.emit(Started(0, prefix_miss_reason=reason))
@@ -710,7 +718,7 @@ class MlxEngine:
         store = self._store
         assert store is not None
         if build.cancelled.is_set():
-            logger.info("prefix cache build %s cancelled", manifest.name)
+            logger.info("prefix cache build %s cancelled", manifest.name, extra={"request_id": build.request_id})
             store.set_status(manifest.tenant, manifest.name, "invalid", "build cancelled")
             return
         try:
@@ -724,7 +732,13 @@ class MlxEngine:
             mx.eval([c.state for c in build.cache])
             self._record_prefill(build.model, len(chunk), time.perf_counter() - started)
             build.prefilled += len(chunk)
-            logger.info("prefix cache %s: %d/%d tokens", manifest.name, build.prefilled, len(tokens))
+            logger.info(
+                "prefix cache %s: %d/%d tokens",
+                manifest.name,
+                build.prefilled,
+                len(tokens),
+                extra={"request_id": build.request_id},
+            )
             build.emit(BuildProgress(build.prefilled, len(tokens)))
             if build.prefilled < len(tokens):
                 self._active.append(build)
@@ -741,10 +755,11 @@ class MlxEngine:
                 len(tokens),
                 saved.size_bytes,
                 seconds,
+                extra={"request_id": build.request_id},
             )
             build.emit(PrefixBuilt(saved, seconds))
         except Exception as exc:
-            logger.exception("prefix cache build %s failed", manifest.name)
+            logger.exception("prefix cache build %s failed", manifest.name, extra={"request_id": build.request_id})
             store.set_status(manifest.tenant, manifest.name, "invalid", f"build failed: {exc}")
             build.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
 
@@ -928,6 +943,11 @@ def _exact_prefix(cache: list[Any], n: int) -> list[Any] | None:
         return kv.exact(kv.view(cache, n)) if min(c.offset for c in cache) >= n else None
     except PrefixCacheUnusable:
         return None
+
+
+def _about(plan: Plan) -> dict[str, str]:
+    """``extra=`` for a log line about ``plan``: the HTTP request's id (log formatters read it)."""
+    return {"request_id": plan.request_id}
 
 
 def _drop(_: Any) -> None:

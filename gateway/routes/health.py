@@ -22,6 +22,7 @@ ENDPOINTS = {
     "GET /admin/prefix-caches/{name}": "one prefix cache (?verify=true checks its digests)",
     "DELETE /admin/prefix-caches/{name}": "delete a prefix cache",
     "GET /health": "engine, models, memory and prefix-cache statistics",
+    "GET /metrics": "Prometheus metrics (the admin key once any key is configured)",
     "GET /docs": "interactive API documentation (OpenAPI schema at /docs/openapi.json)",
     "GET /playground": "a chat page in the browser: models, prefix caches, streaming, TTFT and tokens/s",
 }

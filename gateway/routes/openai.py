@@ -22,8 +22,10 @@ from gateway.admission import Admission
 from gateway.auth import provide_tenant
 from gateway.config import Config, ModelConfig
 from gateway.encoding import encode
+from gateway.metrics import GenerationObserver, Metrics
 from gateway.openapi import GENERATE, errors
 from gateway.planning import PlannedRequest, plan_chat, plan_completion
+from gateway.request_context import arrival, current_request_id
 from gateway.schemas.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -32,7 +34,7 @@ from gateway.schemas.openai import (
     Model,
     ModelList,
 )
-from gateway.serving import Running, collect, prefix_header, stream_chunks
+from gateway.serving import Running, collect, count_planned_misses, prefix_header, stream_chunks
 from gateway.sse import sse_response
 
 __all__ = ["complete_planned", "openai_router", "resolve_model"]
@@ -56,24 +58,30 @@ def _prompt_tokens(planned: PlannedRequest) -> int:
     return sum(len(p.prompt_tokens) for p in planned.plans)
 
 
+def _observer(state: State, planned: PlannedRequest) -> GenerationObserver:
+    metrics: Metrics = state.metrics
+    return metrics.observer(planned.model, planned.plans[0].tenant, arrival())
+
+
 async def complete_planned(
     state: State, planned: PlannedRequest, fingerprint: str
 ) -> ChatCompletion | CompletionResponse:
     """Run a non-streaming request inside an admission slot."""
     admission: Admission = state.admission
     async with admission.slot(_prompt_tokens(planned)):
-        return await collect(Running(state.engine, planned), fingerprint)
+        count_planned_misses(planned, state.engine.prefix_store)
+        return await collect(Running(state.engine, planned, _observer(state, planned)), fingerprint)
 
 
 async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> ASGIApp:
     config: Config = state.config
     engine: Engine = state.engine
     admission: Admission = state.admission
-    headers = {"x-request-id": planned.id}
+    headers: dict[str, str] = {}  # x-request-id: gateway.request_context, on every response
     logger.info(
-        "[%s] %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
-        planned.id,
+        "%s %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
         planned.kind,
+        planned.id,
         planned.model,
         len(planned.plans),
         ",".join(str(len(p.prompt_tokens)) for p in planned.plans),
@@ -83,7 +91,8 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     stack = contextlib.AsyncExitStack()
     await stack.enter_async_context(admission.slot(_prompt_tokens(planned)))  # 429 before any byte
     try:
-        running = Running(engine, planned)
+        count_planned_misses(planned, engine.prefix_store)
+        running = Running(engine, planned, _observer(state, planned))
         if planned.prefix_name is not None:
             # The x-prefix-cache header says what the cache gave: wait for the engine to admit the request.
             header = prefix_header(planned, await running.wait_started())
@@ -136,7 +145,16 @@ async def chat_completions(
     model, info = resolve_model(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
-        partial(plan_chat, data, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
+        partial(
+            plan_chat,
+            data,
+            tokenizer,
+            model,
+            info.context_length,
+            tenant,
+            state.engine.prefix_store,
+            request_id=current_request_id.get(),
+        )
     )
     return await _respond(state, planned, info)
 
@@ -153,7 +171,16 @@ async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency
     model, info = resolve_model(state, data.model)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
-        partial(plan_completion, data, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
+        partial(
+            plan_completion,
+            data,
+            tokenizer,
+            model,
+            info.context_length,
+            tenant,
+            state.engine.prefix_store,
+            request_id=current_request_id.get(),
+        )
     )
     return await _respond(state, planned, info)
 

@@ -14,6 +14,7 @@ from gateway import prefix_service
 from gateway.auth import Access, provide_access, provide_tenant
 from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
+from gateway.request_context import current_request_id
 from gateway.routes.openai import complete_planned, resolve_model
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
@@ -50,7 +51,16 @@ async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: s
     model, info = resolve_model(state, req.model)
     tokenizer = state.engine.tokenizer(req.model)
     planned = await anyio.to_thread.run_sync(
-        partial(plan_completion, req, tokenizer, model, info.context_length, tenant, state.engine.prefix_store)
+        partial(
+            plan_completion,
+            req,
+            tokenizer,
+            model,
+            info.context_length,
+            tenant,
+            state.engine.prefix_store,
+            request_id=current_request_id.get(),
+        )
     )
     result = await complete_planned(state, planned, "")
     assert isinstance(result, CompletionResponse) and result.usage is not None

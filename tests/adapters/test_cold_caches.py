@@ -94,6 +94,7 @@ def test_cold_cache_is_loaded_or_recomputed_by_measured_cost(engine: MlxEngine, 
     assert store is not None
     name = "sys-" + model
     manifest = store.get("default", name)
+    before = store.usage()[(model, "default")]
     hot, hot_tokens, hot_done = ask(engine, model)
     assert hot.prefix_hit and hot.prefix_resident and hot_done.cached_tokens == len(PREFIX)
 
@@ -121,5 +122,12 @@ def test_cold_cache_is_loaded_or_recomputed_by_measured_cost(engine: MlxEngine, 
     after, after_tokens, after_done = ask(engine, model)
     assert after.prefix_hit and after.prefix_resident and after_done.cached_tokens == len(PREFIX)
     assert_same_greedy(hot_tokens, after_tokens)
+    # What /health and /metrics count: three hits, one of them read from the file, one recompute (a miss).
+    use = store.usage()[(model, "default")]
+    counted = (use.hits - before.hits, use.loads - before.loads, use.misses - before.misses)
+    assert counted == (3, 1, 1) and use.recomputes - before.recomputes == 1
+    # Decode steps timed on the path the mode takes: strict decodes each request alone.
+    path = "sequential" if model == "strict" else "batch"
+    assert engine.stats.step_times()[(model, path)].count >= 4
     # The file on disk is untouched by any of it.
     assert asyncio.run(engine.verify_prefix("default", name))["ok"]

@@ -1,6 +1,7 @@
 """One guard for every route that manages prefix caches (the admin routes and the seed aliases), under
 each auth configuration, on the real server: who gets in, the exact refusal, and that a refused request
-changed nothing stored. The generate routes stay on the tenant guard, like the OpenAI routes."""
+changed nothing stored. The generate routes stay on the tenant guard, like the OpenAI routes. ``/metrics`` is
+open with no key configured, then needs the admin key."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import Server, run_server
 
@@ -248,3 +250,30 @@ def test_a_key_that_is_not_ascii_is_refused_not_a_crash(gateways: Callable[[str]
     r = httpx.get(gw.server.url + path, headers=headers, timeout=30)
     assert r.status_code == 401, r.text
     assert r.json()["error"]["message"] == "Incorrect API key provided"
+
+
+@pytest.mark.parametrize("credential", list(CREDENTIALS))
+def test_metrics_need_the_admin_key_once_any_key_is_configured(gateway: Gateway, credential: str) -> None:
+    r = httpx.get(f"{gateway.server.url}/metrics", headers=CREDENTIALS[credential], timeout=30)
+    if not gateway.tenants and not gateway.admin or credential == "admin" and gateway.admin:
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        families = {f.name for f in text_string_to_metric_families(r.text)}
+        assert {"mlx_gateway_http_requests", "mlx_gateway_queue_depth", "mlx_gateway_engine_requests"} <= families
+        return
+    known = {"tenant": gateway.tenants, "admin": gateway.admin}.get(credential, False)
+    if credential == "none":
+        status, message = 401, "Reading /metrics needs the admin key: send 'Authorization: Bearer <key>'"
+    elif not known:
+        status, message = 401, "Incorrect API key provided"
+    elif gateway.admin:
+        status, message = (
+            403,
+            "A tenant's key cannot read /metrics (it holds every tenant's figures); use the admin key",
+        )
+    else:
+        status, message = 403, "Reading /metrics needs the admin key, and this server has none (set admin_key)"
+    assert r.status_code == status, r.text
+    kind, code = ("authentication_error", "invalid_api_key") if status == 401 else ("permission_error", "forbidden")
+    assert r.json() == {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    assert "x-request-id" in r.headers

@@ -24,3 +24,7 @@ def test_naming_a_cache_with_caching_off_is_a_400(models_dir: Path, log_dir: Pat
         build = httpx.post(f"{server.url}/admin/prefix-caches", json={"name": "sys", "model": "tiny", "prompt": "x"})
         assert build.status_code == 400 and "not enabled" in build.json()["error"]["message"], build.text
         assert httpx.get(f"{server.url}/health").json()["prefix_caches"] is None
+        # /metrics has no prefix-cache family then, and still everything else.
+        scraped = httpx.get(f"{server.url}/metrics").text
+        assert "mlx_gateway_prefix_cache" not in scraped
+        assert 'mlx_gateway_engine_requests_total{model="tiny",outcome="completed"} 1.0' in scraped

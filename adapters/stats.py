@@ -1,0 +1,94 @@
+"""An engine's counters, kept in one place: ``/health`` reports their totals and ``/metrics`` their detail.
+
+Written by the engine thread, read from the HTTP side at any time, so every access takes a lock. No
+Prometheus here: the gateway turns these figures into metrics at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+__all__ = ["DECODE_STEP_BUCKETS", "EngineStats", "StepTimes", "OUTCOMES"]
+
+OUTCOMES = ("completed", "cancelled", "failed")
+
+# Seconds. A decode step takes about a millisecond on a tiny model and tens of ms on an 8B one at batch
+# 64; a multi-second step means something is wrong, and still lands in a bucket.
+DECODE_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class StepTimes:
+    """A histogram of step durations: counts per upper bound (not cumulative; +Inf last), sum, count."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DECODE_STEP_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(DECODE_STEP_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def copy(self) -> StepTimes:
+        return StepTimes(list(self.counts), self.total, self.count)
+
+
+class EngineStats:
+    """Requests by model and outcome, decode-step times by model and path, batch steps by model."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, str], int] = defaultdict(int)
+        self._steps: dict[tuple[str, str], StepTimes] = {}
+        # model -> [batch steps, sequences stepped, seconds]
+        self._batches: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+
+    def request_done(self, model: str, outcome: str) -> None:
+        """One request left the engine: ``completed``, ``cancelled`` or ``failed``."""
+        with self._lock:
+            self._requests[(model, outcome)] += 1
+
+    def decode_step(self, model: str, path: str, seconds: float) -> None:
+        """One decode step took ``seconds``: ``path`` is ``batch`` (every running sequence of the model) or
+        ``sequential`` (one request's choices, strict mode and quantised caches)."""
+        with self._lock:
+            self._steps.setdefault((model, path), StepTimes()).observe(seconds)
+
+    def batch_step(self, model: str, sequences: int, seconds: float) -> None:
+        with self._lock:
+            entry = self._batches[model]
+            entry[0] += 1
+            entry[1] += sequences
+            entry[2] += seconds
+
+    # ---- readers (any thread) ------------------------------------------------------------------
+
+    def requests(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._requests)
+
+    def request_totals(self) -> dict[str, int]:
+        """Requests by outcome over every model (what ``/health`` reports)."""
+        with self._lock:
+            return {o: sum(n for (_, outcome), n in self._requests.items() if outcome == o) for o in OUTCOMES}
+
+    def step_times(self) -> dict[tuple[str, str], StepTimes]:
+        with self._lock:
+            return {key: times.copy() for key, times in self._steps.items()}
+
+    def batches(self) -> dict[str, tuple[int, int, float]]:
+        with self._lock:
+            return {m: (int(e[0]), int(e[1]), e[2]) for m, e in self._batches.items()}
+
+    def batch_totals(self) -> dict[str, float]:
+        """Batch steps, sequences stepped and seconds over every model (what ``/health`` reports)."""
+        values = self.batches().values()
+        return {
+            "steps": sum(v[0] for v in values),
+            "sequences": sum(v[1] for v in values),
+            "seconds": sum(v[2] for v in values),
+        }

@@ -1,0 +1,267 @@
+"""Prometheus metrics, one registry per app (tests start several apps in one process).
+
+Two sources. What only the HTTP side sees is measured where requests are served: requests by route
+template and status, time to first token, inter-token latency, tokens. What the engine and admission
+count is read at scrape time from the very objects ``/health`` reports (:class:`adapters.stats.EngineStats`,
+``PrefixCacheStore.usage()``, ``Admission.stats()``, ``Engine.health()``), so the two never disagree.
+Labels are bounded: route templates (never raw paths), model names, tenant names (never keys).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adapters.base import Engine, Finished, TokenEvent
+from adapters.stats import DECODE_STEP_BUCKETS
+from gateway.request_context import RequestInfo
+
+if TYPE_CHECKING:
+    from gateway.admission import Admission
+
+__all__ = ["CONTENT_TYPE", "GenerationObserver", "Metrics"]
+
+# The text format every Prometheus reads (our names are plain ASCII, so 1.0.0's escaping changes nothing);
+# Litestar appends the charset.
+CONTENT_TYPE = "text/plain; version=0.0.4"
+PREFIX = "mlx_gateway"
+
+# A `_created` series beside every counter and histogram doubles what is stored for nothing Prometheus uses
+# (the process start is in its own metrics). A switch of the library's, process-wide.
+disable_created_metrics()
+
+# Seconds, from 1 ms (a cache hit on a tiny model) to minutes (a long prompt queued behind others on a CPU).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """The app's registry: HTTP-side metrics, and a collector reading the engine's counters on scrape."""
+
+    def __init__(self, engine: Engine, admission: Admission) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its response (a stream's last byte)",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Seconds from a generation request's arrival to its first token",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Seconds between consecutive tokens of one sequence, as the HTTP side receives them",
+            ["model", "tenant"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished prompts", ["model", "tenant"], registry=r
+        )
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens", "Tokens generated for finished prompts", ["model", "tenant"], registry=r
+        )
+        self.cached_tokens = Counter(
+            f"{PREFIX}_cached_tokens",
+            "Prompt tokens of finished prompts that came from a prefix cache (not computed)",
+            ["model", "tenant"],
+            registry=r,
+        )
+        r.register(_EngineCollector(engine, admission))
+
+    def request_finished(self, info: RequestInfo) -> None:
+        self.requests.labels(info.route, info.method, str(info.status)).inc()
+        self.duration.labels(info.route, info.method).observe(info.seconds)
+
+    def observer(self, model: str, tenant: str, arrived: float) -> GenerationObserver:
+        return GenerationObserver(self, model, tenant, arrived)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class GenerationObserver:
+    """One generation request's latencies and tokens, fed with its engine events as they arrive."""
+
+    def __init__(self, metrics: Metrics, model: str, tenant: str, arrived: float) -> None:
+        self._ttft = metrics.ttft.labels(model, tenant)
+        self._itl = metrics.inter_token.labels(model, tenant)
+        self._prompt = metrics.prompt_tokens.labels(model, tenant)
+        self._completion = metrics.completion_tokens.labels(model, tenant)
+        self._cached = metrics.cached_tokens.labels(model, tenant)
+        self._arrived = arrived
+        self._first = True
+        self._last: dict[tuple[int, int], float] = {}  # (prompt index, choice) -> its last token's time
+
+    def event(self, index: int, event: object) -> None:
+        now = time.perf_counter()
+        if isinstance(event, TokenEvent) and event.token_ids:
+            if self._first:
+                self._first = False
+                self._ttft.observe(now - self._arrived)
+            key = (index, event.choice)
+            last = self._last.get(key)
+            if last is not None:
+                self._itl.observe(now - last)
+            self._last[key] = now
+        elif isinstance(event, Finished):
+            self._prompt.inc(event.prompt_tokens)
+            self._completion.inc(event.completion_tokens)
+            self._cached.inc(event.cached_tokens)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's, the prefix-cache store's and admission's counters at scrape time."""
+
+    def __init__(self, engine: Engine, admission: Admission) -> None:
+        self.engine = engine
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._admission()
+        yield from self._engine()
+        yield from self._prefix_caches()
+
+    def _admission(self) -> Iterator[Metric]:
+        stats = self.admission.stats()
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for a place in the engine", stats["queued"])
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queued_prompt_tokens", "Prompt tokens of the requests waiting", stats["queued_tokens"]
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_admitted_requests", "Requests holding a place in the engine (max_running)", stats["running"]
+        )
+
+    def _engine(self) -> Iterator[Metric]:
+        engine = self.engine
+        report = engine.health()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_engine_up", "1 while the engine thread runs", int(bool(report["engine_alive"]))
+        )
+        ready = GaugeMetricFamily(f"{PREFIX}_model_ready", "1 when the model is loaded and serving", labels=["model"])
+        for info in engine.models():
+            ready.add_metric([info.id], int(info.ready))
+        yield ready
+        yield GaugeMetricFamily(
+            f"{PREFIX}_running_requests",
+            "Requests in the engine (prefilling or decoding)",
+            _number(report, "active_requests"),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_batched_sequences",
+            "Sequences (choices) in the continuous batches now",
+            _number(report, "batched_sequences"),
+        )
+        memory = GaugeMetricFamily(f"{PREFIX}_memory_bytes", "MLX memory: active, peak and cache", labels=["kind"])
+        for kind, value in _mapping(report, "memory").items():
+            memory.add_metric([kind.removesuffix("_memory")], float(value))
+        yield memory
+        reuse = _mapping(report, "automatic_reuse")
+        yield CounterMetricFamily(
+            f"{PREFIX}_automatic_reuse_hits",
+            "Requests started from a same-tenant earlier prompt's KV (performance mode)",
+            value=float(reuse.get("hits", 0)),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_automatic_reuse_entries", "Prompts kept for automatic reuse", float(reuse.get("entries", 0))
+        )
+        stats = engine.stats
+        outcomes = CounterMetricFamily(
+            f"{PREFIX}_engine_requests",
+            "Prompts that left the engine, by outcome (completed, cancelled, failed)",
+            labels=["model", "outcome"],
+        )
+        for (model, outcome), n in sorted(stats.requests().items()):
+            outcomes.add_metric([model, outcome], n)
+        yield outcomes
+        steps = HistogramMetricFamily(
+            f"{PREFIX}_decode_step_seconds",
+            "One decode step: every running sequence of a model's batch (path=batch, without the prefill chunk "
+            "the step carried) or one request's choices (path=sequential)",
+            labels=["model", "path"],
+        )
+        for (model, path), times in sorted(stats.step_times().items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, DECODE_STEP_BUCKETS), "+Inf"], times.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            steps.add_metric([model, path], buckets, times.total)
+        yield steps
+        batch_steps = CounterMetricFamily(f"{PREFIX}_batch_steps", "Continuous-batch steps", labels=["model"])
+        batch_seqs = CounterMetricFamily(
+            f"{PREFIX}_batch_sequences",
+            "Sequences stepped by continuous-batch steps (divided by batch_steps: the mean batch size)",
+            labels=["model"],
+        )
+        for model, (n, sequences, _) in sorted(stats.batches().items()):
+            batch_steps.add_metric([model], n)
+            batch_seqs.add_metric([model], sequences)
+        yield batch_steps
+        yield batch_seqs
+
+    def _prefix_caches(self) -> Iterator[Metric]:
+        store = self.engine.prefix_store
+        if store is None:
+            return
+        labels = ["model", "tenant"]
+        families = {
+            "hits": CounterMetricFamily(
+                f"{PREFIX}_prefix_cache_hits", "Requests served from a named prefix cache", labels=labels
+            ),
+            "misses": CounterMetricFamily(
+                f"{PREFIX}_prefix_cache_misses",
+                "Requests that named a prefix cache and computed their prompt without it (recomputes included)",
+                labels=labels,
+            ),
+            "loads": CounterMetricFamily(f"{PREFIX}_prefix_cache_loads", "KV files read from disk", labels=labels),
+            "recomputes": CounterMetricFamily(
+                f"{PREFIX}_prefix_cache_recomputes",
+                "Cold caches recomputed because reading their file was measured to cost more",
+                labels=labels,
+            ),
+            "count": GaugeMetricFamily(f"{PREFIX}_prefix_caches", "Named prefix caches stored", labels=labels),
+            "resident": GaugeMetricFamily(
+                f"{PREFIX}_prefix_caches_resident", "Named prefix caches whose KV is in memory", labels=labels
+            ),
+        }
+        size = GaugeMetricFamily(
+            f"{PREFIX}_prefix_cache_bytes",
+            "Bytes of named prefix caches, on disk and in memory",
+            labels=[*labels, "where"],
+        )
+        for (model, tenant), use in sorted(store.usage().items()):
+            for field, family in families.items():
+                family.add_metric([model, tenant], getattr(use, field))
+            size.add_metric([model, tenant, "disk"], use.bytes_on_disk)
+            size.add_metric([model, tenant, "memory"], use.bytes_in_memory)
+        yield from families.values()
+        yield size
+
+
+def _number(report: dict[str, object], key: str) -> float:
+    value = report.get(key, 0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _mapping(report: dict[str, object], key: str) -> dict[str, float]:
+    value = report.get(key)
+    return {k: v for k, v in value.items() if isinstance(v, int | float)} if isinstance(value, dict) else {}
