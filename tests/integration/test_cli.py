@@ -215,11 +215,16 @@ def test_create_from_files_and_stdin(gw: Server, tmp_path: Path) -> None:
         timeout=60,
     ).json()
     assert direct["tokens_sha256"] == body["tokens_sha256"]
+    args = ["caches", "create", "chat-list", "--model", "tiny", "--messages-file", "-", "--json", "--no-progress"]
+    listed = json.loads(cli(*args, env=env, stdin=json.dumps(messages)).stdout)  # a bare list, from stdin
+    assert listed["tokens_sha256"] == body["tokens_sha256"]
+    bad = cli(*args, env=env, stdin='{"no": "messages"}')
+    assert bad.returncode == 2 and "give a JSON list of messages" in bad.stderr
     piped = cli(
         "caches", "create", "piped", "--model", "tiny", "--prompt-file", "-", "--json", env=env, stdin=words(33)
     )
     assert json.loads(piped.stdout)["num_tokens"] == 33
-    for name in ("chat", "chat-direct", "piped"):
+    for name in ("chat", "chat-direct", "chat-list", "piped"):
         assert cli("caches", "delete", name, env=env).returncode == 0
 
 
