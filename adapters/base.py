@@ -20,6 +20,7 @@ __all__ = [
     "PrefixBuild",
     "PrefixBuilt",
     "PrefixUse",
+    "PrefixWarmed",
     "Started",
     "ChoiceFinished",
     "Engine",
@@ -190,6 +191,17 @@ class PrefixBuilt:
 
 
 @dataclass(frozen=True)
+class PrefixWarmed:
+    """A stored cache's KV loaded into memory: whether it already was, and whether it stayed (it does not
+    when it alone is larger than the store's memory budget)."""
+
+    was_resident: bool
+    resident: bool
+    seconds: float
+    bytes_in_memory: int
+
+
+@dataclass(frozen=True)
 class TopLogprob:
     token: str
     logprob: float
@@ -285,6 +297,10 @@ class Engine(Protocol):
 
     async def verify_prefix(self, tenant: str, name: str) -> dict[str, object]:
         """Integrity of a stored cache: digests of its resident arrays and its file."""
+        ...
+
+    async def warm_prefix(self, tenant: str, name: str) -> PrefixWarmed:
+        """Load a stored cache's KV into resident memory (as a request naming it would)."""
         ...
 
     @property

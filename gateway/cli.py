@@ -1,12 +1,15 @@
-"""The ``mlx-gateway`` command: ``serve`` and ``build-model``."""
+"""The ``mlx-gateway`` command: ``serve``, ``build-model`` and ``caches`` (click)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
+import click
+import msgspec
+
+from gateway import __version__
+from gateway.cli_caches import caches
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 
@@ -15,30 +18,23 @@ __all__ = ["main"]
 logger = logging.getLogger("gateway")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _redacted(config: Config) -> dict[str, object]:
+    shown = msgspec.to_builtins(config)
+    shown["api_keys"] = {f"<key {i}>": tenant for i, tenant in enumerate(config.api_keys.values(), 1)}
+    if config.admin_key:
+        shown["admin_key"] = "<redacted>"
+    return shown
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(flags: dict[str, object], print_config: bool) -> int:
     try:
-        config = load_config(
-            {
-                "config": args.config,
-                "model": args.model,
-                "model_name": args.model_name,
-                "host": args.host,
-                "port": args.port,
-                "cache_dir": args.cache_dir,
-                "models_dir": args.models_dir,
-            }
-        )
+        config = load_config(flags)
     except ConfigError as exc:
-        print(f"mlx-gateway: {exc}", file=sys.stderr)
+        click.echo(f"mlx-gateway: {exc}", err=True)
         return 2
+    if print_config:
+        click.echo(msgspec.json.format(msgspec.json.encode(_redacted(config)), indent=2).decode())
+        return 0
     setup_logging(config.log_level, config.log_format)
     engine = _make_engine(config)
 
@@ -94,8 +90,8 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
     return MlxEngine(specs, store, config.profile_path)
 
 
-def _build_model(args: argparse.Namespace) -> int:
-    _setup_logging("info")
+def _build_model(preset: str, seed: int, models_dir_flag: str | None) -> int:
+    setup_logging("info", "text")
     from adapters.mlx_lm.blas import load_optimised_blas
 
     load_optimised_blas()
@@ -103,60 +99,216 @@ def _build_model(args: argparse.Namespace) -> int:
     from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
     from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 
-    models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
+    models_dir = Path(models_dir_flag) if models_dir_flag else default_models_dir()
     try:
-        if args.preset in PRESETS:
+        if preset in PRESETS:
             path = build_model(
-                args.preset,
-                seed=args.seed,
+                preset,
+                seed=seed,
                 models_dir=models_dir,
-                progress=lambda msg: print(f"[build-model {args.preset}] {msg}", file=sys.stderr, flush=True),
+                progress=lambda msg: click.echo(f"[build-model {preset}] {msg}", err=True),
             )
-        elif args.preset in REGISTRY_MODELS:
-            path = build_registry_model(args.preset, models_dir)
-        elif args.preset.lower().endswith(".gguf"):
-            path = build_from_gguf(Path(args.preset).expanduser(), models_dir)
+        elif preset in REGISTRY_MODELS:
+            path = build_registry_model(preset, models_dir)
+        elif preset.lower().endswith(".gguf"):
+            path = build_from_gguf(Path(preset).expanduser(), models_dir)
         else:
             names = ", ".join([*PRESETS, *REGISTRY_MODELS])
-            print(f"mlx-gateway: unknown model {args.preset!r}; give one of {names} or a .gguf file", file=sys.stderr)
+            click.echo(f"mlx-gateway: unknown model {preset!r}; give one of {names} or a .gguf file", err=True)
             return 2
     except (GGUFError, RuntimeError) as exc:
-        print(f"mlx-gateway: {exc}", file=sys.stderr)
+        click.echo(f"mlx-gateway: {exc}", err=True)
         return 1
-    print(path)
+    click.echo(path)
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    serve.add_argument(
-        "--model",
-        help="smollm2-135m (the default, a real model), a preset with random weights (tiny, small, llama-1b, "
-        "llama-8b), a .gguf file (llama architecture; F32, F16, Q4_0, Q4_1, Q8_0), an mlx-lm directory or a "
-        "Hugging Face id",
+def _env(var: str) -> str:
+    return f"  [env var: {var}]"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", "-V", prog_name="mlx-gateway", message="%(prog)s %(version)s")
+def cli() -> None:
+    """mlx-gateway: an OpenAI-compatible LLM gateway on mlx-lm with named, persistent, isolated prefix caches."""
+
+
+@cli.command()
+@click.option(
+    "--model",
+    help="smollm2-135m (the default, a real model), a preset with random weights (tiny, small, llama-1b, "
+    "llama-8b), a .gguf file (llama architecture; F32, F16, Q4_0, Q4_1, Q8_0), an mlx-lm directory or a "
+    "Hugging Face id. Replaces the config file's [[models]]." + _env("MLX_GATEWAY_MODEL"),
+)
+@click.option(
+    "--model-name", help="The model's id in the API (default: --model as given)." + _env("MLX_GATEWAY_MODEL_NAME")
+)
+@click.option(
+    "--host",
+    help="The address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)." + _env("MLX_GATEWAY_HOST"),
+)
+@click.option("--port", type=int, help="The port to listen on (default 8000)." + _env("MLX_GATEWAY_PORT"))
+@click.option(
+    "--config",
+    "config_file",
+    help="A TOML config file (flags and environment override it)." + _env("MLX_GATEWAY_CONFIG"),
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    metavar="KEY[:TENANT]",
+    help="Require this API key on /v1 (repeat for several; a key without a tenant belongs to 'default'). Keys "
+    "given as flags are visible to other users in `ps`: prefer the environment variable (KEY:TENANT,...)."
+    + _env("MLX_GATEWAY_API_KEYS"),
+)
+@click.option(
+    "--admin-key",
+    help="The key that manages any tenant's prefix caches. Visible in `ps` as a flag: prefer the environment "
+    "variable." + _env("MLX_GATEWAY_ADMIN_KEY"),
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Default info." + _env("MLX_GATEWAY_LOG_LEVEL"),
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="text: a line per record; json: a JSON object per line (default text)." + _env("MLX_GATEWAY_LOG_FORMAT"),
+)
+@click.option(
+    "--isolation-mode",
+    type=click.Choice(["strict", "balanced", "performance"]),
+    help="strict: each request alone in its forward passes; balanced (default): continuous batching, each "
+    "request on its own cache; performance: balanced plus automatic prefix reuse within a tenant."
+    + _env("MLX_GATEWAY_ISOLATION_MODE"),
+)
+@click.option(
+    "--max-running",
+    type=click.IntRange(min=1),
+    help="Requests in the engine at once, and sequences decoded together (default 32)."
+    + _env("MLX_GATEWAY_MAX_RUNNING"),
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=0),
+    help="Requests waiting behind them before new ones get 429 (default 256)." + _env("MLX_GATEWAY_MAX_QUEUED"),
+)
+@click.option(
+    "--max-queued-tokens",
+    type=click.IntRange(min=0),
+    help="Prompt tokens waiting before new requests get 429 (default 2000000)." + _env("MLX_GATEWAY_MAX_QUEUED_TOKENS"),
+)
+@click.option(
+    "--queue-timeout",
+    "queue_timeout_seconds",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How long a request may wait for a slot before it gets 429 (default 120)."
+    + _env("MLX_GATEWAY_QUEUE_TIMEOUT_SECONDS"),
+)
+@click.option(
+    "--shutdown-timeout",
+    "shutdown_timeout_seconds",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="On SIGTERM/SIGINT, how long running requests may finish (default 30)."
+    + _env("MLX_GATEWAY_SHUTDOWN_TIMEOUT_SECONDS"),
+)
+@click.option(
+    "--cache-dir",
+    help="Where named prefix caches are stored (default ~/.cache/mlx-gateway/prefix-caches)."
+    + _env("MLX_GATEWAY_CACHE_DIR"),
+)
+@click.option(
+    "--models-dir",
+    help="Where built and converted models are kept (default ~/.cache/mlx-gateway/models)."
+    + _env("MLX_GATEWAY_MODELS_DIR"),
+)
+@click.option(
+    "--prefix-caches/--no-prefix-caches",
+    default=None,
+    help="Named prefix caches on (default) or off (requests naming one and the admin cache routes get 400)."
+    + _env("MLX_GATEWAY_PREFIX_CACHES"),
+)
+@click.option(
+    "--prefix-cache-memory-bytes",
+    metavar="SIZE",
+    help="Memory for resident prefix caches, least recently used evicted first: bytes or a size such as 2GiB, "
+    "512MiB, 4G (default 2GiB)." + _env("MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES"),
+)
+@click.option(
+    "--max-body-bytes",
+    metavar="SIZE",
+    help="Larger request bodies get 413: bytes or a size such as 16MiB (default 16MiB)."
+    + _env("MLX_GATEWAY_MAX_BODY_BYTES"),
+)
+@click.option(
+    "--cors-allowed-origins",
+    multiple=True,
+    metavar="ORIGIN[,ORIGIN]",
+    help="Browser origins allowed by CORS (repeat, or separate with commas; * for any; default none: CORS off)."
+    + _env("MLX_GATEWAY_CORS_ALLOWED_ORIGINS"),
+)
+@click.option(
+    "--blas",
+    metavar="PATH|none",
+    help="The BLAS library for mlx on CPU (default: search for MKL; 'none': mlx's bundled reference BLAS)."
+    + _env("MLX_GATEWAY_BLAS"),
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the configuration that the flags, environment and file give (keys redacted), and exit.",
+)
+def serve(
+    print_config: bool,
+    config_file: str | None,
+    api_keys: tuple[str, ...],
+    cors_allowed_origins: tuple[str, ...],
+    **flags: object,
+) -> int:
+    """Serve the OpenAI-compatible API (and the admin API).
+
+    Every setting is taken from, in order: these flags, MLX_GATEWAY_* environment variables, the TOML file
+    (--config), the defaults.
+    """
+    origins = [o for item in cors_allowed_origins for o in item.split(",")]
+    return _serve(
+        {
+            **flags,
+            "config": config_file,
+            "api_keys": list(api_keys) or None,
+            "cors_allowed_origins": origins or None,
+        },
+        print_config,
     )
-    serve.add_argument("--model-name", help="the model's id in the API (default: --model as given)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--config", help="a TOML config file")
-    serve.add_argument("--cache-dir", help="where named prefix caches are stored")
-    serve.add_argument("--models-dir", help="where built preset models are cached")
-    serve.set_defaults(func=_serve)
-    build = sub.add_parser(
-        "build-model", help="build (once, cached) a preset, a registry model or a .gguf file's mlx-lm directory"
-    )
-    build.add_argument("preset", help="a preset, smollm2-135m, or a .gguf file")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--models-dir")
-    build.set_defaults(func=_build_model)
-    return parser
+
+
+@cli.command("build-model")
+@click.argument("preset")
+@click.option("--seed", type=int, default=0, show_default=True, help="The seed of a preset's random weights.")
+@click.option("--models-dir", help="Where built models are kept (default ~/.cache/mlx-gateway/models).")
+def build_model_command(preset: str, seed: int, models_dir: str | None) -> int:
+    """Build (once, cached) a preset, smollm2-135m or a .gguf file's mlx-lm directory, and print its path."""
+    return _build_model(preset, seed, models_dir)
+
+
+cli.add_command(caches)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return int(args.func(args))
+    """The ``mlx-gateway`` command; returns its exit status."""
+    try:
+        result = cli.main(args=argv, prog_name="mlx-gateway", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

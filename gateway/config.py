@@ -7,6 +7,7 @@ This is the only module that reads the environment.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "parse_size"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -98,13 +99,55 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         return next((m for m in self.models if m.name == name), None)
 
 
-def _parse_keys(raw: str) -> dict[str, str]:
-    """``key:tenant,key2:tenant2`` (a key without a tenant belongs to the default tenant)."""
+def _parse_keys(items: list[str]) -> dict[str, str]:
+    """``key:tenant`` items (a key without a tenant belongs to the default tenant)."""
     keys: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
+    for item in filter(None, (part.strip() for part in items)):
         key, _, tenant = item.partition(":")
         keys[key] = tenant or "default"
     return keys
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``2GiB``, ``512MiB``, ``1.5G`` or ``1000000``: ``Ki``/``Mi``/``Gi``/``Ti`` are powers of
+    1024, ``K``/``M``/``G``/``T`` powers of 1000 (as Kubernetes reads them); a trailing ``B`` is optional.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f"{text!r} is not a size (examples: 2GiB, 512MiB, 1G, 1000000)")
+    number, unit = match.group(1), (match.group(2) or "").lower()
+    scale = 1024 ** (" kmgt".index(unit[0])) if unit.endswith("i") else _UNITS[unit]
+    return int(float(number) * scale)
+
+
+# Flags that set a Config field of the same name as they are.
+_FIELD_FLAGS = (
+    "host",
+    "port",
+    "cache_dir",
+    "models_dir",
+    "admin_key",
+    "log_level",
+    "log_format",
+    "isolation_mode",
+    "max_running",
+    "max_queued",
+    "max_queued_tokens",
+    "queue_timeout_seconds",
+    "shutdown_timeout_seconds",
+    "prefix_caches",
+    "prefix_cache_memory_bytes",
+    "max_body_bytes",
+    "blas",
+)
+_SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes")
 
 
 def _model_from_flag(value: str, name: str | None) -> dict[str, Any]:
@@ -119,7 +162,8 @@ def load_config(
 
     Args:
         flags: command-line values (None for "not given"): ``config``, ``model``, ``model_name``,
-            ``host``, ``port``, ``cache_dir``, ``models_dir``.
+            ``api_keys`` (``KEY`` or ``KEY:TENANT`` items), ``cors_allowed_origins`` (items), and the
+            Config fields named in ``_FIELD_FLAGS``; sizes may be given as text (``2GiB``).
         environ: the environment (``os.environ`` when None).
 
     Raises:
@@ -162,18 +206,27 @@ def load_config(
         origins = env["MLX_GATEWAY_CORS_ALLOWED_ORIGINS"].split(",")
         raw["cors_allowed_origins"] = [o.strip() for o in origins if o.strip()]
     if env.get("MLX_GATEWAY_API_KEYS"):
-        raw["api_keys"] = _parse_keys(env["MLX_GATEWAY_API_KEYS"])
+        raw["api_keys"] = _parse_keys(env["MLX_GATEWAY_API_KEYS"].split(","))
     env_model = env.get("MLX_GATEWAY_MODEL")
-    if env_model:
-        raw["models"] = [_model_from_flag(env_model, env.get("MLX_GATEWAY_MODEL_NAME"))]
 
-    for key in ("host", "port", "cache_dir", "models_dir"):
+    for key in _FIELD_FLAGS:
         if key in flags:
             raw[key] = flags[key]
+    if "api_keys" in flags:
+        raw["api_keys"] = _parse_keys(list(flags["api_keys"]))
+    if "cors_allowed_origins" in flags:
+        raw["cors_allowed_origins"] = [o.strip() for o in flags["cors_allowed_origins"] if o.strip()]
     if "model" in flags:
         raw["models"] = [_model_from_flag(flags["model"], flags.get("model_name"))]
+    elif env_model:
+        raw["models"] = [_model_from_flag(env_model, flags.get("model_name", env.get("MLX_GATEWAY_MODEL_NAME")))]
+    elif "model_name" in flags:
+        raise ConfigError("--model-name names the model given by --model (or MLX_GATEWAY_MODEL); neither is set")
     if not raw.get("models"):
         raw["models"] = [_model_from_flag(DEFAULT_MODEL, None)]
+    for key in _SIZE_FIELDS:
+        if isinstance(raw.get(key), str):
+            raw[key] = parse_size(raw[key])
 
     try:
         config = msgspec.convert(raw, Config, strict=False)

@@ -31,7 +31,8 @@ _WHEN = {
     401: "Missing or incorrect API key (only when API keys or an admin key are configured)",
     403: "A tenant's key names another tenant",
     404: "Unknown model (`model_not_found`), prefix cache (`prefix_cache_not_found`) or route",
-    409: "A prefix cache of that name exists (`prefix_cache_exists`; send `replace: true`)",
+    409: "A prefix cache of that name exists (`prefix_cache_exists`; send `replace: true`), or a cache to warm is "
+    "larger than the whole prefix-cache memory budget (`prefix_cache_over_memory_budget`)",
     413: "The request body is larger than the server's limit (`request_too_large`)",
     429: "Too many requests running or queued (`rate_limit_exceeded`); `Retry-After` says when to retry",
     500: "The engine failed while serving the request",
@@ -71,10 +72,10 @@ _MODEL_FIELDS = ("ChatCompletionRequest", "CompletionRequest", "CreatePrefixCach
 _REF = "#/components/schemas/{name}"
 
 
-def _sse(chunk: str) -> dict[str, Any]:
+def _sse(*chunks: str) -> dict[str, Any]:
     """One server-sent event of a stream: a chunk, the error event of a failure after the first byte, or the
     closing ``[DONE]`` (an event stream's schema describes each event)."""
-    payload = {"anyOf": [{"$ref": _REF.format(name=chunk)}, {"$ref": _REF.format(name="ErrorResponse")}]}
+    payload = {"anyOf": [{"$ref": _REF.format(name=name)} for name in (*chunks, "ErrorResponse")]}
     return {
         "type": "object",
         "required": ["data"],
@@ -86,7 +87,7 @@ def _sse(chunk: str) -> dict[str, Any]:
                 ]
             }
         },
-        "description": f"With `stream: true`: `data: <{chunk}>` events, then `data: [DONE]`",
+        "description": f"With `stream: true`: `data: <{' | '.join(chunks)}>` events, then `data: [DONE]`",
     }
 
 
@@ -103,6 +104,12 @@ def document(app: Litestar, models: Sequence[str]) -> dict[str, Any]:
             content["text/event-stream"] = {"schema": _sse(chunk)}
             if "ChatCompletionChunk" not in schemas:
                 schemas.update(msgspec.json.schema_components([openai.ChatCompletionChunk], ref_template=_REF)[1])
+    build = doc.get("paths", {}).get("/admin/prefix-caches", {}).get("post")
+    if build is not None:
+        # A streamed build answers 200 with events only: progress, then the cache.
+        build["responses"]["200"]["content"] = {
+            "text/event-stream": {"schema": _sse("PrefixCacheProgress", "PrefixCacheOut")}
+        }
     if "CompletionRequest" in schemas:
         schemas["CompletionRequest"]["properties"]["prompt"] = openai.PROMPT_SCHEMA
     for name in _MODEL_FIELDS:

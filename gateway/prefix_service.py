@@ -1,23 +1,31 @@
-"""Named prefix caches as the API sees them: create, list, get, delete. The admin routes and the seed
-API's aliases both call these."""
+"""Named prefix caches as the API sees them: create (at once or with streamed progress), list, get, warm,
+delete. The admin routes and the seed API's aliases both call these."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio.to_thread
 
-from adapters.base import BuildProgress, Engine, Failed, PrefixBuild, PrefixBuilt, UnknownModel
+from adapters.base import BuildEvent, BuildProgress, Engine, Failed, PrefixBuild, PrefixBuilt, UnknownModel
 from gateway.config import Config
-from gateway.errors import ContextLengthExceeded, InvalidRequest, ServerError
+from gateway.errors import Conflict, ContextLengthExceeded, InvalidRequest, ServerError
 from gateway.planning import message_dicts
 from gateway.request_context import current_request_id
-from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
+from gateway.schemas.admin import (
+    CreatePrefixCache,
+    DeletedPrefixCache,
+    PrefixCacheList,
+    PrefixCacheOut,
+    PrefixCacheProgress,
+    WarmedPrefixCache,
+)
 from prefix_caches import Manifest, PrefixCacheStore, validate_name
 
-__all__ = ["create", "delete", "describe", "get", "listing"]
+__all__ = ["create", "create_streamed", "delete", "describe", "get", "listing", "warm"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +101,9 @@ def _tokens(engine: Engine, config: Config, req: CreatePrefixCache) -> tuple[lis
     return tokens, source
 
 
-async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixCache) -> PrefixCacheOut:
+async def _start_build(
+    engine: Engine, config: Config, tenant: str, req: CreatePrefixCache
+) -> tuple[PrefixCacheStore, AsyncIterator[BuildEvent]]:
     store = _store(engine)
     validate_name(req.name)
     store.check_new(tenant, req.name, req.replace)
@@ -109,13 +119,86 @@ async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixC
         **source,
     )
     logger.info("building prefix cache %s (%d tokens, model %s)", req.name, len(tokens), req.model)
-    async for event in engine.build_prefix(job):
-        if isinstance(event, Failed):
-            raise ServerError(f"Building the prefix cache failed: {event.error}")
-        if isinstance(event, PrefixBuilt):
-            return describe(store, event.manifest)
-        assert isinstance(event, BuildProgress)
+    return store, engine.build_prefix(job)
+
+
+def _built(store: PrefixCacheStore, event: BuildEvent) -> PrefixCacheOut | None:
+    """The cache once ``event`` says it is built; None while it is being prefilled."""
+    if isinstance(event, Failed):
+        raise ServerError(f"Building the prefix cache failed: {event.error}")
+    if isinstance(event, PrefixBuilt):
+        return describe(store, event.manifest)
+    return None
+
+
+async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixCache) -> PrefixCacheOut:
+    store, events = await _start_build(engine, config, tenant, req)
+    async for event in events:
+        built = _built(store, event)
+        if built is not None:
+            return built
     raise ServerError("The prefix cache build ended without a result")
+
+
+async def create_streamed(
+    engine: Engine, config: Config, tenant: str, req: CreatePrefixCache
+) -> AsyncIterator[PrefixCacheProgress | PrefixCacheOut]:
+    """The build's progress, then the cache. Every error known before the build starts, and the engine's
+    refusal of it (model loading, KV settings), is raised here, before the first byte is sent."""
+    store, events = await _start_build(engine, config, tenant, req)
+    try:
+        first = await anext(events)
+        built = _built(store, first)
+    except BaseException:
+        await _close(events)
+        raise
+    return _progress(store, req.name, first, built, events)
+
+
+async def _progress(
+    store: PrefixCacheStore,
+    name: str,
+    event: BuildEvent,
+    built: PrefixCacheOut | None,
+    events: AsyncIterator[BuildEvent],
+) -> AsyncIterator[PrefixCacheProgress | PrefixCacheOut]:
+    # Closing this stream early (the client went away) closes the engine's, which cancels the build.
+    try:
+        while built is None:
+            if isinstance(event, BuildProgress):
+                yield PrefixCacheProgress(id=name, done=event.done, total=event.total)
+            following = await anext(events, None)
+            if following is None:
+                raise ServerError("The prefix cache build ended without a result")
+            event = following
+            built = _built(store, event)
+        yield built
+    finally:
+        await _close(events)
+
+
+async def _close(events: AsyncIterator[BuildEvent]) -> None:
+    if isinstance(events, AsyncGenerator):
+        await events.aclose()
+
+
+async def warm(engine: Engine, tenant: str, name: str) -> WarmedPrefixCache:
+    store = _store(engine)
+    warmed = await engine.warm_prefix(tenant, name)
+    if not warmed.resident:
+        raise Conflict(
+            f"The prefix cache '{name}' takes {warmed.bytes_in_memory} bytes in memory, more than the whole "
+            f"prefix-cache memory budget ({store.memory_budget} bytes): requests read it from disk each time. "
+            "Raise prefix_cache_memory_bytes to keep it resident.",
+            param="name",
+            code="prefix_cache_over_memory_budget",
+        )
+    return WarmedPrefixCache(
+        id=name,
+        was_resident=warmed.was_resident,
+        load_ms=round(warmed.seconds * 1000, 3),
+        bytes_in_memory=warmed.bytes_in_memory,
+    )
 
 
 def listing(engine: Engine, tenant: str) -> PrefixCacheList:

@@ -39,6 +39,7 @@ from adapters.base import (
     Plan,
     PrefixBuild,
     PrefixBuilt,
+    PrefixWarmed,
     Started,
     TokenEvent,
     TokenLogprob,
@@ -260,6 +261,22 @@ class MlxEngine:
             return {"ok": on_disk == manifest.file_sha256, "arrays_sha256": resident, "file_sha256": on_disk}
 
         return await self._call(check)
+
+    async def warm_prefix(self, tenant: str, name: str) -> PrefixWarmed:
+        store = self._store
+        if store is None:
+            raise EngineError("prefix caches are not enabled")
+        manifest = store.get(tenant, name)
+
+        def load() -> PrefixWarmed:
+            # The same load (checksum once per file version, then resident under the LRU budget) a request
+            # naming a cold cache does.
+            started = time.perf_counter()
+            cache, was_resident = store.arrays(manifest)
+            seconds = time.perf_counter() - started
+            return PrefixWarmed(was_resident, store.is_resident(manifest), seconds, kv.cache_nbytes(cache))
+
+        return await self._call(load)
 
     async def _call(self, fn: Any) -> Any:
         import concurrent.futures

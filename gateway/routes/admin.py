@@ -5,22 +5,57 @@ from __future__ import annotations
 from litestar import Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromQuery, JSONBody
+from litestar.response.base import ASGIResponse
+from litestar.types import ASGIApp
 
 from gateway import prefix_service
 from gateway.auth import Access, provide_access
+from gateway.config import Config
+from gateway.encoding import encode
 from gateway.openapi import MANAGE, READ, CachePath, errors
-from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
+from gateway.schemas.admin import (
+    CreatePrefixCache,
+    DeletedPrefixCache,
+    PrefixCacheList,
+    PrefixCacheOut,
+    PrefixCacheProgress,
+    WarmedPrefixCache,
+)
+from gateway.sse import sse_response
 
 __all__ = ["admin_router"]
 
 
-@post("/prefix-caches", status_code=201, responses=errors(MANAGE))
-async def create_cache(
-    data: JSONBody[CreatePrefixCache], access: NamedDependency[Access], state: State
-) -> PrefixCacheOut:
-    """Build a named prefix cache (prefilled between other requests' steps) and store it."""
-    return await prefix_service.create(state.engine, state.config, access.tenant_for(data.tenant), data)
+@post(
+    "/prefix-caches",
+    status_code=201,
+    responses={
+        201: ResponseSpec(data_container=PrefixCacheOut, description="The cache, built and stored"),
+        200: ResponseSpec(
+            data_container=PrefixCacheProgress,
+            description="With `stream: true`: progress events while the prefix is prefilled, then the cache",
+        ),
+        **errors(MANAGE),
+    },
+)
+async def create_cache(data: JSONBody[CreatePrefixCache], access: NamedDependency[Access], state: State) -> ASGIApp:
+    """Build a named prefix cache (prefilled between other requests' steps) and store it. With
+    ``stream: true`` the answer is server-sent events: ``prefix_cache.progress`` after each prefilled chunk,
+    then the cache, then ``[DONE]``; closing the stream cancels the build."""
+    tenant = access.tenant_for(data.tenant)
+    if not data.stream:
+        built = await prefix_service.create(state.engine, state.config, tenant, data)
+        return ASGIResponse(body=encode(built), status_code=201, media_type="application/json")
+    config: Config = state.config
+    events = await prefix_service.create_streamed(state.engine, config, tenant, data)
+    return sse_response(
+        events,
+        request_id=f"build {data.name}",
+        ping_seconds=config.sse_ping_seconds,
+        send_timeout=config.sse_send_timeout_seconds,
+    )
 
 
 @get("/prefix-caches", responses=errors([400, 401, 403, 500]))
@@ -42,6 +77,15 @@ async def get_cache(
     return await prefix_service.get(state.engine, access.tenant_for(tenant), name, verify)
 
 
+@post("/prefix-caches/{name:str}/warm", status_code=200, responses=errors([*READ, 409, 503]))
+async def warm_cache(
+    name: CachePath, access: NamedDependency[Access], state: State, tenant: FromQuery[str | None] = None
+) -> WarmedPrefixCache:
+    """Load a stored cache into resident memory now (after a restart, or after it was evicted), so that the
+    next request naming it does not read its file. A 409 if it alone is larger than the memory budget."""
+    return await prefix_service.warm(state.engine, access.tenant_for(tenant), name)
+
+
 @delete("/prefix-caches/{name:str}", status_code=200, responses=errors(READ))
 async def delete_cache(
     name: CachePath, access: NamedDependency[Access], state: State, tenant: FromQuery[str | None] = None
@@ -51,7 +95,7 @@ async def delete_cache(
 
 admin_router = Router(
     "/admin",
-    route_handlers=[create_cache, list_caches, get_cache, delete_cache],
+    route_handlers=[create_cache, list_caches, get_cache, warm_cache, delete_cache],
     dependencies={"access": Provide(provide_access)},
     tags=["Admin"],
 )

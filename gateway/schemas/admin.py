@@ -8,7 +8,14 @@ import msgspec
 
 from gateway.schemas.openai import CacheName, ChatMessage, TokenId
 
-__all__ = ["CreatePrefixCache", "DeletedPrefixCache", "PrefixCacheList", "PrefixCacheOut"]
+__all__ = [
+    "CreatePrefixCache",
+    "DeletedPrefixCache",
+    "PrefixCacheList",
+    "PrefixCacheOut",
+    "PrefixCacheProgress",
+    "WarmedPrefixCache",
+]
 
 
 class CreatePrefixCache(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -26,6 +33,9 @@ class CreatePrefixCache(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     replace: bool = False
     # Only with the admin key: build the cache for this tenant.
     tenant: str | None = None
+    # True: answer 200 with server-sent events: PrefixCacheProgress after each prefilled chunk, then the
+    # PrefixCacheOut, then [DONE]. Closing the stream cancels the build.
+    stream: bool = False
 
 
 class PrefixCacheOut(msgspec.Struct, kw_only=True):
@@ -60,3 +70,23 @@ class DeletedPrefixCache(msgspec.Struct, kw_only=True):
     id: str
     object: str = "prefix_cache.deleted"
     deleted: bool = True
+
+
+class PrefixCacheProgress(msgspec.Struct, kw_only=True):
+    """One event of a streamed build: ``done`` of ``total`` prefix tokens are prefilled."""
+
+    id: str
+    object: str = "prefix_cache.progress"
+    done: int
+    total: int
+
+
+class WarmedPrefixCache(msgspec.Struct, kw_only=True):
+    """A cache's KV loaded into resident memory, where requests naming it find it without reading its file."""
+
+    id: str
+    object: str = "prefix_cache.warmed"
+    # Whether it was already in memory (then nothing was read).
+    was_resident: bool
+    load_ms: float
+    bytes_in_memory: int

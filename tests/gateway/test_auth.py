@@ -41,6 +41,7 @@ def test_every_cache_route_takes_the_access_guard_and_every_other_v1_route_the_t
         "POST /admin/prefix-caches",
         "GET /admin/prefix-caches",
         "GET /admin/prefix-caches/{name:str}",
+        "POST /admin/prefix-caches/{name:str}/warm",
         "DELETE /admin/prefix-caches/{name:str}",
         "POST /v1/prefix-cache/create",
         "GET /v1/prefix-cache/list",

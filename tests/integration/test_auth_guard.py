@@ -127,7 +127,7 @@ def gateway(request: pytest.FixtureRequest, gateways: Callable[[str], Gateway]) 
 class Route:
     method: str
     path: str  # "{name}" is the cache's name
-    kind: str  # create, list, get, delete
+    kind: str  # create, list, get, warm, delete
 
     def call(self, gw: Gateway, name: str, headers: dict[str, str]) -> httpx.Response:
         body: dict[str, Any] | None = None
@@ -145,6 +145,7 @@ ROUTES = {
     "admin-create": Route("POST", "/admin/prefix-caches", "create"),
     "admin-list": Route("GET", "/admin/prefix-caches", "list"),
     "admin-get": Route("GET", "/admin/prefix-caches/{name}", "get"),
+    "admin-warm": Route("POST", "/admin/prefix-caches/{name}/warm", "warm"),
     "admin-delete": Route("DELETE", "/admin/prefix-caches/{name}", "delete"),
     "seed-create": Route("POST", "/v1/prefix-cache/create", "create"),
     "seed-list": Route("GET", "/v1/prefix-cache/list", "list"),
@@ -181,6 +182,10 @@ def test_cache_route(gateway: Gateway, route: str, credential: str) -> None:
     elif spec.kind == "get":
         assert r.status_code == 200, r.text
         assert r.json()["id"] == name and r.json()["object"] == "prefix_cache"
+        assert (files, lists) == before
+    elif spec.kind == "warm":
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == name and r.json()["object"] == "prefix_cache.warmed"
         assert (files, lists) == before
     else:
         assert r.status_code == 200, r.text

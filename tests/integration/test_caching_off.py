@@ -23,6 +23,11 @@ def test_naming_a_cache_with_caching_off_is_a_400(models_dir: Path, log_dir: Pat
         assert set(error) == {"message", "type", "param", "code"}
         build = httpx.post(f"{server.url}/admin/prefix-caches", json={"name": "sys", "model": "tiny", "prompt": "x"})
         assert build.status_code == 400 and "not enabled" in build.json()["error"]["message"], build.text
+        streamed = {"name": "sys", "model": "tiny", "prompt": "x", "stream": True}
+        build = httpx.post(f"{server.url}/admin/prefix-caches", json=streamed)
+        assert build.status_code == 400 and "not enabled" in build.json()["error"]["message"], build.text
+        warm = httpx.post(f"{server.url}/admin/prefix-caches/sys/warm")
+        assert warm.status_code == 400 and "not enabled" in warm.json()["error"]["message"], warm.text
         assert httpx.get(f"{server.url}/health").json()["prefix_caches"] is None
         # /metrics has no prefix-cache family then, and still everything else.
         scraped = httpx.get(f"{server.url}/metrics").text

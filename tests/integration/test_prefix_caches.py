@@ -53,6 +53,46 @@ def test_admin_crud(server: Server) -> None:
     assert_error(again, 404, "invalid_request_error", "prefix_cache_not_found")
 
 
+def test_streamed_create_sends_progress_then_the_cache(server: Server) -> None:
+    prompt = " ".join(["self", "value", "the", "return"] * 300)  # 1,200 tokens: several prefill chunks
+    url = f"{server.url}/admin/prefix-caches"
+    r = httpx.post(url, json={"name": "streamed", "model": "tiny", "prompt": prompt, "stream": True}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    *progress, built = [json.loads(e) for e in events[:-1]]
+    assert len(progress) >= 2 and all(set(p) == {"id", "object", "done", "total"} for p in progress)
+    assert {(p["id"], p["object"], p["total"]) for p in progress} == {("streamed", "prefix_cache.progress", 1200)}
+    done = [p["done"] for p in progress]
+    assert done == sorted(set(done)) and done[-1] == 1200 and all(d % done[0] == 0 for d in done[:-1])
+    # The last event is the cache, as the non-streamed answer and GET give it.
+    assert built == httpx.get(f"{url}/streamed", timeout=30).json()
+    assert built["object"] == "prefix_cache" and built["status"] == "ready" and built["num_tokens"] == 1200
+    # Errors known before the build starts (the engine's refusal too) are plain JSON errors, not streams.
+    again = {"name": "streamed", "model": "tiny", "prompt": "x", "stream": True}
+    assert_error(httpx.post(url, json=again, timeout=30), 409, "invalid_request_error", "prefix_cache_exists")
+    nope = {"name": "s2", "model": "nope", "prompt": "x", "stream": True}
+    assert_error(httpx.post(url, json=nope, timeout=30), 404, "invalid_request_error", "model_not_found")
+    kv = {"name": "s2", "model": "tiny", "prompt": "x", "stream": True, "kv_bits": 8, "kv_group_size": 64}
+    assert_error(httpx.post(url, json=kv, timeout=30), 400, "invalid_request_error", "invalid_kv_settings")
+    assert httpx.delete(f"{url}/streamed", timeout=30).status_code == 200
+
+
+def test_warm_wire(server: Server) -> None:
+    assert create(server, "warm-wire", prompt="a short prefix").status_code == 201
+    r = httpx.post(f"{server.url}/admin/prefix-caches/warm-wire/warm", timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "object", "was_resident", "load_ms", "bytes_in_memory"}
+    assert body["id"] == "warm-wire" and body["object"] == "prefix_cache.warmed"
+    assert body["was_resident"] is True and body["bytes_in_memory"] > 0  # a cache just built stays in memory
+    missing = httpx.post(f"{server.url}/admin/prefix-caches/never-built/warm", timeout=30)
+    assert_error(missing, 404, "invalid_request_error", "prefix_cache_not_found")
+    bad = httpx.post(f"{server.url}/admin/prefix-caches/.bad/warm", timeout=30)
+    assert_error(bad, 400, "invalid_request_error", "invalid_prefix_cache_name")
+    assert httpx.delete(f"{server.url}/admin/prefix-caches/warm-wire", timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "-dash", "x" * 129, "", "sp ace", "a.json"])
 def test_bad_names_are_400(server: Server, name: str) -> None:
     assert_error(create(server, name), 400, "invalid_request_error", "invalid_prefix_cache_name")

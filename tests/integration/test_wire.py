@@ -297,3 +297,22 @@ def test_openapi_documents_openai_errors_and_rules(server: Server) -> None:
     }
     assert schemas["CreatePrefixCache"]["additionalProperties"] is False
     assert "text/event-stream" in chat["200"]["content"]
+
+
+def test_openapi_documents_streamed_builds_and_warming(server: Server) -> None:
+    doc = httpx.get(f"{server.url}/docs/openapi.json", timeout=30).json()
+    ref = "#/components/schemas/{}".format
+    build = doc["paths"]["/admin/prefix-caches"]["post"]["responses"]
+    assert build["201"]["content"] == {"application/json": {"schema": {"$ref": ref("PrefixCacheOut")}}}
+    assert set(build["200"]["content"]) == {"text/event-stream"}
+    data = build["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    assert data[0] == {"const": "[DONE]"}
+    payloads = [{"$ref": ref(name)} for name in ("PrefixCacheProgress", "PrefixCacheOut", "ErrorResponse")]
+    assert data[1]["contentSchema"]["anyOf"] == payloads
+    schemas = doc["components"]["schemas"]
+    assert schemas["CreatePrefixCache"]["properties"]["stream"] == {"type": "boolean", "default": False}
+    assert set(schemas["PrefixCacheProgress"]["required"]) == {"id", "done", "total"}
+    warm = doc["paths"]["/admin/prefix-caches/{name}/warm"]["post"]["responses"]
+    assert warm["200"]["content"]["application/json"]["schema"] == {"$ref": ref("WarmedPrefixCache")}
+    assert {"400", "401", "403", "404", "409", "500", "503"} <= set(warm)
+    assert "prefix_cache_over_memory_budget" in warm["409"]["description"]
