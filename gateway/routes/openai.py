@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
+from typing import Any
 
 import anyio.to_thread
 import msgspec
@@ -37,7 +38,7 @@ from gateway.schemas.openai import (
 from gateway.serving import Running, collect, count_planned_misses, prefix_header, stream_chunks
 from gateway.sse import sse_response
 
-__all__ = ["complete_planned", "openai_router", "resolve_model"]
+__all__ = ["complete_planned", "openai_router", "plan_request", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,27 @@ def _model_info(engine: Engine, name: str) -> ModelInfo:
             return info
     engine.tokenizer(name)  # a configured model that failed to load: the error that says why
     raise UnknownModel(name)
+
+
+async def plan_request(
+    state: State, planner: Callable[..., PlannedRequest], data: Any, tenant: str
+) -> tuple[PlannedRequest, ModelInfo]:
+    """Plan ``data`` (tokenising, rendering, prefix matching) off the event loop; the plan and its model."""
+    model, info = resolve_model(state, data.model)
+    tokenizer = state.engine.tokenizer(data.model)
+    planned = await anyio.to_thread.run_sync(
+        partial(
+            planner,
+            data,
+            tokenizer,
+            model,
+            info.context_length,
+            tenant,
+            state.engine.prefix_store,
+            request_id=current_request_id.get(),
+        )
+    )
+    return planned, info
 
 
 def _fingerprint(info: ModelInfo) -> str:
@@ -142,20 +164,7 @@ def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State
 ) -> ASGIApp:
-    model, info = resolve_model(state, data.model)
-    tokenizer = state.engine.tokenizer(data.model)
-    planned = await anyio.to_thread.run_sync(
-        partial(
-            plan_chat,
-            data,
-            tokenizer,
-            model,
-            info.context_length,
-            tenant,
-            state.engine.prefix_store,
-            request_id=current_request_id.get(),
-        )
-    )
+    planned, info = await plan_request(state, plan_chat, data, tenant)
     return await _respond(state, planned, info)
 
 
@@ -168,20 +177,7 @@ async def chat_completions(
     },
 )
 async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State) -> ASGIApp:
-    model, info = resolve_model(state, data.model)
-    tokenizer = state.engine.tokenizer(data.model)
-    planned = await anyio.to_thread.run_sync(
-        partial(
-            plan_completion,
-            data,
-            tokenizer,
-            model,
-            info.context_length,
-            tenant,
-            state.engine.prefix_store,
-            request_id=current_request_id.get(),
-        )
-    )
+    planned, info = await plan_request(state, plan_completion, data, tenant)
     return await _respond(state, planned, info)
 
 

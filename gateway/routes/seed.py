@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-import anyio.to_thread
 from litestar import Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -14,8 +11,7 @@ from gateway import prefix_service
 from gateway.auth import Access, provide_access, provide_tenant
 from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
-from gateway.request_context import current_request_id
-from gateway.routes.openai import complete_planned, resolve_model
+from gateway.routes.openai import complete_planned, plan_request
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
 from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
@@ -48,20 +44,7 @@ async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: s
         stop=data.stop_strings,
         prefix_cache=cache_name,
     )
-    model, info = resolve_model(state, req.model)
-    tokenizer = state.engine.tokenizer(req.model)
-    planned = await anyio.to_thread.run_sync(
-        partial(
-            plan_completion,
-            req,
-            tokenizer,
-            model,
-            info.context_length,
-            tenant,
-            state.engine.prefix_store,
-            request_id=current_request_id.get(),
-        )
-    )
+    planned, _ = await plan_request(state, plan_completion, req, tenant)
     result = await complete_planned(state, planned, "")
     assert isinstance(result, CompletionResponse) and result.usage is not None
     choice = result.choices[0]
