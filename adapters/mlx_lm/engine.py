@@ -502,7 +502,9 @@ class MlxEngine:
             batcher = self._batchers[loaded.spec.name] = Batcher(loaded, loaded.spec.max_running)
         params = request.plan.sampling
         prompt = request.plan.prompt_tokens
-        uids = batcher.insert(list(prompt[request.prefilled :]), cache, params, prompt)
+        uids = batcher.insert(
+            list(prompt[request.prefilled :]), cache, params, prompt, keep_cache=self._keeps_cache(request)
+        )
         request.cache = None
         request.batched = True
         for i, uid in enumerate(uids):
@@ -569,6 +571,13 @@ class MlxEngine:
                         batcher.remove([out.uid])  # a stop string: the batch would go on
                     if all(c.done for c in request.choices):
                         self._finish(request)
+
+    @staticmethod
+    def _keeps_cache(request: _Request) -> bool:
+        """Whether the first choice's KV outlives it: a recomputed prefix, or automatic reuse."""
+        return request.recomputing is not None or (
+            request.model.spec.isolation_mode == "performance" and request.plan.prefix is None
+        )
 
     def _drop_cancelled_batched(self) -> None:
         cancelled = {id(r): r for r, _ in self._batched.values() if r.cancelled.is_set()}
