@@ -19,8 +19,8 @@ per layer (an 8B model on an H200: a closed loop of 64 clients, a departure ever
 a step against 13 for the plain loop). Here mlx-lm never ends a sequence (no stop tokens, no length limit
 of its own): the batcher ends them by EOS and max_tokens, the engine by stop strings and cancellation, and
 an ended sequence stays in the batch as a row whose tokens nobody reads. Those rows leave together, in one
-filter, once they are a quarter of ``max_running``, or have waited 64 steps, or the batch is full with
-arrivals waiting, or nothing else decodes. A row costs little: the decode step is flat from 8 to 128
+filter, once they are a quarter of ``max_running``, or have waited 64 steps, or they take the room that
+sequences waiting to join need, or nothing else decodes. A row costs little: the decode step is flat from 8 to 128
 rows. The cache of a finished sequence is extracted only when its insert asked for it (automatic reuse, a
 recomputed prefix).
 
@@ -303,7 +303,8 @@ class Batcher:
             self._ended_at = self._steps
             return
         rows = len(self.gen._generation_batch.uids)
-        full = rows >= self.max_running and bool(self._waiting)
+        # mlx-lm admits arrivals into the room max_running leaves; ended rows must not take it from them.
+        full = len(self._waiting) > self.max_running - rows
         many = 4 * len(self._ended) >= self.max_running
         if many or full or self._steps - self._ended_at >= ENDED_ROWS_MAX_STEPS or not self._in_gen:
             self.gen.remove(sorted(self._ended))
