@@ -73,8 +73,8 @@ def disk_speeds(folder: Path, nbytes: int, repeats: int) -> dict[str, Any]:
 def cache_io(model: str, texts: Texts, tokens: int, folder: Path, repeats: int) -> dict[str, Any]:
     import mlx.core as mx
 
-    from adapters.mlx_lm.engine import new_manifest
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefix_kv import new_manifest
     from prefix_caches import kv
     from prefix_caches.names import cache_paths
     from prefix_caches.store import PrefixCacheStore

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import importlib.metadata
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -28,7 +26,6 @@ from mlx_lm.models.cache import KVCache
 from adapters.base import (
     BuildEvent,
     BuildProgress,
-    ChoiceFinished,
     EngineError,
     EngineEvent,
     EngineNotReady,
@@ -41,86 +38,27 @@ from adapters.base import (
     PrefixBuilt,
     PrefixWarmed,
     Started,
-    TokenEvent,
-    TokenLogprob,
-    TopLogprob,
     UnknownModel,
 )
 from adapters.mlx_lm.batching import Batcher
+from adapters.mlx_lm.choices import accept, choice_text, end_choice
 from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_steps
+from adapters.mlx_lm.outbox import Outbox
+from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
 from adapters.mlx_lm.reuse import TenantReuse
-from adapters.mlx_lm.sampling import ChoiceSampler, SampledToken, choice_keys
-from adapters.mlx_lm.text import StopTextAssembler
-from adapters.mlx_lm.tool_calls import ChoiceText
+from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
+from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request
 from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
 from prefix_caches.manifest import Manifest
 from prefix_caches.names import cache_paths
-from prefix_caches.store import PrefixCacheStore, file_sha256, tokens_sha256
+from prefix_caches.store import PrefixCacheStore, file_sha256
 
 __all__ = ["MlxEngine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Choice:
-    index: int
-    cache: list[Any] | None  # None when the choice runs in a batch (the batch holds its cache)
-    sampler: ChoiceSampler | None
-    text: ChoiceText
-    generated: int = 0
-    last: int = -1
-    done: bool = False
-    uid: int = -1
-
-
-@dataclass
-class _Request:
-    plan: Plan
-    model: LoadedModel
-    emit: Any  # Callable[[EngineEvent], None], bound to the request's event loop
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    cache: list[Any] | None = None
-    prefilled: int = 0
-    cached_tokens: int = 0
-    choices: list[_Choice] = field(default_factory=list)
-    completion_tokens: int = 0
-    batched: bool = False
-    # A cold named cache recomputed because loading it was measured dearer: keep the prefix KV it makes.
-    recomputing: Manifest | None = None
-
-
-@dataclass
-class _Build:
-    manifest: Manifest
-    model: LoadedModel
-    emit: Any
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    cache: list[Any] | None = None
-    prefilled: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    request_id: str | None = None  # None: a rebuild at start-up, no request asked for it
-
-
-@dataclass
-class _Call:
-    """A function to run on the engine thread (it owns every MLX array)."""
-
-    fn: Any
-    future: Any  # concurrent.futures.Future
-
-
-@dataclass
-class _ModelSlot:
-    spec: ModelSpec
-    state: str = "loading"  # loading | ready | failed
-    error: str | None = None
-    loaded: LoadedModel | None = None
-    stage: str = "waiting to start"  # what loading does now
-    load_seconds: float | None = None
 
 
 class MlxEngine:
@@ -129,11 +67,11 @@ class MlxEngine:
     def __init__(
         self, specs: list[ModelSpec], store: PrefixCacheStore | None = None, profile_path: str | None = None
     ) -> None:
-        self._slots = {s.name: _ModelSlot(s) for s in specs}
+        self._slots = {s.name: ModelSlot(s) for s in specs}
         self._store = store
-        self._inbox: queue.SimpleQueue[_Request | _Build | _Call | None] = queue.SimpleQueue()
-        self._outbox = _Outbox()
-        self._active: deque[_Request | _Build] = deque()
+        self._inbox: queue.SimpleQueue[Request | Build | Call | None] = queue.SimpleQueue()
+        self._outbox = Outbox()
+        self._active: deque[Request | Build] = deque()
         self._thread = threading.Thread(target=self._profiled_run, name="mlx-engine", daemon=True)
         self.profile_path = profile_path
         self._stopping = threading.Event()
@@ -144,7 +82,7 @@ class MlxEngine:
         self.stats = EngineStats()
         # Balanced mode: one continuous batch per model; uid -> (request, choice).
         self._batchers: dict[str, Batcher] = {}
-        self._batched: dict[int, tuple[_Request, _Choice]] = {}
+        self._batched: dict[int, tuple[Request, Choice]] = {}
         self._reuse = TenantReuse()
         # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
         self._prefill_rates: dict[str, Rate] = {}
@@ -202,7 +140,7 @@ class MlxEngine:
     async def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
         loaded = self._ready(plan.model)
         events, emit = self._outbox.channel()
-        request = _Request(plan, loaded, emit)
+        request = Request(plan, loaded, emit)
         self._inbox.put(request)
         try:
             while True:
@@ -233,7 +171,7 @@ class MlxEngine:
             job.kv_bits,
             job.kv_group_size,
         )
-        build = _Build(manifest, loaded, emit, request_id=job.request_id)
+        build = Build(manifest, loaded, emit, request_id=job.request_id)
         self._inbox.put(build)
         try:
             while True:
@@ -282,7 +220,7 @@ class MlxEngine:
         import concurrent.futures
 
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._inbox.put(_Call(fn, future))
+        self._inbox.put(Call(fn, future))
         return await asyncio.wrap_future(future)
 
     def health(self) -> dict[str, Any]:
@@ -377,11 +315,11 @@ class MlxEngine:
 
     def _fail_all(self, reason: str) -> None:
         """Every request and build still in the engine, or waiting in its inbox, gets ``reason``."""
-        waiting: list[_Request | _Build] = []
+        waiting: list[Request | Build] = []
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self._inbox.get_nowait()
-                if isinstance(item, _Call):
+                if isinstance(item, Call):
                     item.future.set_exception(EngineError(reason))
                 elif item is not None:
                     waiting.append(item)
@@ -391,7 +329,7 @@ class MlxEngine:
         self._active.clear()
         self._batched.clear()
 
-    def _load(self, slot: _ModelSlot) -> Iterator[str]:
+    def _load(self, slot: ModelSlot) -> Iterator[str]:
         """Load one model, one stage per ``next()``; a model that fails is marked so and the others go on."""
         name = slot.spec.name
         started = time.perf_counter()
@@ -426,7 +364,7 @@ class MlxEngine:
                 self._idle()
             return
         while item is not None:
-            if isinstance(item, _Call):
+            if isinstance(item, Call):
                 try:
                     item.future.set_result(item.fn())
                 except Exception as exc:
@@ -454,7 +392,7 @@ class MlxEngine:
 
     def _turn(self) -> None:
         request = self._active.popleft()
-        if isinstance(request, _Build):
+        if isinstance(request, Build):
             self._build_turn(request)
             return
         if request.cancelled.is_set():
@@ -471,14 +409,14 @@ class MlxEngine:
         else:
             self._active.append(request)
 
-    def _fail(self, request: _Request, exc: Exception, log: bool = True) -> None:
+    def _fail(self, request: Request, exc: Exception, log: bool = True) -> None:
         """One request failed: it alone gets the error; the engine goes on."""
         if log:
             logger.exception("request %s failed", request.plan.request_id, exc_info=exc, extra=_about(request.plan))
         request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
         self.stats.request_done(request.plan.model, "failed")
 
-    def _finish(self, request: _Request) -> None:
+    def _finish(self, request: Request) -> None:
         plan = request.plan
         request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
         self.stats.request_done(plan.model, "completed")
@@ -486,7 +424,7 @@ class MlxEngine:
 
     # ---- balanced mode: continuous batching -----------------------------------------------------
 
-    def _try_batch(self, request: _Request) -> bool:
+    def _try_batch(self, request: Request) -> bool:
         """Hand a new request to its model's batch, if its mode and caches allow. True if handed."""
         loaded = request.model
         if loaded.spec.isolation_mode == "strict" or request.choices or request.cache is not None:
@@ -508,7 +446,7 @@ class MlxEngine:
         request.cache = None
         request.batched = True
         for i, uid in enumerate(uids):
-            choice = _Choice(i, None, None, self._choice_text(request), uid=uid)
+            choice = Choice(i, None, None, choice_text(request), uid=uid)
             request.choices.append(choice)
             self._batched[uid] = (request, choice)
         return True
@@ -516,13 +454,13 @@ class MlxEngine:
     def _hand_new_to_batches(self) -> None:
         """Move every new balanced-mode request into its batch at once: arrivals that come together are
         prefilled together (one prompt step for all, not one per arrival)."""
-        if not any(isinstance(r, _Request) and not r.choices and r.cache is None for r in self._active):
+        if not any(isinstance(r, Request) and not r.choices and r.cache is None for r in self._active):
             return
         # A snapshot: attaching a prefix may queue a rebuild onto _active while we go.
         items, self._active = list(self._active), deque()
-        keep: deque[_Request | _Build] = deque()
+        keep: deque[Request | Build] = deque()
         for item in items:
-            if isinstance(item, _Request) and not item.cancelled.is_set():
+            if isinstance(item, Request) and not item.cancelled.is_set():
                 try:
                     if self._try_batch(item):
                         continue
@@ -558,10 +496,10 @@ class MlxEngine:
                 request, choice = entry
                 if choice.done:
                     continue
-                self._accept(request, choice, out.sampled)
+                accept(request, choice, out.sampled)
                 if not choice.done and out.finish_reason is not None:
                     choice.done = True  # the batch ended it (its own length/EOS bookkeeping)
-                    self._end_choice(request, choice, out.finish_reason)
+                    end_choice(request, choice, out.finish_reason)
                 if choice.done:
                     if choice.index == 0:
                         self._keep_for_reuse(request, out.cache)
@@ -573,7 +511,7 @@ class MlxEngine:
                         self._finish(request)
 
     @staticmethod
-    def _keeps_cache(request: _Request) -> bool:
+    def _keeps_cache(request: Request) -> bool:
         """Whether the first choice's KV outlives it: a recomputed prefix, or automatic reuse."""
         return request.recomputing is not None or (
             request.model.spec.isolation_mode == "performance" and request.plan.prefix is None
@@ -598,7 +536,7 @@ class MlxEngine:
         with contextlib.suppress(Exception):
             batcher.close()
 
-    def _step(self, request: _Request) -> bool:
+    def _step(self, request: Request) -> bool:
         """Run one prefill chunk or one decode step. Returns True when the request is finished."""
         if request.cache is None and not request.choices:
             self._attach_prefix(request)
@@ -613,7 +551,7 @@ class MlxEngine:
                 if not choice.done:
                     assert choice.cache is not None and choice.sampler is not None
                     logits = self._forward(request.model, [choice.last], choice.cache)
-                    self._accept(request, choice, choice.sampler(logits))
+                    accept(request, choice, choice.sampler(logits))
             self.stats.decode_step(request.plan.model, "sequential", time.perf_counter() - started)
         return all(c.done for c in request.choices) if request.choices else False
 
@@ -624,7 +562,7 @@ class MlxEngine:
             maybe_quantize_kv_cache(cache, spec.quantized_kv_start, spec.kv_group_size, spec.kv_bits)
         return logits
 
-    def _attach_prefix(self, request: _Request) -> None:
+    def _attach_prefix(self, request: Request) -> None:
         """Give the request its own view of its named prefix cache, or a fresh cache on a miss."""
         use, store = request.plan.prefix, self._store
         if use is None and request.model.spec.isolation_mode == "performance" and self._reuse_hit(request):
@@ -678,7 +616,7 @@ class MlxEngine:
     def _prefill_rate(self, loaded: LoadedModel) -> Rate:
         return self._prefill_rates.setdefault(loaded.spec.name, Rate())
 
-    def _recompute_cold(self, request: _Request, manifest: Manifest, reuse: int) -> bool:
+    def _recompute_cold(self, request: Request, manifest: Manifest, reuse: int) -> bool:
         """Serve a cold cache by recomputing its tokens when reading its file was measured to cost more.
 
         On a GPU, re-reading hundreds of MB of KV can take longer than the prefill it replaces; the request
@@ -702,21 +640,21 @@ class MlxEngine:
         request.emit(Started(0, prefix_miss_reason=reason))
         return True
 
-    def _keep_recomputed_prefix(self, request: _Request, cache: list[Any] | None) -> None:
+    def _keep_recomputed_prefix(self, request: Request, cache: list[Any] | None) -> None:
         manifest, request.recomputing = request.recomputing, None
         if manifest is None or cache is None or self._store is None:
             return
         n = manifest.num_tokens
         if tuple(request.plan.prompt_tokens[:n]) != tuple(manifest.tokens):
             return
-        prefix = _exact_prefix(cache, n)
+        prefix = exact_prefix(cache, n)
         if prefix is None:
             return
         if manifest.kv_bits:
             prefix = kv.quantize(prefix, manifest.kv_bits, manifest.kv_group_size)
         self._store.keep_recomputed(manifest, prefix)
 
-    def _reuse_hit(self, request: _Request) -> bool:
+    def _reuse_hit(self, request: Request) -> bool:
         """performance mode: start from this tenant's longest matching earlier prompt, if any."""
         plan = request.plan
         found = self._reuse.find(plan.model, plan.tenant, plan.prompt_tokens)
@@ -729,17 +667,17 @@ class MlxEngine:
         request.emit(Started(reuse))
         return True
 
-    def _keep_for_reuse(self, request: _Request, cache: list[Any] | None) -> None:
+    def _keep_for_reuse(self, request: Request, cache: list[Any] | None) -> None:
         plan = request.plan
         if cache is None or plan.prefix is not None or request.model.spec.isolation_mode != "performance":
             return
-        prefix = _exact_prefix(cache, len(plan.prompt_tokens))
+        prefix = exact_prefix(cache, len(plan.prompt_tokens))
         if prefix is not None:
             self._reuse.add(plan.model, plan.tenant, plan.prompt_tokens, prefix)
 
     # ---- prefix-cache builds -------------------------------------------------------------------
 
-    def _build_turn(self, build: _Build) -> None:
+    def _build_turn(self, build: Build) -> None:
         manifest = build.manifest
         store = self._store
         assert store is not None
@@ -800,7 +738,7 @@ class MlxEngine:
             reasons = []
             if manifest.model_fingerprint != loaded.fingerprint:
                 reasons.append("the model's weights or config changed")
-            if manifest.mlx_version != _version("mlx") or manifest.mlx_lm_version != _version("mlx-lm"):
+            if manifest.mlx_version != library_version("mlx") or manifest.mlx_lm_version != library_version("mlx-lm"):
                 reasons.append(f"written by mlx {manifest.mlx_version} / mlx-lm {manifest.mlx_lm_version}")
             status = self._store.status(manifest.tenant, manifest.name)
             if reasons or status.state != "ready":
@@ -833,9 +771,9 @@ class MlxEngine:
             loaded, tenant, name, old.source, tokens, old.prompt, old.messages, old.kv_bits, old.kv_group_size
         )
         store.set_status(tenant, name, "building", "rebuilding")
-        self._active.append(_Build(manifest, loaded, _drop))
+        self._active.append(Build(manifest, loaded, _drop))
 
-    def _prefill_chunk(self, request: _Request) -> mx.array | None:
+    def _prefill_chunk(self, request: Request) -> mx.array | None:
         """Feed the next chunk of the prompt; return the last position's logits after the final one.
 
         The whole prompt goes through the model once: the final chunk's last position gives the first
@@ -858,7 +796,7 @@ class MlxEngine:
         if tokens >= MIN_PREFILL_SAMPLE_TOKENS:
             self._prefill_rate(loaded).add(tokens, seconds)
 
-    def _start_choices(self, request: _Request, logits: mx.array) -> None:
+    def _start_choices(self, request: Request, logits: mx.array) -> None:
         plan, loaded = request.plan, request.model
         params = plan.sampling
         keys = choice_keys(params.seed, params.n)
@@ -868,107 +806,11 @@ class MlxEngine:
             cache = request.cache if i == params.n - 1 else copy.deepcopy(request.cache)
             grammars = loaded.tokenizer.grammars if params.constraint is not None else None
             sampler = ChoiceSampler(params, loaded.vocab_size, keys[i], plan.prompt_tokens, grammars)
-            request.choices.append(_Choice(i, cache, sampler, self._choice_text(request)))
+            request.choices.append(Choice(i, cache, sampler, choice_text(request)))
         request.cache = None
         for choice in request.choices:
             assert choice.sampler is not None
-            self._accept(request, choice, choice.sampler(logits))
-
-    def _accept(self, request: _Request, choice: _Choice, sampled: SampledToken) -> None:
-        tokenizer = request.model.tokenizer
-        params = request.plan.sampling
-        choice.generated += 1
-        request.completion_tokens += 1
-        choice.last = sampled.token
-        logprobs = self._logprobs(tokenizer, sampled) if params.logprobs else ()
-        if sampled.token in tokenizer.eos_token_ids:
-            choice.done = True
-            request.emit(TokenEvent(choice.index, "", (sampled.token,), logprobs))
-            self._end_choice(request, choice, "stop")
-            return
-        delta = choice.text.add(sampled.token)
-        request.emit(TokenEvent(choice.index, delta, (sampled.token,), logprobs, choice.text.take_calls()))
-        if choice.text.stopped:
-            choice.done = True
-            self._end_choice(request, choice, "stop")
-        elif choice.generated >= params.max_tokens:
-            choice.done = True
-            self._end_choice(request, choice, "length")
-
-    @staticmethod
-    def _choice_text(request: _Request) -> ChoiceText:
-        tokenizer = request.model.tokenizer
-        text = StopTextAssembler(tokenizer.detokenizer(), request.plan.sampling.stop)
-        return ChoiceText(text, request.plan.tools, tokenizer.wrapper)
-
-    @staticmethod
-    def _end_choice(request: _Request, choice: _Choice, reason: str) -> None:
-        """The choice's last text and tool calls, then its finish: ``tool_calls`` when it stopped after
-        calling tools (as OpenAI reports it; a call cut off by max_tokens stays ``length``)."""
-        text = choice.text.finish()
-        calls = choice.text.take_calls()
-        if calls:
-            request.emit(TokenEvent(choice.index, text, (), (), calls))
-            text = ""
-        if reason == "stop" and choice.text.made_calls:
-            reason = "tool_calls"
-        request.emit(ChoiceFinished(choice.index, reason, text))
-
-    @staticmethod
-    def _logprobs(tokenizer: MlxTokenizer, sampled: SampledToken) -> tuple[TokenLogprob, ...]:
-        text, raw = tokenizer.token_text(sampled.token)
-        top = []
-        for token_id, lp in sampled.top:
-            t_text, t_raw = tokenizer.token_text(token_id)
-            top.append(TopLogprob(t_text, lp, t_raw))
-        return (TokenLogprob(text, sampled.token, sampled.logprob or 0.0, raw, tuple(top)),)
-
-
-class _Outbox:
-    """Events from the engine thread to the requests' event loops, handed over once per turn of the engine
-    loop: one ``call_soon_threadsafe`` per event loop per turn instead of one per token. Each hand-off
-    writes to the loop's wake-up socket and lets the HTTP thread take the GIL; at batch 64 one per token
-    meant 64 of them between two decode steps."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-
-    def channel(self) -> tuple[asyncio.Queue[Any], Any]:
-        """For a coroutine on its event loop: a queue, and the engine thread's function that puts into it."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Any] = asyncio.Queue()
-
-        def emit(event: Any) -> None:
-            with self._lock:
-                self._pending.setdefault(loop, []).append((events, event))
-
-        return events, emit
-
-    def flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for loop, items in pending.items():
-            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody is listening
-                loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for events, event in items:
-        events.put_nowait(event)
-
-
-def _version(dist: str) -> str:
-    return importlib.metadata.version(dist)
-
-
-def _exact_prefix(cache: list[Any], n: int) -> list[Any] | None:
-    """A finished request's KV of its first ``n`` tokens, as a cache of its own; None if it holds fewer
-    tokens or layers a prefix cache cannot hold."""
-    try:
-        return kv.exact(kv.view(cache, n)) if min(c.offset for c in cache) >= n else None
-    except PrefixCacheUnusable:
-        return None
+            accept(request, choice, choice.sampler(logits))
 
 
 def _about(plan: Plan) -> dict[str, str]:
@@ -978,37 +820,3 @@ def _about(plan: Plan) -> dict[str, str]:
 
 def _drop(_: Any) -> None:
     """The emitter of builds nobody listens to (rebuilds)."""
-
-
-def new_manifest(
-    loaded: LoadedModel,
-    tenant: str,
-    name: str,
-    source: str,
-    tokens: list[int],
-    prompt: str | None,
-    messages: list[dict[str, Any]] | None,
-    kv_bits: int | None,
-    kv_group_size: int,
-) -> Manifest:
-    """The manifest of a cache about to be built for ``loaded``."""
-
-    return Manifest(
-        name=name,
-        tenant=tenant,
-        model=loaded.spec.name,
-        model_fingerprint=loaded.fingerprint,
-        tokenizer_fingerprint=loaded.tokenizer_fingerprint,
-        chat_template_fingerprint=loaded.chat_template_fingerprint,
-        mlx_version=_version("mlx"),
-        mlx_lm_version=_version("mlx-lm"),
-        source=source,  # type: ignore[arg-type]
-        prompt=prompt,
-        messages=messages,
-        tokens=list(tokens),
-        tokens_sha256=tokens_sha256(list(tokens)),
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        dtype=loaded.dtype,
-        created_at=time.time(),
-    )

@@ -1,0 +1,64 @@
+"""A choice's tokens becoming events: text, logprobs, tool calls, and how it ends. Engine thread only."""
+
+from __future__ import annotations
+
+from adapters.base import ChoiceFinished, TokenEvent, TokenLogprob, TopLogprob
+from adapters.mlx_lm.models import MlxTokenizer
+from adapters.mlx_lm.sampling import SampledToken
+from adapters.mlx_lm.text import StopTextAssembler
+from adapters.mlx_lm.tool_calls import ChoiceText
+from adapters.mlx_lm.work import Choice, Request
+
+__all__ = ["accept", "choice_text", "end_choice", "token_logprobs"]
+
+
+def accept(request: Request, choice: Choice, sampled: SampledToken) -> None:
+    """Take one sampled token: its event, and the choice's end when it is EOS, a stop string or the limit."""
+    tokenizer = request.model.tokenizer
+    params = request.plan.sampling
+    choice.generated += 1
+    request.completion_tokens += 1
+    choice.last = sampled.token
+    logprobs = token_logprobs(tokenizer, sampled) if params.logprobs else ()
+    if sampled.token in tokenizer.eos_token_ids:
+        choice.done = True
+        request.emit(TokenEvent(choice.index, "", (sampled.token,), logprobs))
+        end_choice(request, choice, "stop")
+        return
+    delta = choice.text.add(sampled.token)
+    request.emit(TokenEvent(choice.index, delta, (sampled.token,), logprobs, choice.text.take_calls()))
+    if choice.text.stopped:
+        choice.done = True
+        end_choice(request, choice, "stop")
+    elif choice.generated >= params.max_tokens:
+        choice.done = True
+        end_choice(request, choice, "length")
+
+
+def choice_text(request: Request) -> ChoiceText:
+    """A new choice's text: detokenised, cut at stop strings, tool calls parsed."""
+    tokenizer = request.model.tokenizer
+    text = StopTextAssembler(tokenizer.detokenizer(), request.plan.sampling.stop)
+    return ChoiceText(text, request.plan.tools, tokenizer.wrapper)
+
+
+def end_choice(request: Request, choice: Choice, reason: str) -> None:
+    """The choice's last text and tool calls, then its finish: ``tool_calls`` when it stopped after
+    calling tools (as OpenAI reports it; a call cut off by max_tokens stays ``length``)."""
+    text = choice.text.finish()
+    calls = choice.text.take_calls()
+    if calls:
+        request.emit(TokenEvent(choice.index, text, (), (), calls))
+        text = ""
+    if reason == "stop" and choice.text.made_calls:
+        reason = "tool_calls"
+    request.emit(ChoiceFinished(choice.index, reason, text))
+
+
+def token_logprobs(tokenizer: MlxTokenizer, sampled: SampledToken) -> tuple[TokenLogprob, ...]:
+    text, raw = tokenizer.token_text(sampled.token)
+    top = []
+    for token_id, lp in sampled.top:
+        t_text, t_raw = tokenizer.token_text(token_id)
+        top.append(TopLogprob(t_text, lp, t_raw))
+    return (TokenLogprob(text, sampled.token, sampled.logprob or 0.0, raw, tuple(top)),)
