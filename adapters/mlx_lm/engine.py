@@ -20,12 +20,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import KVCache
 
 from adapters.base import (
     BuildEvent,
-    BuildProgress,
     EngineError,
     EngineEvent,
     EngineNotReady,
@@ -37,22 +35,19 @@ from adapters.base import (
     PrefixBuild,
     PrefixBuilt,
     PrefixWarmed,
-    Started,
     UnknownModel,
 )
 from adapters.mlx_lm.batching import Batcher
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
 from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_steps
 from adapters.mlx_lm.outbox import Outbox
-from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
-from adapters.mlx_lm.reuse import TenantReuse
+from adapters.mlx_lm.prefix_kv import new_manifest
+from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request
 from adapters.stats import EngineStats
 from prefix_caches import kv
-from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
-from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
-from prefix_caches.manifest import Manifest
+from prefix_caches.errors import InvalidKVSettings, PrefixCacheUnusable
 from prefix_caches.names import cache_paths
 from prefix_caches.store import PrefixCacheStore, file_sha256
 
@@ -83,9 +78,8 @@ class MlxEngine:
         # Balanced mode: one continuous batch per model; uid -> (request, choice).
         self._batchers: dict[str, Batcher] = {}
         self._batched: dict[int, tuple[Request, Choice]] = {}
-        self._reuse = TenantReuse()
-        # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
-        self._prefill_rates: dict[str, Rate] = {}
+        # Named prefix caches, automatic reuse, cold-cache decisions; builds queue onto the turns.
+        self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build))
         self.device = "unknown"
 
     # ---- the HTTP side's interface -------------------------------------------------------------
@@ -231,7 +225,7 @@ class MlxEngine:
             "active_requests": len(self._active) + len({id(r) for r, _ in self._batched.values()}),
             "batched_sequences": len(self._batched),
             "batch_steps": self.stats.batch_totals(),
-            "automatic_reuse": self._reuse.stats(),
+            "automatic_reuse": self.prefixes.reuse.stats(),
             "requests": self.stats.request_totals(),
             "models": {
                 name: {
@@ -347,11 +341,11 @@ class MlxEngine:
                 slot.stage = "calibrating prefill"
                 logger.info("model %s: %s (%.1fs)", name, slot.stage, time.perf_counter() - started)
                 yield slot.stage
-                self._calibrate_prefill(loaded)
+                self.prefixes.calibrate(loaded)
             slot.loaded, slot.state = loaded, "ready"
             slot.load_seconds = round(time.perf_counter() - started, 2)
             logger.info("model %s: ready after %.1fs", name, slot.load_seconds)
-            self._check_stored_prefixes(loaded)
+            self.prefixes.check_stored(loaded)
         except Exception as exc:  # a bad model must not take the others down
             logger.exception("model %s failed to load", name)
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -393,7 +387,7 @@ class MlxEngine:
     def _turn(self) -> None:
         request = self._active.popleft()
         if isinstance(request, Build):
-            self._build_turn(request)
+            self.prefixes.build_turn(request)
             return
         if request.cancelled.is_set():
             logger.info("request %s cancelled", request.plan.request_id, extra=_about(request.plan))
@@ -431,7 +425,7 @@ class MlxEngine:
             return False
         if loaded.spec.kv_bits is not None:
             return False  # quantised caches cannot merge into a batch: they run in their own group
-        self._attach_prefix(request)
+        self.prefixes.attach(request)
         cache: list[Any] = request.cache or []
         if any(not isinstance(c, KVCache) for c in cache):
             return False  # e.g. a q4/q8 prefix cache: the sequential path serves it
@@ -479,7 +473,7 @@ class MlxEngine:
                 started = time.perf_counter()
                 outs = batcher.step()
                 for tokens, seconds in batcher.prefill_timings:
-                    self._record_prefill(batcher.loaded, tokens, seconds)
+                    self.prefixes.record_prefill(batcher.loaded, tokens, seconds)
                 seconds = time.perf_counter() - started
                 self.stats.batch_step(name, len(outs), seconds)
                 if outs and batcher.decoded:  # the step's decode time, without the prefill chunk it carried
@@ -502,8 +496,8 @@ class MlxEngine:
                     end_choice(request, choice, out.finish_reason)
                 if choice.done:
                     if choice.index == 0:
-                        self._keep_for_reuse(request, out.cache)
-                        self._keep_recomputed_prefix(request, out.cache)
+                        self.prefixes.keep_for_reuse(request, out.cache)
+                        self.prefixes.keep_recomputed(request, out.cache)
                     self._batched.pop(out.uid, None)
                     if out.finish_reason is None:
                         batcher.remove([out.uid])  # a stop string: the batch would go on
@@ -539,239 +533,21 @@ class MlxEngine:
     def _step(self, request: Request) -> bool:
         """Run one prefill chunk or one decode step. Returns True when the request is finished."""
         if request.cache is None and not request.choices:
-            self._attach_prefix(request)
+            self.prefixes.attach(request)
         if not request.choices:
             logits = self._prefill_chunk(request)
             if logits is not None:
-                self._keep_recomputed_prefix(request, request.cache)
+                self.prefixes.keep_recomputed(request, request.cache)
                 self._start_choices(request, logits)
         else:
             started = time.perf_counter()
             for choice in request.choices:
                 if not choice.done:
                     assert choice.cache is not None and choice.sampler is not None
-                    logits = self._forward(request.model, [choice.last], choice.cache)
+                    logits = request.model.forward([choice.last], choice.cache)
                     accept(request, choice, choice.sampler(logits))
             self.stats.decode_step(request.plan.model, "sequential", time.perf_counter() - started)
         return all(c.done for c in request.choices) if request.choices else False
-
-    def _forward(self, loaded: LoadedModel, tokens: list[int], cache: list[Any], quantize: bool = True) -> mx.array:
-        logits = loaded.model(mx.array(tokens)[None], cache=cache)[0, -1, :]
-        spec = loaded.spec
-        if quantize:
-            maybe_quantize_kv_cache(cache, spec.quantized_kv_start, spec.kv_group_size, spec.kv_bits)
-        return logits
-
-    def _attach_prefix(self, request: Request) -> None:
-        """Give the request its own view of its named prefix cache, or a fresh cache on a miss."""
-        use, store = request.plan.prefix, self._store
-        if use is None and request.model.spec.isolation_mode == "performance" and self._reuse_hit(request):
-            return
-        if use is None or store is None:
-            request.cache = request.model.make_cache()
-            request.emit(Started(0))
-            return
-        start = time.perf_counter()
-        try:
-            manifest = store.get(use.tenant, use.name)
-            if not store.is_resident(manifest) and self._recompute_cold(request, manifest, use.reuse):
-                return
-            stored, resident = store.arrays(manifest)
-            request.cache = kv.view(stored, use.reuse, dequantize=True)
-        except PrefixCacheError as exc:
-            reason = str(exc)
-            if isinstance(exc, PrefixCacheUnusable):
-                logger.warning(
-                    "prefix cache %s unusable, recomputing: %s", use.name, reason, extra=_about(request.plan)
-                )
-                store.set_status(use.tenant, use.name, "invalid", reason)
-                self._queue_rebuild(request.model, use.tenant, use.name)
-            store.record_miss(request.plan.model, use.tenant)
-            request.cache = request.model.make_cache()
-            request.emit(Started(0, prefix_miss_reason=reason))
-            return
-        request.prefilled = use.reuse
-        request.cached_tokens = use.reuse
-        store.record_hit(use.tenant, use.name)
-        load_ms = (time.perf_counter() - start) * 1000
-        request.emit(Started(use.reuse, True, resident, load_ms))
-
-    def _calibrate_prefill(self, loaded: LoadedModel) -> None:
-        """Time one prefill chunk at start-up (after one that compiles the kernels), so that the first cold
-        cache is already decided by measured costs; traffic refines the rate later."""
-        if self._store is None:
-            return
-        step = loaded.spec.prefill_step_size or 512
-        tokens = [i % min(loaded.vocab_size, 1000) for i in range(step)]
-        for timed in (False, True):
-            cache = loaded.make_cache()
-            started = time.perf_counter()
-            self._forward(loaded, tokens, cache, quantize=False)
-            mx.eval([c.state for c in cache])
-            if timed:
-                self._prefill_rate(loaded).add(step, time.perf_counter() - started)
-        rate = self._prefill_rate(loaded).per_second() or 0.0
-        logger.info("model %s: prefill measured at %.0f tokens/s", loaded.spec.name, rate)
-
-    def _prefill_rate(self, loaded: LoadedModel) -> Rate:
-        return self._prefill_rates.setdefault(loaded.spec.name, Rate())
-
-    def _recompute_cold(self, request: Request, manifest: Manifest, reuse: int) -> bool:
-        """Serve a cold cache by recomputing its tokens when reading its file was measured to cost more.
-
-        On a GPU, re-reading hundreds of MB of KV can take longer than the prefill it replaces; the request
-        then prefills the whole prompt and the prefix KV it computes becomes the resident copy.
-        """
-        store = self._store
-        assert store is not None
-        load = store.estimated_load_seconds(manifest)
-        prefill = self._prefill_rate(request.model).estimate(reuse)
-        if not cheaper_to_recompute(load, prefill):
-            return False
-        assert load is not None and prefill is not None
-        reason = (
-            f"recomputed (reading {manifest.size_bytes / 1e6:.0f} MB ~{load * 1000:.0f} ms > "
-            f"prefilling {reuse} tokens ~{prefill * 1000:.0f} ms)"
-        )
-        logger.info("prefix cache %s is cold: %s", manifest.name, reason, extra=_about(request.plan))
-        store.record_recompute(manifest.model, manifest.tenant)
-        request.cache = request.model.make_cache()
-        request.recomputing = manifest
-        request.emit(Started(0, prefix_miss_reason=reason))
-        return True
-
-    def _keep_recomputed_prefix(self, request: Request, cache: list[Any] | None) -> None:
-        manifest, request.recomputing = request.recomputing, None
-        if manifest is None or cache is None or self._store is None:
-            return
-        n = manifest.num_tokens
-        if tuple(request.plan.prompt_tokens[:n]) != tuple(manifest.tokens):
-            return
-        prefix = exact_prefix(cache, n)
-        if prefix is None:
-            return
-        if manifest.kv_bits:
-            prefix = kv.quantize(prefix, manifest.kv_bits, manifest.kv_group_size)
-        self._store.keep_recomputed(manifest, prefix)
-
-    def _reuse_hit(self, request: Request) -> bool:
-        """performance mode: start from this tenant's longest matching earlier prompt, if any."""
-        plan = request.plan
-        found = self._reuse.find(plan.model, plan.tenant, plan.prompt_tokens)
-        if found is None:
-            return False
-        cache, common = found
-        reuse = min(common, len(plan.prompt_tokens) - 1)
-        request.cache = kv.view(cache, reuse)
-        request.prefilled = request.cached_tokens = reuse
-        request.emit(Started(reuse))
-        return True
-
-    def _keep_for_reuse(self, request: Request, cache: list[Any] | None) -> None:
-        plan = request.plan
-        if cache is None or plan.prefix is not None or request.model.spec.isolation_mode != "performance":
-            return
-        prefix = exact_prefix(cache, len(plan.prompt_tokens))
-        if prefix is not None:
-            self._reuse.add(plan.model, plan.tenant, plan.prompt_tokens, prefix)
-
-    # ---- prefix-cache builds -------------------------------------------------------------------
-
-    def _build_turn(self, build: Build) -> None:
-        manifest = build.manifest
-        store = self._store
-        assert store is not None
-        if build.cancelled.is_set():
-            logger.info("prefix cache build %s cancelled", manifest.name, extra={"request_id": build.request_id})
-            store.set_status(manifest.tenant, manifest.name, "invalid", "build cancelled")
-            return
-        try:
-            if build.cache is None:
-                build.cache = build.model.make_cache()
-            tokens = manifest.tokens
-            step = build.model.spec.prefill_step_size or 512
-            chunk = tokens[build.prefilled : build.prefilled + step]
-            started = time.perf_counter()
-            self._forward(build.model, chunk, build.cache, quantize=False)
-            mx.eval([c.state for c in build.cache])
-            self._record_prefill(build.model, len(chunk), time.perf_counter() - started)
-            build.prefilled += len(chunk)
-            logger.info(
-                "prefix cache %s: %d/%d tokens",
-                manifest.name,
-                build.prefilled,
-                len(tokens),
-                extra={"request_id": build.request_id},
-            )
-            build.emit(BuildProgress(build.prefilled, len(tokens)))
-            if build.prefilled < len(tokens):
-                self._active.append(build)
-                return
-            cache = kv.exact(build.cache)
-            if manifest.kv_bits:
-                cache = kv.quantize(cache, manifest.kv_bits, manifest.kv_group_size)
-            seconds = time.perf_counter() - build.started
-            manifest.build_seconds = seconds
-            saved = store.save(manifest, cache)
-            logger.info(
-                "prefix cache %s built: %d tokens, %d bytes, %.2fs",
-                manifest.name,
-                len(tokens),
-                saved.size_bytes,
-                seconds,
-                extra={"request_id": build.request_id},
-            )
-            build.emit(PrefixBuilt(saved, seconds))
-        except Exception as exc:
-            logger.exception("prefix cache build %s failed", manifest.name, extra={"request_id": build.request_id})
-            store.set_status(manifest.tenant, manifest.name, "invalid", f"build failed: {exc}")
-            build.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
-
-    def _check_stored_prefixes(self, loaded: LoadedModel) -> None:
-        """Stored caches built for other weights or library versions are never used: rebuild them."""
-        if self._store is None:
-            return
-
-        for manifest in self._store.all():
-            if manifest.model != loaded.spec.name:
-                continue
-            reasons = []
-            if manifest.model_fingerprint != loaded.fingerprint:
-                reasons.append("the model's weights or config changed")
-            if manifest.mlx_version != library_version("mlx") or manifest.mlx_lm_version != library_version("mlx-lm"):
-                reasons.append(f"written by mlx {manifest.mlx_version} / mlx-lm {manifest.mlx_lm_version}")
-            status = self._store.status(manifest.tenant, manifest.name)
-            if reasons or status.state != "ready":
-                reason = "; ".join(reasons) or status.reason or status.state
-                logger.warning("prefix cache %s is stale (%s): rebuilding", manifest.name, reason)
-                self._store.set_status(manifest.tenant, manifest.name, "stale", reason)
-                self._queue_rebuild(loaded, manifest.tenant, manifest.name)
-
-    def _queue_rebuild(self, loaded: LoadedModel, tenant: str, name: str) -> None:
-        """Rebuild from the manifest: its tokens where the tokenizer is the same, else its source text."""
-        store = self._store
-        assert store is not None
-        try:
-            old = store.get(tenant, name)
-        except PrefixCacheNotFound:
-            return
-        tokens = list(old.tokens)
-        if old.tokenizer_fingerprint != loaded.tokenizer_fingerprint or (
-            old.source == "messages" and old.chat_template_fingerprint != loaded.chat_template_fingerprint
-        ):
-            tok = loaded.tokenizer
-            if old.source == "messages" and old.messages is not None:
-                tokens = tok.encode(tok.render_chat(old.messages, add_generation_prompt=False))
-            elif old.prompt is not None:
-                tokens = tok.encode(old.prompt)
-            else:
-                store.set_status(tenant, name, "invalid", "built from token ids for another tokenizer")
-                return
-        manifest = new_manifest(
-            loaded, tenant, name, old.source, tokens, old.prompt, old.messages, old.kv_bits, old.kv_group_size
-        )
-        store.set_status(tenant, name, "building", "rebuilding")
-        self._active.append(Build(manifest, loaded, _drop))
 
     def _prefill_chunk(self, request: Request) -> mx.array | None:
         """Feed the next chunk of the prompt; return the last position's logits after the final one.
@@ -785,16 +561,12 @@ class MlxEngine:
         chunk = list(prompt[request.prefilled : request.prefilled + step])
         request.prefilled += len(chunk)
         started = time.perf_counter()
-        logits = self._forward(request.model, chunk, request.cache)
+        logits = request.model.forward(chunk, request.cache)
         if request.prefilled < len(prompt):
             mx.eval([c.state for c in request.cache])
-            self._record_prefill(request.model, len(chunk), time.perf_counter() - started)
+            self.prefixes.record_prefill(request.model, len(chunk), time.perf_counter() - started)
             return None
         return logits
-
-    def _record_prefill(self, loaded: LoadedModel, tokens: int, seconds: float) -> None:
-        if tokens >= MIN_PREFILL_SAMPLE_TOKENS:
-            self._prefill_rate(loaded).add(tokens, seconds)
 
     def _start_choices(self, request: Request, logits: mx.array) -> None:
         plan, loaded = request.plan, request.model
@@ -816,7 +588,3 @@ class MlxEngine:
 def _about(plan: Plan) -> dict[str, str]:
     """``extra=`` for a log line about ``plan``: the HTTP request's id (log formatters read it)."""
     return {"request_id": plan.request_id}
-
-
-def _drop(_: Any) -> None:
-    """The emitter of builds nobody listens to (rebuilds)."""

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import msgspec
 from mlx.utils import tree_flatten
+from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
 from mlx_lm.utils import _download as hf_snapshot  # mlx-lm's snapshot download, with its file patterns
@@ -172,6 +173,15 @@ class LoadedModel:
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
+
+    def forward(self, tokens: list[int], cache: list[Any], quantize: bool = True) -> mx.array:
+        """One pass over ``tokens`` into ``cache``; the last position's logits. ``quantize``: the spec's KV
+        quantisation applies (a prefix-cache build keeps full precision and quantises at the end)."""
+        logits = self.model(mx.array(tokens)[None], cache=cache)[0, -1, :]
+        spec = self.spec
+        if quantize:
+            maybe_quantize_kv_cache(cache, spec.quantized_kv_start, spec.kv_group_size, spec.kv_bits)
+        return logits
 
 
 class ModelNotFound(ValueError):
