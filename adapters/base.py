@@ -256,6 +256,11 @@ class PromptTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_after(self, prefix_text: str, prefix_tokens: Sequence[int], text: str) -> list[int]:
+        """``encode(text)`` for a ``text`` that may start with ``prefix_text`` (whose encoding is
+        ``prefix_tokens``), tokenising only what follows it where that cannot change the result."""
+        ...
+
     def decode(self, tokens: Sequence[int]) -> str: ...
 
     def render_chat(

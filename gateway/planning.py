@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -139,14 +141,32 @@ def _chat_with_prefix(prefix: _Prefix | None, dicts: list[dict[str, Any]]) -> tu
     return cached + dicts, "prepended"
 
 
+# Rendered texts of message caches, by tokenizer and cache version: a hit would otherwise render the cached
+# messages (a 4K-token system prompt, say) again on every request.
+_CACHE_TEXTS: OrderedDict[tuple[int, str, str, str, float], str] = OrderedDict()
+_CACHE_TEXTS_MAX = 256
+_CACHE_TEXTS_LOCK = threading.Lock()
+
+
 def _chat_cache_text(prefix: _Prefix | None, tokenizer: PromptTokenizer) -> str | None:
     """The text a chat request must start with to line up with its cache (None: only its tokens count)."""
     if prefix is None or prefix.manifest is None:
         return None
-    if prefix.manifest.source == "messages":
-        messages = [dict(m) for m in prefix.manifest.messages or ()]
-        return tokenizer.render_chat(messages, add_generation_prompt=False)
-    return prefix.manifest.prompt
+    manifest = prefix.manifest
+    if manifest.source != "messages":
+        return manifest.prompt
+    key = (id(tokenizer), manifest.tenant, manifest.name, manifest.tokens_sha256, manifest.created_at)
+    with _CACHE_TEXTS_LOCK:
+        text = _CACHE_TEXTS.get(key)
+        if text is not None:
+            _CACHE_TEXTS.move_to_end(key)
+            return text
+    text = tokenizer.render_chat([dict(m) for m in manifest.messages or ()], add_generation_prompt=False)
+    with _CACHE_TEXTS_LOCK:
+        _CACHE_TEXTS[key] = text
+        while len(_CACHE_TEXTS) > _CACHE_TEXTS_MAX:
+            _CACHE_TEXTS.popitem(last=False)
+    return text
 
 
 def _prompt_with_prefix(prefix: _Prefix | None, tokens: list[int], text: str | None) -> tuple[list[int], str | None]:
@@ -430,9 +450,15 @@ def plan_chat(
     tools = _tool_calling(req, tokenizer)
     params = dataclasses.replace(params, constraint=_output_constraint(req, tokenizer, tools))
     text = render_messages(tokenizer, dicts, [msgspec.to_builtins(t) for t in req.tools] if req.tools else None)
-    tokens = tokenizer.encode(text)
+    cache_text = _chat_cache_text(prefix, tokenizer)
+    manifest = prefix.manifest if prefix is not None and prefix.unusable is None else None
+    if cache_text is not None and manifest is not None and manifest.source == "messages":
+        # A ready message cache's tokens are its rendered text's, by this tokenizer (stale ones are rebuilt).
+        tokens = tokenizer.encode_after(cache_text, manifest.tokens, text)
+    else:
+        tokens = tokenizer.encode(text)
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
-    use, miss = _prefix_use(prefix, tokens, tenant, _chat_cache_text(prefix, tokenizer), text)
+    use, miss = _prefix_use(prefix, tokens, tenant, cache_text, text)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     plan = Plan(request_id or rid, model.name, tenant, tuple(tokens), params, use, tools)
     return PlannedRequest(

@@ -73,6 +73,13 @@ class MlxTokenizer:
             self._detokenizer.trim_space = False
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
+        added = getattr(self._hf, "added_tokens_decoder", {}) or {}
+        # A token that strips whitespace on its left would take the boundary's newline: never split there.
+        specials = {
+            t.content for t in added.values() if getattr(t, "special", False) and not getattr(t, "lstrip", True)
+        }
+        # Longest first: str.startswith with a tuple stops at the first match, any one is enough.
+        self._special_texts: tuple[str, ...] = tuple(sorted((t for t in specials if t), key=len, reverse=True))
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -108,6 +115,16 @@ class MlxTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=False))
+
+    def encode_after(self, prefix_text: str, prefix_tokens: Sequence[int], text: str) -> list[int]:
+        """A chat hit resends the cached messages: only what follows them is tokenised when it begins with
+        a special token (``<|im_start|>``). The tokenizer splits its input at special tokens before
+        anything else, so the parts on either side tokenise alone and the result equals ``encode(text)``
+        (tests/adapters/test_text.py checks it); elsewhere a boundary can merge, and the whole is encoded."""
+        rest = text[len(prefix_text) :]
+        if text.startswith(prefix_text) and rest.startswith(self._special_texts):
+            return [*prefix_tokens, *self.encode(rest)]
+        return self.encode(text)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self._hf.decode(list(tokens)))

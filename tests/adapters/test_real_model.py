@@ -142,3 +142,16 @@ def test_k_quants_arrive_as_float16_and_unreadable_files_are_errors(tmp_path: Pa
     broken.write_bytes(b"GGUF" + b"\xff" * 64)
     with pytest.raises(GGUFError, match="mlx cannot read broken.gguf.*Q4_0, Q4_1 and Q8_0"):
         build_from_gguf(broken, tmp_path / "models")
+
+
+def test_encode_after_a_cached_conversation_equals_encode(smollm: LoadedModel) -> None:
+    """A chat hit tokenises only what follows the cached messages: with SmolLM2's own tokenizer too, the
+    result is the whole text's tokens."""
+    tok = smollm.tokenizer
+    cached = [{"role": "system", "content": PROSE[:2000]}]
+    for following in ([{"role": "user", "content": "Summarise it."}], [{"role": "user", "content": "\n  spaced"}]):
+        cache_text = tok.render_chat(cached, add_generation_prompt=False)
+        text = tok.render_chat(cached + following, add_generation_prompt=True)
+        assert text.startswith(cache_text)
+        assert text[len(cache_text) :].startswith(tok._special_texts)  # the fast path is the one tested
+        assert tok.encode_after(cache_text, tok.encode(cache_text), text) == tok.encode(text)

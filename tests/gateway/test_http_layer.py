@@ -38,6 +38,9 @@ class FakeTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
+    def encode_after(self, prefix_text: str, prefix_tokens: Sequence[int], text: str) -> list[int]:
+        return self.encode(text)  # no special tokens: the whole text, as the real one does at a plain boundary
+
     def decode(self, tokens: Sequence[int]) -> str:
         return bytes(tokens).decode(errors="replace")
 

@@ -50,6 +50,9 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
+    def encode_after(self, prefix_text: str, prefix_tokens: Sequence[int], text: str) -> list[int]:
+        return self.encode(text)  # no special tokens: the whole text, as the real one does at a plain boundary
+
     def decode(self, tokens: Sequence[int]) -> str:
         return "".join(chr(t) for t in tokens)
 
