@@ -57,6 +57,7 @@ from adapters.mlx_lm.sampling import (
     choice_keys,
     logits_processors,
     sampled_token,
+    sampled_tokens,
     token_sampler,
 )
 
@@ -329,23 +330,27 @@ class Batcher:
         self._grammars_to_batch()
         if stats.prompt_tokens:
             self.prefill_timings.append((stats.prompt_tokens, stats.prompt_time))
-        out = []
+        rows = []
         for r in responses:
             uid = self._ours.get(r.uid)
             params = self._wants.get(uid) if uid is not None else None
-            if uid is None or params is None:
-                continue
+            if uid is not None and params is not None:
+                rows.append((uid, params, r))
+        sampled = sampled_tokens(
+            [p for _, p, _ in rows], [int(r.token) for *_, r in rows], [r.logprobs for *_, r in rows]
+        )
+        out = []
+        for (uid, params, r), token in zip(rows, sampled, strict=True):
             self._waiting.discard(uid)
-            token = int(r.token)
             count = self._counts[uid] = self._counts.get(uid, 0) + 1
-            finish = "stop" if token in self._eos else "length" if count >= params.max_tokens else None
+            finish = "stop" if token.token in self._eos else "length" if count >= params.max_tokens else None
             cache = None
             if finish is not None:
                 if uid in self._keep:
                     found = self.gen.extract_cache([r.uid]).get(r.uid)
                     cache = found[0] if found else None
                 self.remove([uid])
-            out.append(SequenceOut(uid, sampled_token(params, token, r.logprobs), finish, cache))
+            out.append(SequenceOut(uid, token, finish, cache))
         return out
 
     def _grammars_to_batch(self) -> None:

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from adapters.base import SamplingParams
-from adapters.mlx_lm.sampling import ChoiceSampler, logits_processors, token_sampler
+from adapters.mlx_lm.sampling import ChoiceSampler, logits_processors, sampled_token, sampled_tokens, token_sampler
 
 
 def params(**kw: object) -> SamplingParams:
@@ -52,3 +52,30 @@ def test_choice_sampler_feeds_its_processors_the_token_it_sampled() -> None:
     logits = mx.array([5.0, 4.0, 3.0])
     # Token 0 is in the prompt (5/100 < 4), so 1 wins; then 1 is penalised as well, so 2 wins.
     assert [sampler(logits).token for _ in range(2)] == [1, 2]
+
+
+def test_batch_logprobs_equal_each_rows_own() -> None:
+    """The batch step gathers every row's log-probabilities in one round trip: each row gets what the
+    one-row function gives it, whatever mix of logprobs / top_logprobs the rows asked for."""
+    mx.random.seed(3)
+    logits = mx.random.normal((5, 300)) * 3
+    logprobs = list(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    params = [
+        SamplingParams(max_tokens=1, logprobs=True, top_logprobs=5),
+        SamplingParams(max_tokens=1),
+        SamplingParams(max_tokens=1, logprobs=True, top_logprobs=0),
+        SamplingParams(max_tokens=1, logprobs=True, top_logprobs=2),
+        SamplingParams(max_tokens=1, logprobs=True, top_logprobs=20),
+    ]
+    tokens = [7, 11, 299, 0, 150]
+    together = sampled_tokens(params, tokens, logprobs)
+    for p, t, lp, got in zip(params, tokens, logprobs, together, strict=True):
+        alone = sampled_token(p, t, lp)
+        assert got.token == alone.token and len(got.top) == len(alone.top) == (p.top_logprobs if p.logprobs else 0)
+        if p.logprobs:
+            assert got.logprob is not None and alone.logprob is not None
+            assert abs(got.logprob - alone.logprob) < 1e-6
+            assert [i for i, _ in got.top] == [i for i, _ in alone.top]
+            assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(got.top, alone.top, strict=True))
+        else:
+            assert got.logprob is None and alone.logprob is None
