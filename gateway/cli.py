@@ -137,8 +137,9 @@ def cli() -> None:
 @click.option(
     "--model",
     help="smollm2-135m (the default, a real model), a preset with random weights (tiny, small, llama-1b, "
-    "llama-8b), a .gguf file (llama architecture; F32, F16, Q4_0, Q4_1, Q8_0), an mlx-lm directory or a "
-    "Hugging Face id. Replaces the config file's [[models]]." + _env("MLX_GATEWAY_MODEL"),
+    "llama-8b), a .gguf file (llama architecture; F32, F16, Q4_0, Q4_1, Q8_0 kept; K-quants read as "
+    "float16), an mlx-lm directory or a Hugging Face id. Replaces the config file's [[models]]."
+    + _env("MLX_GATEWAY_MODEL"),
 )
 @click.option(
     "--model-name", help="The model's id in the API (default: --model as given)." + _env("MLX_GATEWAY_MODEL_NAME")
