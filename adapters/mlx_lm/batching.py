@@ -20,9 +20,9 @@ a step against 13 for the plain loop). Here mlx-lm never ends a sequence (no sto
 of its own): the batcher ends them by EOS and max_tokens, the engine by stop strings and cancellation, and
 an ended sequence stays in the batch as a row whose tokens nobody reads. Those rows leave together, in one
 filter, once they are a quarter of ``max_running``, or have waited 64 steps, or they take the room that
-sequences waiting to join need, or nothing else decodes. A row costs little: the decode step is flat from 8 to 128
-rows. The cache of a finished sequence is extracted only when its insert asked for it (automatic reuse, a
-recomputed prefix).
+sequences waiting to join need, or nothing else decodes (then at once, in ``remove``). A row costs
+little: the decode step is flat from 8 to 128 rows. The cache of a finished sequence is extracted only
+when its insert asked for it (automatic reuse, a recomputed prefix).
 
 Grammars (structured output) are masked batch-wide. mlx-lm runs logits processors row by row in Python
 (slice, call, concatenate, and for a grammar a device sync per row: ~0.4 ms per constrained row per step
@@ -307,7 +307,7 @@ class Batcher:
         # mlx-lm admits arrivals into the room max_running leaves; ended rows must not take it from them.
         full = len(self._waiting) > self.max_running - rows
         many = 4 * len(self._ended) >= self.max_running
-        if many or full or self._steps - self._ended_at >= ENDED_ROWS_MAX_STEPS or not self._in_gen:
+        if many or full or self._steps - self._ended_at >= ENDED_ROWS_MAX_STEPS:
             self.gen.remove(sorted(self._ended))
             self._ended.clear()
 

@@ -44,7 +44,7 @@ from adapters.mlx_lm.outbox import Outbox
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
-from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request
+from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
 from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheUnusable
@@ -390,7 +390,7 @@ class MlxEngine:
             self.prefixes.build_turn(request)
             return
         if request.cancelled.is_set():
-            logger.info("request %s cancelled", request.plan.request_id, extra=_about(request.plan))
+            logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
             self.stats.request_done(request.plan.model, "cancelled")
             return
         try:
@@ -406,7 +406,7 @@ class MlxEngine:
     def _fail(self, request: Request, exc: Exception, log: bool = True) -> None:
         """One request failed: it alone gets the error; the engine goes on."""
         if log:
-            logger.exception("request %s failed", request.plan.request_id, exc_info=exc, extra=_about(request.plan))
+            logger.exception("request %s failed", request.plan.request_id, exc_info=exc, extra=log_extra(request.plan))
         request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
         self.stats.request_done(request.plan.model, "failed")
 
@@ -518,7 +518,7 @@ class MlxEngine:
             self._batchers[request.model.spec.name].remove(uids)
             for uid in uids:
                 self._batched.pop(uid, None)
-            logger.info("request %s cancelled", request.plan.request_id, extra=_about(request.plan))
+            logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
             self.stats.request_done(request.plan.model, "cancelled")
 
     def _fail_batch(self, name: str, exc: Exception) -> None:
@@ -583,8 +583,3 @@ class MlxEngine:
         for choice in request.choices:
             assert choice.sampler is not None
             accept(request, choice, choice.sampler(logits))
-
-
-def _about(plan: Plan) -> dict[str, str]:
-    """``extra=`` for a log line about ``plan``: the HTTP request's id (log formatters read it)."""
-    return {"request_id": plan.request_id}

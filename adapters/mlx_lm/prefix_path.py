@@ -16,7 +16,7 @@ from adapters.base import BuildProgress, EngineError, Failed, PrefixBuilt, Start
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
 from adapters.mlx_lm.reuse import TenantReuse
-from adapters.mlx_lm.work import Build, Request
+from adapters.mlx_lm.work import Build, Request, log_extra
 from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
@@ -60,7 +60,7 @@ class PrefixPath:
             reason = str(exc)
             if isinstance(exc, PrefixCacheUnusable):
                 logger.warning(
-                    "prefix cache %s unusable, recomputing: %s", use.name, reason, extra=_about(request.plan)
+                    "prefix cache %s unusable, recomputing: %s", use.name, reason, extra=log_extra(request.plan)
                 )
                 store.set_status(use.tenant, use.name, "invalid", reason)
                 self.queue_rebuild(request.model, use.tenant, use.name)
@@ -111,7 +111,7 @@ class PrefixPath:
             f"recomputed (reading {manifest.size_bytes / 1e6:.0f} MB ~{load * 1000:.0f} ms > "
             f"prefilling {reuse} tokens ~{prefill * 1000:.0f} ms)"
         )
-        logger.info("prefix cache %s is cold: %s", manifest.name, reason, extra=_about(request.plan))
+        logger.info("prefix cache %s is cold: %s", manifest.name, reason, extra=log_extra(request.plan))
         store.record_recompute(manifest.model, manifest.tenant)
         request.cache = request.model.make_cache()
         request.recomputing = manifest
@@ -254,11 +254,6 @@ class PrefixPath:
     def record_prefill(self, loaded: LoadedModel, tokens: int, seconds: float) -> None:
         if tokens >= MIN_PREFILL_SAMPLE_TOKENS:
             self.rate(loaded).add(tokens, seconds)
-
-
-def _about(plan: Any) -> dict[str, str]:
-    """``extra=`` for a log line about ``plan``: the HTTP request's id (log formatters read it)."""
-    return {"request_id": plan.request_id}
 
 
 def _drop(_: Any) -> None:

@@ -17,7 +17,7 @@ from adapters.mlx_lm.sampling import ChoiceSampler
 from adapters.mlx_lm.tool_calls import ChoiceText
 from prefix_caches.manifest import Manifest
 
-__all__ = ["Build", "Call", "Choice", "ModelSlot", "Request"]
+__all__ = ["Build", "Call", "Choice", "ModelSlot", "Request", "log_extra"]
 
 
 @dataclass
@@ -76,3 +76,8 @@ class ModelSlot:
     loaded: LoadedModel | None = None
     stage: str = "waiting to start"  # what loading does now
     load_seconds: float | None = None
+
+
+def log_extra(plan: Plan) -> dict[str, str]:
+    """``extra=`` for a log line about ``plan``: the HTTP request's id (log formatters read it)."""
+    return {"request_id": plan.request_id}
