@@ -1,34 +1,36 @@
 """A lone request's first token through the Batcher's lane (its prompt prefilled in chunks of the model's
 prefill step, 512 tokens on a CPU) against one forward pass over the whole prompt, in process:
-``python -m bench.lane_prefill [--model small] [--tokens 4096]``. The issue-12 target compares a request's
-TTFT with one pass; this shows what one pass costs on the machine at hand."""
+``python -m bench.lane_prefill [--tokens 4096]``. The issue-12 target compares a request's TTFT with one
+pass; this shows what one pass costs on the machine at hand."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
+
+from adapters.mlx_lm.blas import load_optimised_blas
+
+load_optimised_blas()  # before mlx is imported below
+
+import mlx.core as mx  # noqa: E402
+
+from bench.harness import DEFAULT_MODEL, bench_parser, corpus_text, summary, write_result  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="small")
+    parser = bench_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    from adapters.mlx_lm.blas import load_optimised_blas
-
-    load_optimised_blas()
-    import mlx.core as mx
-
+    if args.device == "cpu":
+        mx.set_default_device(mx.cpu)
     from adapters.base import SamplingParams
     from adapters.mlx_lm.batching import Batcher
     from adapters.mlx_lm.models import ModelSpec, load_model
 
-    loaded = load_model(ModelSpec(args.model, args.model, max_running=8))
-    prose = Path(__file__).resolve().parent.parent.joinpath("tests", "data", "prose.txt").read_text()
-    tokens = loaded.tokenizer.encode((prose + " ") * 40)[: args.tokens]
+    model_name = args.model or DEFAULT_MODEL[args.device]
+    loaded = load_model(ModelSpec(model_name, model_name, max_running=8))
+    tokens = loaded.tokenizer.encode(corpus_text())[: args.tokens]
     params = SamplingParams(max_tokens=1, temperature=0.0)
 
     def lane() -> float:
@@ -37,23 +39,31 @@ def main() -> None:
         batcher.insert(list(tokens), loaded.make_cache(), params, tokens)
         while not batcher.step():
             pass
-        return (time.perf_counter() - started) * 1000
+        return time.perf_counter() - started
 
     def one_pass() -> float:
-        cache = loaded.make_cache()
         started = time.perf_counter()
-        mx.eval(loaded.model(mx.array(tokens)[None], cache=cache)[:, -1, :])
-        return (time.perf_counter() - started) * 1000
+        mx.eval(loaded.forward(tokens, loaded.make_cache(), quantize=False))
+        return time.perf_counter() - started
 
     lane(), one_pass()  # warm-up
     lanes = [lane() for _ in range(args.repeats)]
     passes = [one_pass() for _ in range(args.repeats)]
     step = loaded.spec.prefill_step_size
+    ratio = statistics.median(lanes) / statistics.median(passes)
     print(
-        f"{len(tokens)}-token prompt, {args.model}, {mx.default_device()}: lane (chunks of {step}) "
-        f"{statistics.median(lanes):.0f} ms, one pass {statistics.median(passes):.0f} ms "
-        f"({statistics.median(lanes) / statistics.median(passes):.2f}x), medians of {args.repeats}"
+        f"{len(tokens)}-token prompt, {model_name}, {mx.default_device()}: lane (chunks of {step}) "
+        f"{statistics.median(lanes) * 1000:.0f} ms, one pass {statistics.median(passes) * 1000:.0f} ms "
+        f"({ratio:.2f}x), medians of {args.repeats}"
     )
+    row = {
+        "prompt_tokens": len(tokens),
+        "prefill_step_size": step,
+        "lane_first_token_seconds": summary(lanes),
+        "one_pass_seconds": summary(passes),
+        "ratio": ratio,
+    }
+    write_result("lane-prefill", args.device, model_name, [row], out=args.out)
 
 
 if __name__ == "__main__":
