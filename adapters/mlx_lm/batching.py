@@ -1,51 +1,44 @@
-"""Continuous batching for one model on mlx-lm's ``BatchGenerator``.
+"""Continuous batching for one model: our own decode loop on slot KV (:mod:`adapters.mlx_lm.slot_kv`).
 
 Each sequence (one choice of one request) brings its own cache (a fresh one or its own view of a named
-prefix cache), its own sampler with its own random key, and its own logits processors. Requests join
-and leave between steps; a step decodes one token for every running sequence and prefills one chunk
-of the waiting ones, so a long prompt delays the others by at most one chunk.
+prefix cache), its own sampler with its own random key, and its own logits processors. A step does three
+things, in this order:
 
-mlx-lm prefills all but a prompt's last token and feeds that token in a decode pass of its own (the first
-token costs two passes), and it prefills through its batch cache with an explicit attention mask (on an
-H100, 8B shape, a 4K-token prompt took ~2.7x the in-process prefill). So one sequence at a time, the
-*lane*, is prefilled here on its own plain cache, one chunk per step between the batch's decode steps;
-its first token comes from the last position and it joins the batch with that token. Arrivals while the
-lane is busy (bursts) go to mlx-lm's batched prefill, which handles many short prompts in few passes.
+1. **Arrivals.** Prompts waiting at the head of the queue are prefilled: those that continue caches of one
+   length (fresh ones, or views of one prefix) and fit one chunk go through the model together, right-padded
+   with a causal mask (no array mask: every real position only sees real positions before it); a longer
+   prompt is prefilled alone, one chunk per step, so that it delays the running batch by at most one chunk.
+   A prefilled prompt's first token is sampled from its last position (no extra pass), its KV is copied
+   into a free slot of the batch, and the token becomes that slot's input for the decode step that follows.
+2. **Decode.** One forward pass of every slot (free ones masked out), logits processors and grammar masks,
+   sampling for the whole batch (greedy rows in one argmax, unseeded rows of one setting in one draw; a
+   seeded row draws with its own key and stays in the batch), and the log-probabilities the rows asked for,
+   gathered in one go. The step is queued (``mx.async_eval``) and its tokens become the next step's inputs
+   without being read.
+3. **Reading.** Only then are the previous step's tokens read: the device computes this step while the host
+   detokenises, checks stop strings and sends events for the last one (as mlx-lm's generator does).
 
-Departures are deferred. mlx-lm ends a sequence in the step that finishes it, extracting its cache and
-filtering every layer of the batch's cache at once; ``BatchKVCache.extract`` and ``.filter`` read the
-padding back to the host in every layer, so each departure stalled the pipelined step and then synced once
-per layer (an 8B model on an H200: a closed loop of 64 clients, a departure every few steps, ran at 44 ms
-a step against 13 for the plain loop). Here mlx-lm never ends a sequence (no stop tokens, no length limit
-of its own): the batcher ends them by EOS and max_tokens, the engine by stop strings and cancellation, and
-an ended sequence stays in the batch as a row whose tokens nobody reads. Those rows leave together, in one
-filter, once they are a quarter of ``max_running``, or have waited 64 steps, or they take the room that
-sequences waiting to join need, or nothing else decodes (then at once, in ``remove``). A row costs
-little: the decode step is flat from 8 to 128 rows. The cache of a finished sequence is extracted only
-when its insert asked for it (automatic reuse, a recomputed prefix).
+A sequence that ends (EOS, ``max_tokens``, a stop string, a cancellation) frees its slot at once: nothing is
+copied, and the step already queued computes one token for it that nobody reads. Its cache is copied out of
+the slot only when its insert asked for it (automatic reuse, a recomputed prefix).
 
-Grammars (structured output) are masked batch-wide. mlx-lm runs logits processors row by row in Python
-(slice, call, concatenate, and for a grammar a device sync per row: ~0.4 ms per constrained row per step
-on an H200), so a constrained sequence's grammar processor only serves its first token (the lane's, and
-the first step of a sequence joining the batch, where mlx-lm samples from the prompt's logits); from then
-on the model that BatchGenerator calls is wrapped, and on each decode step of the running batch the
-wrapper reads every row's last token at once, advances each constrained row's matcher, fills all masks in
-one llguidance call and applies them with one ``mx.where`` (:class:`BatchMasker`). Masking before the
-other processors instead of after them changes nothing: they are elementwise and keep -inf at -inf.
+Grammars (structured output) are masked batch-wide: before a step's mask is built each constrained row's
+matcher consumes the token that row is fed, read from the device while the step's forward pass runs; all
+masks are filled in one llguidance call and applied with one ``mx.where`` (:class:`BatchMasker`).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import KVCache
 
 from adapters.base import SamplingParams
 from adapters.mlx_lm.constraints import BatchMasker, GrammarMatcher
@@ -55,23 +48,21 @@ from adapters.mlx_lm.sampling import (
     SampledToken,
     Sampler,
     choice_keys,
+    gather_logprobs,
     logits_processors,
-    sampled_token,
-    sampled_tokens,
+    read_sampled,
     token_sampler,
 )
-
-if TYPE_CHECKING:
-    import mlx.nn as nn
+from adapters.mlx_lm.slot_kv import SlotBatch
 
 __all__ = ["Batcher", "SequenceOut"]
 
-# mlx-lm's own length limit for a sequence: never reached; the batcher and the engine end them.
-_NO_LIMIT = 1 << 40
-# Decode steps an ended row may wait for others to leave with it.
-ENDED_ROWS_MAX_STEPS = 64
+# Prompt tokens (padding included) that arrivals prefilled together may bring to one pass, in chunks.
+PREFILL_TOGETHER_CHUNKS = 4
 
 logger = logging.getLogger(__name__)
+
+_NO_PARAMS = SamplingParams(max_tokens=1)
 
 
 @dataclass(frozen=True)
@@ -79,79 +70,80 @@ class SequenceOut:
     uid: int
     sampled: SampledToken
     finish_reason: str | None  # "stop" (an EOS token) | "length" | None
-    cache: list[Any] | None = None  # the sequence's own KV, once it finished in the batch
+    cache: list[Any] | None = None  # the sequence's own KV, once it finished (when its insert asked)
 
 
-@dataclass
-class _Lane:
-    """A sequence the batcher prefills itself, one chunk per step, on its own plain KV cache."""
+@dataclass(eq=False)
+class _Seq:
+    """One sequence: how it samples, and where it decodes."""
 
     uid: int
-    prompt: list[int]
-    cache: list[Any]
     params: SamplingParams
     sampler: Sampler
     processors: list[Processor]
     matcher: GrammarMatcher | None
-    done: int = 0
+    keep: bool
+    seeded: bool
+    count: int = 0  # tokens read so far
+    slot: int | None = None
 
 
-class _HookedModel:
-    """The model as mlx-lm's BatchGenerator calls it, every call's logits passed through ``hook``."""
+@dataclass(eq=False)
+class _Arrival:
+    """One request's prompt on its way into the batch; its ``n`` sequences join together."""
 
-    def __init__(self, model: Any, hook: Callable[[mx.array, Any, mx.array], mx.array]) -> None:
-        self._model = model
-        self._hook = hook
+    seqs: list[_Seq]
+    prompt: list[int]  # the tokens to prefill into ``cache``
+    cache: list[Any]
+    context: mx.array  # the whole prompt (a processor's first call sees it)
+    done: int = 0  # prompt tokens prefilled so far
 
-    def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
-        return self._hook(inputs, cache, self._model(inputs, cache=cache, **kwargs))
+    @property
+    def offset(self) -> int:
+        return int(self.cache[0].offset)
 
-    def __getattr__(self, name: str) -> Any:  # layers, make_cache, ...: the model's own
-        if name.startswith("__") or name in ("_model", "_hook"):
-            raise AttributeError(name)
-        return getattr(self._model, name)
+
+@dataclass(eq=False)
+class _Launched:
+    """A queued sampling (a decode step's, or arrivals' first tokens): row by row, whose token it is."""
+
+    seqs: list[_Seq | None]
+    tokens: mx.array
+    logprob_rows: list[int] = field(default_factory=list)
+    logprob_arrays: list[mx.array] = field(default_factory=list)
 
 
 class Batcher:
-    """One model's continuous batch. Uids are the batcher's own (a lane's sequence has no batch uid yet)."""
+    """One model's continuous batch."""
 
     def __init__(self, loaded: LoadedModel, max_running: int) -> None:
         self.loaded = loaded
-        self.step_size = loaded.spec.prefill_step_size or 512
-        self.gen = BatchGenerator(
-            cast("nn.Module", _HookedModel(loaded.model, self._mask_decode)),
-            stop_tokens=[],
-            completion_batch_size=max_running,
-            prefill_batch_size=min(8, max_running),
-            prefill_step_size=self.step_size,
-        )
-        self._uids = itertools.count()
-        self._wants: dict[int, SamplingParams] = {}
-        self._in_gen: dict[int, int] = {}  # our uid -> the batch generator's
-        self._ours: dict[int, int] = {}  # the batch generator's uid -> ours
-        self._waiting: set[int] = set()  # in mlx-lm's prefill, no token out yet
-        # Batch-generator uids of ended sequences still decoding in the batch (their tokens are dropped).
-        self._ended: set[int] = set()
-        self._counts: dict[int, int] = {}  # tokens each sequence has produced
-        self._steps = 0  # decode steps so far
-        self._ended_at = 0  # the step since which rows have been waiting to leave
-        self._keep: set[int] = set()  # sequences whose cache goes out with their finish
         self.max_running = max_running
+        self.step_size = loaded.spec.prefill_step_size or 512
         self._eos = set(loaded.tokenizer.eos_token_ids)
-        self._lane: _Lane | None = None
-        # Constrained sequences, by the batch generator's uid: those whose grammar processor has yet to
-        # serve their first step in the batch (with that processor), then those the batch-wide mask drives.
-        self._first: dict[int, tuple[GrammarMatcher, Processor]] = {}
-        self._grammar: dict[int, GrammarMatcher] = {}
+        self._uids = itertools.count()
+        self._seqs: dict[int, _Seq] = {}  # every sequence not yet ended, by uid
+        self._arrivals: deque[_Arrival] = deque()
+        self._slots: SlotBatch | None = None
+        self._rows: list[_Seq | None] = []  # the sequence in each slot
+        self._inputs = mx.zeros((0,), mx.int32)  # each slot's next input token (lazy)
+        self._pending: _Launched | None = None  # the decode step queued last, not yet read
         self._masker: BatchMasker | None = None
-        # (prompt tokens, seconds) of each prefill chunk the last step ran.
+        # (prompt tokens, seconds) of each prefill chunk the last step ran and waited for.
         self.prefill_timings: list[tuple[int, float]] = []
-        # Whether the last step ran a batched decode (a step may only prefill the lane's chunk).
+        # Whether the last step queued a decode step.
         self.decoded = False
 
     @property
     def busy(self) -> bool:
-        return bool(self._wants)
+        return bool(self._seqs) or self._pending is not None
+
+    @property
+    def running(self) -> int:
+        """Sequences decoding in slots."""
+        return sum(s is not None for s in self._rows)
+
+    # ---- arrivals -------------------------------------------------------------------------------
 
     def insert(
         self,
@@ -161,235 +153,278 @@ class Batcher:
         context: Sequence[int],
         keep_cache: bool = False,
     ) -> list[int]:
-        """Queue ``params.n`` sequences continuing ``cache`` with ``prompt``; their uids. ``context`` is the
-        whole prompt, the part already in ``cache`` included (a repetition penalty covers it). With
-        ``keep_cache``, the first sequence's finish carries its KV."""
-        uids = self._insert(prompt, cache, params, context)
-        if keep_cache:
-            self._keep.add(uids[0])
-        return uids
-
-    def _insert(self, prompt: list[int], cache: list[Any], params: SamplingParams, context: Sequence[int]) -> list[int]:
-        n = params.n
-        if n == 1 and self._lane is None and not self._waiting:
-            uid = next(self._uids)
-            sampler = token_sampler(params, choice_keys(params.seed, 1)[0])
-            processors, matcher = self._processors(params, context)
-            self._lane = _Lane(uid, list(prompt), cache, params, sampler, processors, matcher)
-            self._wants[uid] = params
-            return [uid]
-        caches = [cache] + [copy.deepcopy(cache) for _ in range(n - 1)]
-        keys = choice_keys(params.seed, n)
-        each = [self._processors(params, context) for _ in range(n)]
-        gen_uids = self.gen.insert(
-            [list(prompt) for _ in range(n)],
-            max_tokens=[_NO_LIMIT] * n,
-            caches=caches,
-            all_tokens=[[] for _ in range(n)],
-            samplers=[token_sampler(params, k) for k in keys],
-            logits_processors=[processors for processors, _ in each],
-        )
-        for gen_uid, (processors, matcher) in zip(gen_uids, each, strict=True):
-            self._expect_first_step(gen_uid, processors, matcher)
-        uids = [self._adopt(g, params) for g in gen_uids]
-        self._waiting.update(uids)
-        return uids
-
-    def _processors(
-        self, params: SamplingParams, context: Sequence[int]
-    ) -> tuple[list[Processor], GrammarMatcher | None]:
-        """A new sequence's logits processors, and its grammar's matcher (None if unconstrained)."""
-        matcher = None
-        if params.constraint is not None:
-            matcher = self.loaded.tokenizer.grammars.matcher(params.constraint)
-        return logits_processors(params, self.loaded.vocab_size, context, matcher=matcher), matcher
-
-    def _expect_first_step(self, gen_uid: int, processors: list[Processor], matcher: GrammarMatcher | None) -> None:
-        """A constrained sequence's processor (last in its list) masks its first step in the batch."""
-        if matcher is not None:
-            self._first[gen_uid] = (matcher, processors[-1])
-            if self._masker is None:
-                self._masker = BatchMasker()
-
-    def _adopt(self, gen_uid: int, params: SamplingParams, uid: int | None = None) -> int:
-        uid = next(self._uids) if uid is None else uid
-        self._in_gen[uid], self._ours[gen_uid] = gen_uid, uid
-        self._wants[uid] = params
-        return uid
-
-    def _lane_chunk(self) -> SequenceOut | None:
-        """Prefill the lane's next chunk; after the last one, its first token (and it joins the batch)."""
-        lane = self._lane
-        assert lane is not None
-        loaded = self.loaded
-        chunk = lane.prompt[lane.done : lane.done + self.step_size]
-        lane.done += len(chunk)
-        started = time.perf_counter()
-        with mx.stream(self.gen.stream):
-            logits = loaded.model(mx.array(chunk)[None], cache=lane.cache)[:, -1, :]
-            if lane.done < len(lane.prompt):
-                mx.eval([c.state for c in lane.cache])
-                self.prefill_timings.append((len(chunk), time.perf_counter() - started))
-                return None
-            context = mx.array(lane.prompt)
-            for process in lane.processors:
-                logits = process(context, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = int(lane.sampler(logprobs).item())  # type: ignore[arg-type]
-        self.prefill_timings.append((len(chunk), time.perf_counter() - started))
-        self._lane = None
-        params = lane.params
-        finish = "stop" if token in loaded.tokenizer.eos_token_ids else "length" if params.max_tokens <= 1 else None
-        if finish is None:  # the batch continues from the sampled token; the cache already holds the prompt
-            (gen_uid,) = self.gen.insert(
-                [[token]],
-                max_tokens=[_NO_LIMIT],
-                caches=[lane.cache],
-                all_tokens=[[]],
-                samplers=[lane.sampler],
-                logits_processors=[lane.processors],
+        """Queue ``params.n`` sequences continuing ``cache`` (empty: a fresh one) with ``prompt``; their uids.
+        ``context`` is the whole prompt, the part already in ``cache`` included (a repetition penalty covers
+        it). With ``keep_cache``, the first sequence's finish carries its KV."""
+        if not prompt:
+            raise ValueError("a sequence needs at least one prompt token to prefill")
+        seqs = []
+        for i, key in enumerate(choice_keys(params.seed, params.n)):
+            matcher = None
+            if params.constraint is not None:
+                matcher = self.loaded.tokenizer.grammars.matcher(params.constraint)
+                if self._masker is None:
+                    self._masker = BatchMasker()
+            processors = logits_processors(params, self.loaded.vocab_size, context, matcher=matcher)
+            if matcher is not None:  # the batch masks grammars itself: drop the per-row processor (last)
+                processors = processors[:-1]
+            seq = _Seq(
+                next(self._uids),
+                params,
+                token_sampler(params, key),
+                processors,
+                matcher,
+                keep=keep_cache and i == 0,
+                seeded=params.seed is not None and params.temperature > 0.0,
             )
-            # The processor has masked this first token without consuming it; it consumes it on the batch's
-            # first step with this sequence (the token is that step's input), then the batch-wide mask goes on.
-            self._expect_first_step(gen_uid, lane.processors, lane.matcher)
-            self._adopt(gen_uid, params, lane.uid)
-            self._counts[lane.uid] = 1
-        else:
-            self._wants.pop(lane.uid, None)
-        return SequenceOut(lane.uid, sampled_token(params, token, logprobs[0]), finish, lane.cache if finish else None)
+            self._seqs[seq.uid] = seq
+            seqs.append(seq)
+        self._arrivals.append(_Arrival(seqs, list(prompt), cache or self.loaded.make_cache(), mx.array(list(context))))
+        return [s.uid for s in seqs]
 
-    def remove(self, uids: list[int]) -> None:
-        """End sequences (stopped or cancelled). Those decoding in the batch leave it later, all together
-        (see the module's docstring)."""
-        gone = set(uids)
-        if self._lane is not None and self._lane.uid in gone:
-            self._lane = None
-        now, later = [], []
-        for u in uids:
-            g = self._in_gen.pop(u, None)
-            if g is None:
-                continue
-            self._ours.pop(g, None)
-            self._first.pop(g, None)
-            self._grammar.pop(g, None)
-            # A sequence still in mlx-lm's prefill has no row in the decoding batch yet.
-            (now if u in self._waiting else later).append(g)
-        self._ended.update(later)
-        self._silence(later)
-        if not self._in_gen:  # nothing left decoding: every ended row goes now (an empty filter is cheap)
-            now += sorted(self._ended)
-            self._ended.clear()
-        if now:
-            self.gen.remove(now)
-        for u in uids:
-            self._wants.pop(u, None)
-            self._waiting.discard(u)
-            self._counts.pop(u, None)
-            self._keep.discard(u)
+    def _prefill(self) -> _Launched | None:
+        """One pass over waiting prompts (see the module's docstring); the first tokens of those it finished."""
+        group = self._next_group()
+        if not group:
+            return None
+        if len(group) == 1:
+            return self._chunk(group[0])
+        return self._together(group)
 
-    def _silence(self, gen_uids: list[int]) -> None:
-        """Ended rows run no logits processor any more (a grammar past its end would refuse their tokens)."""
-        if not gen_uids:
-            return
-        batch = self.gen._generation_batch
-        processors = batch.logits_processors
-        ended = set(gen_uids)
-        for i, g in enumerate(batch.uids):
-            if g in ended and processors is not None:
-                processors[i] = []
+    def _next_group(self) -> list[_Arrival]:
+        """Arrivals at the head of the queue that fit the batch and go through the model together."""
+        room = self.max_running - self.running
+        group: list[_Arrival] = []
+        budget = self.step_size * PREFILL_TOGETHER_CHUNKS
+        for arrival in self._arrivals:
+            if len(arrival.seqs) > room:
+                break
+            left = len(arrival.prompt) - arrival.done
+            if group:
+                longest = max(left, *(len(a.prompt) for a in group))
+                if (
+                    left > self.step_size
+                    or arrival.done
+                    or arrival.offset != group[0].offset
+                    or longest * (len(group) + 1) > budget
+                ):
+                    break
+            group.append(arrival)
+            room -= len(arrival.seqs)
+            if arrival.done or left > self.step_size:  # a long prompt goes alone, chunk by chunk
+                break
+        return group
 
-    def _drop_ended(self) -> None:
-        """Ended rows leave in one filter (see the module's docstring for when)."""
-        if not self._ended:
-            self._ended_at = self._steps
-            return
-        rows = len(self.gen._generation_batch.uids)
-        # mlx-lm admits arrivals into the room max_running leaves; ended rows must not take it from them.
-        full = len(self._waiting) > self.max_running - rows
-        many = 4 * len(self._ended) >= self.max_running
-        if many or full or self._steps - self._ended_at >= ENDED_ROWS_MAX_STEPS:
-            self.gen.remove(sorted(self._ended))
-            self._ended.clear()
+    def _chunk(self, arrival: _Arrival) -> _Launched | None:
+        """The next chunk of one prompt, prefilled alone on its own cache."""
+        chunk = arrival.prompt[arrival.done : arrival.done + self.step_size]
+        started = time.perf_counter()
+        logits = self.loaded.model(mx.array(chunk)[None], cache=arrival.cache)[:, -1, :]
+        arrival.done += len(chunk)
+        if arrival.done < len(arrival.prompt):
+            mx.eval([c.state for c in arrival.cache])
+            self.prefill_timings.append((len(chunk), time.perf_counter() - started))
+            return None
+        self._arrivals.remove(arrival)
+        return self._join([arrival], logits, arrival.cache, [arrival.offset])
 
-    def step(self) -> list[SequenceOut]:
-        """One prefill chunk of the lane, then one batched decode step (with one chunk of mlx-lm's own
-        prefill); the tokens they produced. A lane's first token goes out at once: the batch steps next."""
-        self.prefill_timings = []
-        self.decoded = False
-        if self._lane is not None:
-            first = self._lane_chunk()
-            if first is not None:
-                return [first]
-        self._drop_ended()
-        if not self._in_gen:
-            return []
-        with self.gen.stats() as stats:
-            _, responses = self.gen.next()
-        self.decoded = True
-        self._steps += 1
-        self._grammars_to_batch()
-        if stats.prompt_tokens:
-            self.prefill_timings.append((stats.prompt_tokens, stats.prompt_time))
-        rows = []
-        for r in responses:
-            uid = self._ours.get(r.uid)
-            params = self._wants.get(uid) if uid is not None else None
-            if uid is not None and params is not None:
-                rows.append((uid, params, r))
-        sampled = sampled_tokens(
-            [p for _, p, _ in rows], [int(r.token) for *_, r in rows], [r.logprobs for *_, r in rows]
-        )
+    def _together(self, group: list[_Arrival]) -> _Launched:
+        """Arrivals continuing caches of one length, prefilled in one right-padded pass."""
+        for arrival in group:
+            self._arrivals.remove(arrival)
+        offset = group[0].offset
+        width = max(len(a.prompt) for a in group)
+        cache = self._stacked([a.cache for a in group], offset)
+        inputs = mx.array([a.prompt + [0] * (width - len(a.prompt)) for a in group])
+        logits = self.loaded.model(inputs, cache=cache)
+        last = mx.array([len(a.prompt) - 1 for a in group])
+        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]
+        return self._join(group, logits, cache, [offset + len(a.prompt) for a in group])
+
+    def _stacked(self, caches: list[list[Any]], offset: int) -> list[Any]:
+        """One batched cache over ``caches`` (each ``offset`` tokens long)."""
+        if offset == 0:
+            return self.loaded.make_cache()
         out = []
-        for (uid, params, r), token in zip(rows, sampled, strict=True):
-            self._waiting.discard(uid)
-            count = self._counts[uid] = self._counts.get(uid, 0) + 1
-            finish = "stop" if token.token in self._eos else "length" if count >= params.max_tokens else None
-            cache = None
-            if finish is not None:
-                if uid in self._keep:
-                    found = self.gen.extract_cache([r.uid]).get(r.uid)
-                    cache = found[0] if found else None
-                self.remove([uid])
-            out.append(SequenceOut(uid, token, finish, cache))
+        for layers in zip(*caches, strict=True):
+            c = KVCache()
+            c.keys = mx.concatenate([layer.keys[..., :offset, :] for layer in layers])
+            c.values = mx.concatenate([layer.values[..., :offset, :] for layer in layers])
+            c.offset = offset
+            out.append(c)
         return out
 
-    def _grammars_to_batch(self) -> None:
-        """Constrained sequences that took their first step in the batch: their grammar processor leaves
-        their processor list (mlx-lm's row-by-row loop then skips a sequence that has no other) and the
-        batch-wide mask drives their matcher from the next decode step on."""
-        if not self._first:
-            return
-        batch = self.gen._generation_batch  # mlx-lm offers no accessor; pinned by tests/adapters/test_batch_masks.py
-        processors = batch.logits_processors
-        assert processors is not None
-        for i, gen_uid in enumerate(batch.uids):
-            first = self._first.pop(gen_uid, None)
-            if first is None:
-                continue
-            matcher, process = first
-            processors[i] = [p for p in processors[i] if p is not process]
-            self._grammar[gen_uid] = matcher
+    def _join(self, group: list[_Arrival], logits: mx.array, cache: list[Any], lengths: list[int]) -> _Launched:
+        """Sample the first token of every sequence of ``group`` (row ``i`` of ``logits`` and ``cache``:
+        arrival ``i``, ``lengths[i]`` tokens), move each sequence's KV into a slot, and feed it that token."""
+        seqs: list[_Seq | None] = []
+        rows: list[int] = []
+        for i, arrival in enumerate(group):
+            for seq in arrival.seqs:
+                seqs.append(seq)
+                rows.append(i)
+        picked = logits[mx.array(rows)] if rows != list(range(len(group))) else logits
+        contexts = [group[i].context for i in rows]
+        launched = self._sample(picked, seqs, lambda k: contexts[k])
+        slots = []
+        for seq, i in zip(seqs, rows, strict=True):
+            assert seq is not None
+            slot = self._free_slot(cache)
+            self._slots_of().admit(slot, cache, row=i, length=lengths[i])
+            seq.slot = slot
+            self._rows[slot] = seq
+            slots.append(slot)
+        self._inputs[mx.array(slots)] = launched.tokens
+        mx.async_eval(launched.tokens, *launched.logprob_arrays)
+        return launched
 
-    def _mask_decode(self, inputs: mx.array, cache: Any, logits: mx.array) -> mx.array:
-        """The running batch's decode step (``inputs``: each row's last token, shape (rows, 1)): every
-        constrained row's matcher consumes its token, then all rows are masked at once. Other calls of the
-        model (prefill chunks, a joining group's first step) pass through."""
-        batch = self.gen._generation_batch
-        if not self._grammar or cache is not batch.prompt_cache:
-            return logits
-        rows = [self._grammar.get(g) for g in batch.uids]
-        if inputs.shape != (len(rows), 1) or not self._first.keys().isdisjoint(batch.uids):
-            raise RuntimeError(f"unexpected decode call: inputs {inputs.shape} for {len(rows)} rows")
-        assert self._masker is not None
-        # Queue the tokens' read, then this step's forward pass behind it: the device computes the pass
-        # while the CPU reads the tokens and fills the masks (one sync per step, not one per row).
-        mx.async_eval(inputs)
-        mx.async_eval(logits)
-        tokens = cast(list[int], inputs.reshape(-1).tolist())
-        for matcher, token in zip(rows, tokens, strict=True):
-            if matcher is not None:
-                matcher.advance(token)
-        return self._masker.apply(logits, rows)
+    def _slots_of(self) -> SlotBatch:
+        assert self._slots is not None
+        return self._slots
+
+    def _free_slot(self, cache: list[Any]) -> int:
+        if self._slots is None:
+            self._slots = SlotBatch.like(cache, min(8, self.max_running))
+            self._rows = [None] * self._slots.rows
+            self._inputs = mx.zeros((self._slots.rows,), mx.int32)
+        slots = self._slots
+        slot = slots.free_slot()
+        if slot is None:
+            rows = min(self.max_running, 2 * slots.rows)
+            slot = slots.rows
+            slots.grow_rows(rows)
+            self._rows += [None] * (rows - len(self._rows))
+            self._inputs = mx.concatenate([self._inputs, mx.zeros((rows - self._inputs.shape[0],), mx.int32)])
+        return slot
+
+    # ---- the decode step ------------------------------------------------------------------------
+
+    def _decode(self) -> _Launched | None:
+        """Queue one decode step of every slot."""
+        slots = self._slots
+        if slots is None or not any(s is not None for s in self._rows):
+            return None
+        inputs = self._inputs
+        slots.prepare_step()
+        logits = self.loaded.model(inputs[:, None], cache=slots.layers)[:, -1, :]
+        slots.advance()
+        rows = list(self._rows)
+        if any(s is not None and s.matcher is not None for s in rows):
+            # The masks need each constrained row's input token: queue the tokens, then the forward pass
+            # behind them, and read the tokens while the device computes the pass.
+            mx.async_eval(inputs)
+            mx.async_eval(logits)
+            fed = cast(list[int], inputs.tolist())
+            for seq, token in zip(rows, fed, strict=True):
+                if seq is not None and seq.matcher is not None:
+                    seq.matcher.advance(token)
+        launched = self._sample(logits, rows, lambda i: inputs[i : i + 1])
+        self._inputs = launched.tokens
+        mx.async_eval(launched.tokens, *launched.logprob_arrays)
+        return launched
+
+    def _sample(self, logits: mx.array, seqs: list[_Seq | None], fed: Callable[[int], mx.array]) -> _Launched:
+        """Process, mask and sample ``logits`` (one row per entry of ``seqs``; None: a free slot) in as few
+        calls as the rows' settings allow; ``fed(i)``: the tokens row ``i``'s processors see."""
+        logits = logits.astype(mx.float32)
+        processed = [i for i, s in enumerate(seqs) if s is not None and s.processors]
+        if processed:
+            rows = []
+            for i in processed:
+                row = logits[i : i + 1]
+                for process in cast(_Seq, seqs[i]).processors:
+                    row = process(fed(i), row)
+                rows.append(row)
+            logits[mx.array(processed)] = mx.concatenate(rows)
+        if self._masker is not None and any(s is not None and s.matcher is not None for s in seqs):
+            logits = self._masker.apply(logits, [s.matcher if s is not None else None for s in seqs])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = self._draw(logprobs, seqs)
+        want = [i for i, s in enumerate(seqs) if s is not None and s.params.logprobs]
+        arrays: list[mx.array] = []
+        if want:
+            k = max(cast(_Seq, seqs[i]).params.top_logprobs for i in want)
+            arrays = gather_logprobs(logprobs, tokens, want, k)
+        return _Launched(seqs, tokens, want, arrays)
+
+    @staticmethod
+    def _draw(logprobs: mx.array, seqs: list[_Seq | None]) -> mx.array:
+        """Every row's token: one call per shared sampler (greedy, or unseeded with one setting), one per
+        seeded row (its own key); free rows get whatever the first group draws for them."""
+        groups: dict[int, tuple[Sampler, list[int]]] = {}
+        for i, seq in enumerate(seqs):
+            if seq is not None:
+                key = id(seq) if seq.seeded else id(seq.sampler)
+                groups.setdefault(key, (seq.sampler, []))[1].append(i)
+        shared = [g for g in groups.values() if not any(cast(_Seq, seqs[i]).seeded for i in g[1])]
+        if len(groups) == 1 and shared:
+            return shared[0][0](logprobs).astype(mx.int32)
+        tokens = mx.zeros((len(seqs),), mx.int32)
+        for sampler, rows in groups.values():
+            idx = mx.array(rows)
+            tokens[idx] = sampler(logprobs[idx]).astype(mx.int32)
+        return tokens
+
+    # ---- reading and departures -----------------------------------------------------------------
+
+    def _read(self, launched: _Launched) -> list[SequenceOut]:
+        """The sequences' tokens of a queued sampling (waits for it); ends those that finished."""
+        tokens = cast(list[int], launched.tokens.tolist())
+        params = [s.params if s is not None else _NO_PARAMS for s in launched.seqs]
+        sampled = read_sampled(params, tokens, launched.logprob_rows, launched.logprob_arrays)
+        out = []
+        for seq, token in zip(launched.seqs, sampled, strict=True):
+            if seq is None or self._seqs.get(seq.uid) is not seq:
+                continue  # a free slot, or a sequence that ended after this was queued
+            seq.count += 1
+            finish = "stop" if token.token in self._eos else "length" if seq.count >= seq.params.max_tokens else None
+            cache = None
+            if finish is not None:
+                if seq.keep and seq.slot is not None:
+                    cache = self._slots_of().extract(seq.slot)
+                self._end(seq)
+            out.append(SequenceOut(seq.uid, token, finish, cache))
+        return out
+
+    def _end(self, seq: _Seq) -> None:
+        self._seqs.pop(seq.uid, None)
+        if seq.slot is not None and self._slots is not None:
+            self._slots.release(seq.slot)
+            self._rows[seq.slot] = None
+            seq.slot = None
+
+    def remove(self, uids: list[int]) -> None:
+        """End sequences (stopped or cancelled): their slots are free for the next step."""
+        for uid in uids:
+            seq = self._seqs.get(uid)
+            if seq is None:
+                continue
+            self._end(seq)
+            for arrival in list(self._arrivals):
+                if seq in arrival.seqs:
+                    arrival.seqs.remove(seq)
+                    if not arrival.seqs:
+                        self._arrivals.remove(arrival)
+
+    def step(self) -> list[SequenceOut]:
+        """Arrivals' prefill, one decode step queued, then the tokens of the step queued before it and the
+        first tokens of the arrivals that joined."""
+        self.prefill_timings = []
+        first = self._prefill()
+        launched = self._decode()
+        self.decoded = launched is not None
+        out: list[SequenceOut] = []
+        if self._pending is not None:
+            out += self._read(self._pending)
+        self._pending = launched
+        if first is not None:
+            out += self._read(first)
+        if self._pending is None and not self._seqs:
+            self._slots, self._rows, self._inputs = None, [], mx.zeros((0,), mx.int32)  # idle: free the KV
+        return out
 
     def close(self) -> None:
-        self.gen.close()
+        self._seqs.clear()
+        self._arrivals.clear()
+        self._pending = None
+        self._slots, self._rows = None, []

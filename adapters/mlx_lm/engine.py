@@ -425,9 +425,11 @@ class MlxEngine:
             return False
         if loaded.spec.kv_bits is not None:
             return False  # quantised caches cannot merge into a batch: they run in their own group
+        if not loaded.batchable:
+            return False  # e.g. a sliding-window cache: slots hold plain KV only
         self.prefixes.attach(request)
         cache: list[Any] = request.cache or []
-        if any(not isinstance(c, KVCache) for c in cache):
+        if any(type(c) is not KVCache for c in cache):
             return False  # e.g. a q4/q8 prefix cache: the sequential path serves it
         batcher = self._batchers.get(loaded.spec.name)
         if batcher is None:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import mlx.nn as nn
 import msgspec
 from mlx.utils import tree_flatten
 from mlx_lm.generate import maybe_quantize_kv_cache
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
 from mlx_lm.utils import _download as hf_snapshot  # mlx-lm's snapshot download, with its file patterns
 from mlx_lm.utils import dequantize_model, load
@@ -190,6 +190,11 @@ class LoadedModel:
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
+
+    @cached_property
+    def batchable(self) -> bool:
+        """Whether every layer's cache is plain KV (the batch's slots hold nothing else)."""
+        return all(type(c) is KVCache for c in self.make_cache())
 
     def forward(self, tokens: list[int], cache: list[Any], quantize: bool = True) -> mx.array:
         """One pass over ``tokens`` into ``cache``; the last position's logits. ``quantize``: the spec's KV

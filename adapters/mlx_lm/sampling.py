@@ -33,7 +33,9 @@ __all__ = [
     "SampledToken",
     "Sampler",
     "choice_keys",
+    "gather_logprobs",
     "logits_processors",
+    "read_sampled",
     "sampled_token",
     "token_sampler",
 ]
@@ -198,27 +200,31 @@ def sampled_token(params: SamplingParams, token: int, logprobs: mx.array) -> Sam
     return SampledToken(token, chosen, top)
 
 
-def sampled_tokens(
-    params: Sequence[SamplingParams], tokens: Sequence[int], logprobs: Sequence[mx.array]
-) -> list[SampledToken]:
-    """:func:`sampled_token` for a batch step's rows, with one device round trip for every row that asked
-    for log-probabilities (one per row cost a sync each: 64 of them per step at batch 64)."""
-    out = [SampledToken(t, None, ()) for t in tokens]
-    want = [i for i, p in enumerate(params) if p.logprobs]
-    if not want:
-        return out
-    lp = mx.stack([logprobs[i].reshape(-1) for i in want])
-    chosen = mx.take_along_axis(lp, mx.array([tokens[i] for i in want])[:, None], axis=-1)[:, 0]
-    k = min(max(params[i].top_logprobs for i in want), lp.shape[-1])
-    arrays = [chosen]
+def gather_logprobs(logprobs: mx.array, tokens: mx.array, rows: Sequence[int], k: int) -> list[mx.array]:
+    """Lazily, for the ``rows`` of a step that asked for log-probabilities: each sampled token's, and the
+    ``k`` best ids with theirs (``logprobs``: (rows, vocab); ``tokens``: (rows,))."""
+    idx = mx.array(list(rows))
+    lp = logprobs[idx]
+    arrays = [mx.take_along_axis(lp, tokens[idx][:, None], axis=-1)[:, 0]]
+    k = min(k, lp.shape[-1])
     if k:
         ids = mx.argpartition(-lp, k - 1, axis=-1)[:, :k]
         arrays += [ids, mx.take_along_axis(lp, ids, axis=-1)]
-    mx.eval(*arrays)
+    return arrays
+
+
+def read_sampled(
+    params: Sequence[SamplingParams], tokens: Sequence[int], rows: Sequence[int], arrays: Sequence[mx.array]
+) -> list[SampledToken]:
+    """A step's sampled tokens with the log-probabilities :func:`gather_logprobs` queued for ``rows`` (one
+    device round trip for all of them)."""
+    out = [SampledToken(t, None, ()) for t in tokens]
+    if not rows:
+        return out
     values = cast(list[float], arrays[0].tolist())
-    top_ids = cast(list[list[int]], arrays[1].tolist()) if k else []
-    top_values = cast(list[list[float]], arrays[2].tolist()) if k else []
-    for row, i in enumerate(want):
+    top_ids = cast(list[list[int]], arrays[1].tolist()) if len(arrays) == 3 else []
+    top_values = cast(list[list[float]], arrays[2].tolist()) if len(arrays) == 3 else []
+    for row, i in enumerate(rows):
         top: tuple[tuple[int, float], ...] = ()
         if params[i].top_logprobs:
             pairs = sorted(zip(top_ids[row], top_values[row], strict=True), key=lambda t: -t[1])

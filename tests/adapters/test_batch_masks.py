@@ -110,7 +110,7 @@ def text_of(loaded: LoadedModel, decode: Decode) -> str:
 def test_lane_burst_and_unconstrained_neighbours_match_alone(
     loaded: LoadedModel, closing_bias: tuple[tuple[int, float], ...]
 ) -> None:
-    """The first arrival takes the lane, the rest arrive as a burst through mlx-lm's batched prefill; the
+    """A burst of arrivals prefilled together (right-padded), constrained and not, next to each other; the
     biased constrained ones complete their grammar and end on EOS."""
     requests = [
         (prompt(loaded, "JSON please"), params(160, schema(FLAT), logit_bias=closing_bias)),  # the lane
@@ -123,7 +123,6 @@ def test_lane_burst_and_unconstrained_neighbours_match_alone(
     ]
     batcher = Batcher(loaded, max_running=8)
     uids = [batcher.insert(t, loaded.make_cache(), p, t)[0] for t, p in requests]
-    assert batcher._lane is not None and batcher._lane.uid == uids[0]
     results: dict[int, Decode] = {}
     finished: dict[int, str] = {}
     for _ in drive(batcher, results, finished):
@@ -136,7 +135,7 @@ def test_lane_burst_and_unconstrained_neighbours_match_alone(
     text = text_of(loaded, results[uids[3]])
     assert finished[uids[3]] == "stop" and text.startswith("<tool_call>") and text.endswith("</tool_call>")
     check_schema(json.loads(text.removeprefix("<tool_call>").removesuffix("</tool_call>")), TOOL_CALL)
-    assert not batcher._first and not batcher._grammar  # nothing left behind
+    assert not batcher._seqs and batcher._slots is None  # nothing left behind
 
 
 def test_n_choices_and_a_sequence_leaving_mid_way(
@@ -164,12 +163,12 @@ def test_n_choices_and_a_sequence_leaving_mid_way(
         assert_same_greedy(ref, results[uid])
     assert len(results[u3]) == 5
     assert_same_greedy(alone(loaded, t3, replace(p3, max_tokens=5)), results[u3])
-    assert not batcher._first and not batcher._grammar
+    assert not batcher._seqs and batcher._slots is None
 
 
 def test_the_batch_masks_constrained_rows_at_once(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After their first step the grammar processor leaves the rows' processor lists (mlx-lm's per-row loop
-    is skipped when no row has another processor) and each decode step masks all rows in one call."""
+    """Constrained rows carry no per-row processor (no row-by-row loop) and each step masks all rows in one
+    call."""
     calls: list[int] = []
     original = BatchMasker.apply
 
@@ -184,11 +183,11 @@ def test_the_batch_masks_constrained_rows_at_once(loaded: LoadedModel, monkeypat
     batcher.insert(tokens, loaded.make_cache(), params(12, schema(FLAT), n=4), tokens)
     results: dict[int, Decode] = {}
     steps = drive(batcher, results, {})
-    while len(batcher.gen._generation_batch) < 5:
+    while batcher.running < 5:
         next(steps)
     next(steps)
-    assert not any(batcher.gen._generation_batch.logits_processors or [])  # no per-row loop in mlx-lm
-    assert len(batcher._grammar) == 4
+    assert not any(s.processors for s in batcher._seqs.values())  # no row-by-row processing
+    assert sum(s.matcher is not None for s in batcher._seqs.values()) == 4
     for _ in steps:
         pass
     assert calls and max(calls) == 4  # one call for all four constrained rows

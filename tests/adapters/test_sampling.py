@@ -6,7 +6,14 @@ import mlx.core as mx
 import pytest
 
 from adapters.base import SamplingParams
-from adapters.mlx_lm.sampling import ChoiceSampler, logits_processors, sampled_token, sampled_tokens, token_sampler
+from adapters.mlx_lm.sampling import (
+    ChoiceSampler,
+    gather_logprobs,
+    logits_processors,
+    read_sampled,
+    sampled_token,
+    token_sampler,
+)
 
 
 def params(**kw: object) -> SamplingParams:
@@ -59,7 +66,8 @@ def test_batch_logprobs_equal_each_rows_own() -> None:
     one-row function gives it, whatever mix of logprobs / top_logprobs the rows asked for."""
     mx.random.seed(3)
     logits = mx.random.normal((5, 300)) * 3
-    logprobs = list(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    batch = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = list(batch)
     params = [
         SamplingParams(max_tokens=1, logprobs=True, top_logprobs=5),
         SamplingParams(max_tokens=1),
@@ -68,7 +76,10 @@ def test_batch_logprobs_equal_each_rows_own() -> None:
         SamplingParams(max_tokens=1, logprobs=True, top_logprobs=20),
     ]
     tokens = [7, 11, 299, 0, 150]
-    together = sampled_tokens(params, tokens, logprobs)
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    k = max(params[i].top_logprobs for i in rows)
+    arrays = gather_logprobs(batch, mx.array(tokens), rows, k)
+    together = read_sampled(params, tokens, rows, arrays)
     for p, t, lp, got in zip(params, tokens, logprobs, together, strict=True):
         alone = sampled_token(p, t, lp)
         assert got.token == alone.token and len(got.top) == len(alone.top) == (p.top_logprobs if p.logprobs else 0)
