@@ -20,7 +20,7 @@ from gateway.errors import AuthenticationError, Forbidden
 from gateway.keys import digest, entry_digest
 from gateway.rate_limits import set_tenant
 
-__all__ = ["Access", "bearer_token", "check_metrics_access", "provide_access", "provide_tenant"]
+__all__ = ["Access", "bearer_token", "check_metrics_access", "is_admin_request", "provide_access", "provide_tenant"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,12 @@ def _is_admin(token: str, admin_key: str | None) -> bool:
     if not admin_key:  # none configured ("" counts as none)
         return False
     return hmac.compare_digest(digest(token), entry_digest(admin_key))
+
+
+def is_admin_request(request: Request, config: Config) -> bool:
+    """Whether the request carries the admin key (False when the server has none)."""
+    token = bearer_token(request)
+    return token is not None and _is_admin(token, config.admin_key)
 
 
 def _tenant_of(token: str, api_keys: Mapping[str, str]) -> str | None:
