@@ -33,8 +33,9 @@ LIMIT_HEADERS = {
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
 }
-# Beta's first token under alpha's flood may take this many times its time alone (and at least FLOOR_S):
-# measured on the 2-core test machine (see test_a_flooding_tenant_gets_429_while_others_are_served).
+# Beta's first token under alpha's flood may take this many times its time alone (and at least FLOOR_S).
+# Measured on the shared 2-core test machine: 31-37 ms alone, 61-91 ms under the flood (8 streams against
+# alpha's limit of 2); the bound is generous so that a loaded machine does not fail it.
 TTFT_FACTOR = 4.0
 FLOOR_S = 1.0
 
@@ -89,20 +90,20 @@ def test_a_hashed_key_serves_its_tenant_and_its_digest_is_no_key(quotas: tuple[S
 def test_every_authenticated_response_carries_the_tenants_rate_limit_headers(quotas: tuple[Server, str]) -> None:
     server, _ = quotas
     r = httpx.get(f"{server.v1}/models", headers=BETA)
-    assert r.status_code == 200 and LIMIT_HEADERS <= set(r.headers)
+    assert r.status_code == 200 and set(r.headers) >= LIMIT_HEADERS
     assert r.headers["x-ratelimit-limit-tokens"] == "1000000" and r.headers["x-ratelimit-limit-requests"] == "10000"
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "logit_bias": NO_EOS}
     r = httpx.post(f"{server.v1}/completions", json=body, headers=BETA, timeout=60)
     assert r.status_code == 200
     before = int(r.headers["x-ratelimit-remaining-tokens"])
     with httpx.stream("POST", f"{server.v1}/completions", json={**body, "stream": True}, headers=BETA) as s:
-        assert s.status_code == 200 and LIMIT_HEADERS <= set(s.headers)
+        assert s.status_code == 200 and set(s.headers) >= LIMIT_HEADERS
         streamed = int(s.headers["x-ratelimit-remaining-tokens"])
         assert streamed == before - r.json()["usage"]["total_tokens"]  # reserved: prompt + max_tokens
         assert s.headers["x-ratelimit-reset-tokens"].endswith("s")
         s.read()
     bad = httpx.post(f"{server.v1}/completions", json={"model": "nope", "prompt": "x"}, headers=BETA)
-    assert bad.status_code == 404 and LIMIT_HEADERS <= set(bad.headers)  # errors of the tenant's too
+    assert bad.status_code == 404 and set(bad.headers) >= LIMIT_HEADERS  # errors of the tenant's too
     sdk = openai.OpenAI(base_url=server.v1, api_key="key-beta", max_retries=0)
     raw = sdk.completions.with_raw_response.create(model="tiny", prompt="hi", max_tokens=2)
     assert int(raw.headers["x-ratelimit-remaining-requests"]) < 10000
@@ -227,6 +228,6 @@ def test_a_flooding_tenant_gets_429_while_others_are_served(quotas: tuple[Server
         stop.set()
         for t in threads:
             t.join(timeout=60)
-    print(f"beta TTFT alone {alone * 1000:.0f} ms, under alpha's flood {flooded * 1000:.0f} ms; alpha: {codes.count(429)} x 429")
+    print(f"beta TTFT alone {alone * 1000:.0f} ms, flooded {flooded * 1000:.0f} ms; alpha {codes.count(429)} x 429")
     assert codes.count(429) >= 8 and codes.count(200) >= 2
     assert flooded <= max(TTFT_FACTOR * alone, FLOOR_S), (alone, flooded)
