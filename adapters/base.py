@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from adapters.stats import EngineStats
+from prefix_caches.errors import PrefixCacheError
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import PrefixCacheStore
 
@@ -41,11 +42,20 @@ __all__ = [
     "ToolCalling",
     "TopLogprob",
     "UnknownModel",
+    "PrefixBuildRefused",
 ]
 
 
 class EngineError(Exception):
     """A request failed inside the engine. The engine keeps serving others."""
+
+
+class PrefixBuildRefused(EngineError):
+    """The store refused a built cache (a tenant's quota); ``refusal`` says why, and nothing stored changed."""
+
+    def __init__(self, refusal: PrefixCacheError) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
 
 
 class UnknownModel(EngineError):

@@ -1,16 +1,25 @@
 """Backpressure: at most ``max_running`` requests in the engine, a bounded queue behind them (by count
 and by prompt tokens), and a queue timeout. Past any limit a request gets 429 with ``Retry-After``,
-never a hang or a 5xx."""
+never a hang or a 5xx.
+
+Each tenant has its own limits beside the server's (``gateway.config.TenantLimits``): requests and prompt
+tokens in the server at once, and requests and tokens per minute (``gateway.rate_limits``). A tenant past
+its own limits gets 429 while other tenants are still admitted.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
+from gateway.config import TenantLimits
 from gateway.errors import APIError
+from gateway.rate_limits import Rates, Reservation, TenantRateLimited
 
-__all__ = ["Admission", "RateLimited"]
+__all__ = ["Admission", "RateLimited", "Ticket"]
 
 
 class RateLimited(APIError):
@@ -27,8 +36,23 @@ class RateLimited(APIError):
         return {"retry-after": str(max(1, round(self.retry_after)))}
 
 
+@dataclass
+class Ticket:
+    """An admitted request; ``used`` (prompt + completion tokens) settles its tenant's token window."""
+
+    reservation: Reservation | None
+    used: int = 0
+
+
 class Admission:
-    def __init__(self, max_running: int, max_queued: int, max_queued_tokens: int, queue_timeout: float) -> None:
+    def __init__(
+        self,
+        max_running: int,
+        max_queued: int,
+        max_queued_tokens: int,
+        queue_timeout: float,
+        limits_of: Callable[[str], TenantLimits] = lambda _: TenantLimits(),
+    ) -> None:
         self.max_running = max_running
         self.max_queued = max_queued
         self.max_queued_tokens = max_queued_tokens
@@ -37,17 +61,71 @@ class Admission:
         self.queued = 0
         self.queued_tokens = 0
         self._freed = asyncio.Condition()
+        self.limits_of = limits_of
+        self.rates = Rates(limits_of)
+        # Per tenant: requests in the server (running or queued) and their prompt tokens.
+        self.tenant_requests: Counter[str] = Counter()
+        self.tenant_tokens: Counter[str] = Counter()
 
     @contextlib.asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[None]:
-        """Hold one running place for the body of the ``async with``."""
-        await self._enter(tokens)
+    async def slot(self, tokens: int, tenant: str | None = None, reserve: int = 0) -> AsyncIterator[Ticket]:
+        """Hold one running place for the body of the ``async with``.
+
+        Args:
+            tokens: the request's prompt tokens.
+            tenant: whose request it is (None: only the server's limits apply).
+            reserve: the tokens it may use at most (prompt + max_tokens of every choice), counted against
+                the tenant's tokens per minute until the ticket's ``used`` settles it.
+        """
+        ticket = Ticket(None)
+        if tenant is not None:
+            self._enter_tenant(tenant, tokens)
         try:
-            yield
+            if tenant is not None:
+                ticket.reservation = self.rates.reserve(tenant, reserve)
+            await self._enter(tokens)
+        except BaseException:
+            if ticket.reservation is not None:
+                self.rates.cancel(ticket.reservation)
+            self._leave_tenant(tenant, tokens)
+            raise
+        try:
+            yield ticket
         finally:
+            if ticket.reservation is not None:
+                self.rates.settle(ticket.reservation, ticket.used)
+            self._leave_tenant(tenant, tokens)
             async with self._freed:
                 self.running -= 1
                 self._freed.notify()
+
+    def _enter_tenant(self, tenant: str, tokens: int) -> None:
+        limits = self.limits_of(tenant)
+        requests, queued = self.tenant_requests[tenant], self.tenant_tokens[tenant]
+        if limits.max_concurrent_requests is not None and requests >= limits.max_concurrent_requests:
+            raise TenantRateLimited(
+                f"Tenant '{tenant}' has {requests} requests in progress, its limit "
+                f"({limits.max_concurrent_requests}); retry when one ends",
+                "requests",
+                retry_after=1,
+            )
+        if limits.max_queued_tokens is not None and queued + tokens > limits.max_queued_tokens:
+            raise TenantRateLimited(
+                f"Tenant '{tenant}' has {queued} prompt tokens in progress; {tokens} more would pass its limit "
+                f"({limits.max_queued_tokens})",
+                "tokens",
+                retry_after=1,
+            )
+        self.tenant_requests[tenant] += 1
+        self.tenant_tokens[tenant] += tokens
+
+    def _leave_tenant(self, tenant: str | None, tokens: int) -> None:
+        if tenant is None:
+            return
+        self.tenant_requests[tenant] -= 1
+        self.tenant_tokens[tenant] -= tokens
+        if self.tenant_requests[tenant] <= 0:
+            del self.tenant_requests[tenant], self.tenant_tokens[tenant]
 
     async def _enter(self, tokens: int) -> None:
         async with self._freed:
@@ -77,3 +155,11 @@ class Admission:
 
     def stats(self) -> dict[str, int]:
         return {"running": self.running, "queued": self.queued, "queued_tokens": self.queued_tokens}
+
+    def tenant_use(self, tenant: str) -> dict[str, int]:
+        """What ``tenant`` holds now: requests in progress, their prompt tokens, the last minute's spend."""
+        return {
+            "requests_in_progress": self.tenant_requests.get(tenant, 0),
+            "queued_tokens": self.tenant_tokens.get(tenant, 0),
+            **self.rates.usage(tenant),
+        }

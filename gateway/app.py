@@ -27,11 +27,13 @@ from gateway.errors import (
     ModelUnavailableError,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     ServerError,
     ServiceUnavailable,
 )
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_config
+from gateway.rate_limits import RateLimitHeaders
 from gateway.request_context import RequestContext
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
@@ -44,6 +46,7 @@ from prefix_caches import (
     PrefixCacheError,
     PrefixCacheExists,
     PrefixCacheNotFound,
+    PrefixCacheQuotaExceeded,
 )
 
 __all__ = ["create_app"]
@@ -121,6 +124,8 @@ def _prefix_error(_: Request, exc: PrefixCacheError) -> Response[ErrorResponse]:
         return _respond(NotFound(str(exc), param="prefix_cache", code="prefix_cache_not_found"))
     if isinstance(exc, PrefixCacheExists):
         return _respond(Conflict(str(exc), param="name", code="prefix_cache_exists"))
+    if isinstance(exc, PrefixCacheQuotaExceeded):
+        return _respond(QuotaExceeded(str(exc), code=exc.quota))
     if isinstance(exc, InvalidKVSettings):
         return _respond(InvalidRequest(str(exc), param="kv_group_size", code="invalid_kv_settings"))
     if isinstance(exc, InvalidCacheName):
@@ -149,7 +154,9 @@ def _answer_options(request: Request) -> Response[None] | None:
 def create_app(config: Config, engine: Engine) -> Litestar:
     """The app serving ``engine``. The engine starts with the app and stops with it."""
     drain = Drain()
-    admission = Admission(config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds)
+    admission = Admission(
+        config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds, config.limits
+    )
     registry = Metrics(engine, admission)
     app = Litestar(
         route_handlers=[
@@ -185,5 +192,5 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         logging_config=None,
     )
     # Outside routing (as Litestar wraps its own CORS middleware), so 404s and 405s get an id and are counted.
-    app.asgi_handler = RequestContext(app.asgi_handler, registry.request_finished)
+    app.asgi_handler = RequestContext(RateLimitHeaders(app.asgi_handler, admission.rates), registry.request_finished)
     return app

@@ -8,7 +8,6 @@ key alone guards prefix-cache management and leaves inference open. API keys gua
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +17,10 @@ from litestar.datastructures import State
 
 from gateway.config import Config
 from gateway.errors import AuthenticationError, Forbidden
+from gateway.keys import digest, entry_digest
+from gateway.rate_limits import set_tenant
 
-__all__ = ["Access", "bearer_token", "check_metrics_access", "provide_access", "provide_tenant"]
+__all__ = ["Access", "bearer_token", "check_metrics_access", "is_admin_request", "provide_access", "provide_tenant"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +50,25 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _digest(key: str) -> bytes:
-    # Comparing fixed-length digests hides the key's length too, and accepts any text (compare_digest
-    # refuses non-ASCII str, which a header decoded as latin-1 can hold).
-    return hashlib.sha256(key.encode()).digest()
-
-
 def _is_admin(token: str, admin_key: str | None) -> bool:
     if not admin_key:  # none configured ("" counts as none)
         return False
-    return hmac.compare_digest(_digest(token), _digest(admin_key))
+    return hmac.compare_digest(digest(token), entry_digest(admin_key))
+
+
+def is_admin_request(request: Request, config: Config) -> bool:
+    """Whether the request carries the admin key (False when the server has none)."""
+    token = bearer_token(request)
+    return token is not None and _is_admin(token, config.admin_key)
 
 
 def _tenant_of(token: str, api_keys: Mapping[str, str]) -> str | None:
-    """The tenant of ``token``, compared against every key in constant time (no early exit)."""
-    given = _digest(token)
+    """The tenant of ``token``, compared against every key, whatever its form, in constant time (no early
+    exit; a hashed entry matches the key whose digest it holds, never the digest sent as a key)."""
+    given = digest(token)
     found = None
     for key, tenant in api_keys.items():
-        if hmac.compare_digest(given, _digest(key)):
+        if hmac.compare_digest(given, entry_digest(key)):
             found = tenant
     return found
 
@@ -75,6 +77,7 @@ async def provide_tenant(request: Request, state: State) -> str:
     """The tenant an inference request belongs to: its API key's, or the default tenant when auth is off."""
     config: Config = state.config
     if not config.auth_enabled:
+        set_tenant(request.scope, config.default_tenant)
         return config.default_tenant
     token = bearer_token(request)
     if token is None:
@@ -82,6 +85,7 @@ async def provide_tenant(request: Request, state: State) -> str:
     tenant = _tenant_of(token, config.api_keys)
     if tenant is None:
         raise AuthenticationError("Incorrect API key provided")
+    set_tenant(request.scope, tenant)
     return tenant
 
 

@@ -1,4 +1,4 @@
-"""The ``mlx-gateway`` command: ``serve``, ``build-model`` and ``caches`` (click)."""
+"""The ``mlx-gateway`` command: ``serve``, ``build-model``, ``caches`` and ``keys`` (click)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import msgspec
 
 from gateway import __version__
 from gateway.cli_caches import caches
+from gateway.cli_keys import keys
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 
@@ -83,9 +84,15 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
     ]
     if not config.prefix_caches:
         return MlxEngine(specs, None, config.profile_path)
-    from prefix_caches import PrefixCacheStore
+    from prefix_caches import PrefixCacheStore, StorageQuota
 
-    store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes)
+    def quota_of(tenant: str) -> StorageQuota:
+        limits = config.limits(tenant)
+        return StorageQuota(
+            limits.max_prefix_caches, limits.max_prefix_cache_disk_bytes, limits.max_prefix_cache_memory_bytes
+        )
+
+    store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes, quota_of)
     store.scan()
     return MlxEngine(specs, store, config.profile_path)
 
@@ -297,6 +304,7 @@ def build_model_command(preset: str, seed: int, models_dir: str | None) -> int:
 
 
 cli.add_command(caches)
+cli.add_command(keys)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "parse_size"]
+from gateway.keys import HASHED_PREFIX, is_hashed
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "TenantLimits", "load_config", "parse_size"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -44,14 +46,39 @@ class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     isolation_mode: Literal["strict", "balanced", "performance"] | None = None
 
 
+class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One tenant's quotas; None (absent) is unlimited. Sizes may be written as text (``2GiB``)."""
+
+    max_prefix_caches: int | None = None
+    max_prefix_cache_disk_bytes: int | None = None
+    # Resident KV arrays: past it the tenant's own least recently used caches leave memory first.
+    max_prefix_cache_memory_bytes: int | None = None
+    # Requests of the tenant in the server at once (running or waiting for a place).
+    max_concurrent_requests: int | None = None
+    # Prompt tokens of those requests together.
+    max_queued_tokens: int | None = None
+    # Sliding 60-second windows: prompt + completion tokens, and requests.
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+
+    def over(self, defaults: TenantLimits) -> TenantLimits:
+        """These limits, each absent one taken from ``defaults``."""
+        own = {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not None}
+        return msgspec.structs.replace(defaults, **own)
+
+
 class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[ModelConfig, ...] = ()
-    # API key -> tenant. Empty: auth is off and every request belongs to the default tenant.
+    # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.keys).
+    # Empty: auth is off and every request belongs to the default tenant.
     api_keys: dict[str, str] = {}
     admin_key: str | None = None
     default_tenant: str = "default"
+    # Quotas of every tenant, and of named tenants (their own values over the defaults).
+    tenant_defaults: TenantLimits = TenantLimits()
+    tenants: dict[str, TenantLimits] = {}
     models_dir: str | None = None
     cache_dir: str | None = None
     # strict: every request alone in its forward passes (bit-identical under any traffic);
@@ -95,6 +122,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
             return Path(self.cache_dir)
         return Path(os.path.expanduser("~/.cache")) / "mlx-gateway" / "prefix-caches"
 
+    def limits(self, tenant: str) -> TenantLimits:
+        own = self.tenants.get(tenant)
+        return self.tenant_defaults if own is None else own.over(self.tenant_defaults)
+
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -103,8 +134,9 @@ def _parse_keys(items: list[str]) -> dict[str, str]:
     """``key:tenant`` items (a key without a tenant belongs to the default tenant)."""
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in items)):
-        key, _, tenant = item.partition(":")
-        keys[key] = tenant or "default"
+        hashed = item.startswith(HASHED_PREFIX)
+        key, _, tenant = item.removeprefix(HASHED_PREFIX).partition(":")
+        keys[HASHED_PREFIX + key if hashed else key] = tenant or "default"
     return keys
 
 
@@ -148,6 +180,25 @@ _FIELD_FLAGS = (
     "blas",
 )
 _SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes")
+_TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes")
+
+
+def _tenant_sizes(raw: dict[str, Any]) -> None:
+    tables = [raw.get("tenant_defaults"), *(raw.get("tenants") or {}).values()]
+    for table in tables:
+        if isinstance(table, dict):
+            for key in _TENANT_SIZE_FIELDS:
+                if isinstance(table.get(key), str):
+                    table[key] = parse_size(table[key])
+
+
+def _check_keys(config: Config) -> None:
+    for key in (*config.api_keys, config.admin_key or ""):
+        if key.startswith(HASHED_PREFIX) and not is_hashed(key):
+            raise ConfigError(
+                f"a key starting '{HASHED_PREFIX}' must be '{HASHED_PREFIX}' and the 64 hex digits of a SHA-256 "
+                "digest ('mlx-gateway keys new --hashed' prints one)"
+            )
 
 
 def _model_from_flag(value: str, name: str | None) -> dict[str, Any]:
@@ -227,6 +278,7 @@ def load_config(
     for key in _SIZE_FIELDS:
         if isinstance(raw.get(key), str):
             raw[key] = parse_size(raw[key])
+    _tenant_sizes(raw)
 
     try:
         config = msgspec.convert(raw, Config, strict=False)
@@ -235,4 +287,5 @@ def load_config(
     names = [m.name for m in config.models]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique: {names}")
+    _check_keys(config)
     return config

@@ -20,6 +20,7 @@ __all__ = [
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
+    "QuotaExceeded",
     "ServerError",
     "ServiceUnavailable",
     "ModelUnavailableError",
@@ -82,6 +83,14 @@ class Forbidden(APIError):
     status_code = 403
     type = "permission_error"
     code = "forbidden"
+
+
+class QuotaExceeded(APIError):
+    """A tenant's storage quota (prefix caches): a 403, not a 429, as retrying never helps (the openai SDK
+    retries every 429); ``code`` names the quota."""
+
+    status_code = 403
+    type = "insufficient_quota"
 
 
 class NotFound(APIError):

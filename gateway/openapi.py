@@ -29,12 +29,16 @@ __all__ = ["GENERATE", "MANAGE", "READ", "CachePath", "errors", "openapi_config"
 _WHEN = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range, or a rule the request breaks",
     401: "Missing or incorrect API key (only when API keys or an admin key are configured)",
-    403: "A tenant's key names another tenant",
+    403: "A tenant's key names another tenant or reads every tenant's figures (`forbidden`), or a tenant's "
+    "prefix-cache quota refuses a cache (type `insufficient_quota`, code `prefix_cache_count_quota`, "
+    "`prefix_cache_disk_quota` or `prefix_cache_memory_quota`)",
     404: "Unknown model (`model_not_found`), prefix cache (`prefix_cache_not_found`) or route",
     409: "A prefix cache of that name exists (`prefix_cache_exists`; send `replace: true`), or a cache to warm is "
     "larger than the whole prefix-cache memory budget (`prefix_cache_over_memory_budget`)",
     413: "The request body is larger than the server's limit (`request_too_large`)",
-    429: "Too many requests running or queued (`rate_limit_exceeded`); `Retry-After` says when to retry",
+    429: "Too many requests running or queued (`rate_limit_exceeded`), in the server or for the tenant (type "
+    "`requests` or `tokens`: its concurrency, prompt tokens, requests or tokens per minute); `Retry-After` says "
+    "when to retry",
     500: "The engine failed while serving the request",
     503: "The model is still loading (Retry-After), failed to load (x-should-retry: false, code model_unavailable), "
     "or the server is draining (Retry-After)",

@@ -10,9 +10,18 @@ from typing import Any
 
 import anyio.to_thread
 
-from adapters.base import BuildEvent, BuildProgress, Engine, Failed, PrefixBuild, PrefixBuilt, UnknownModel
+from adapters.base import (
+    BuildEvent,
+    BuildProgress,
+    Engine,
+    Failed,
+    PrefixBuild,
+    PrefixBuildRefused,
+    PrefixBuilt,
+    UnknownModel,
+)
 from gateway.config import Config
-from gateway.errors import Conflict, ContextLengthExceeded, InvalidRequest, ServerError
+from gateway.errors import Conflict, ContextLengthExceeded, InvalidRequest, QuotaExceeded, ServerError
 from gateway.planning import message_dicts
 from gateway.request_context import current_request_id
 from gateway.schemas.admin import (
@@ -125,6 +134,8 @@ async def _start_build(
 def _built(store: PrefixCacheStore, event: BuildEvent) -> PrefixCacheOut | None:
     """The cache once ``event`` says it is built; None while it is being prefilled."""
     if isinstance(event, Failed):
+        if isinstance(event.error, PrefixBuildRefused):
+            raise event.error.refusal
         raise ServerError(f"Building the prefix cache failed: {event.error}")
     if isinstance(event, PrefixBuilt):
         return describe(store, event.manifest)
@@ -185,6 +196,14 @@ async def _close(events: AsyncIterator[BuildEvent]) -> None:
 async def warm(engine: Engine, tenant: str, name: str) -> WarmedPrefixCache:
     store = _store(engine)
     warmed = await engine.warm_prefix(tenant, name)
+    quota = store.quota_of(tenant).max_memory_bytes
+    if not warmed.resident and quota is not None and warmed.bytes_in_memory > quota:
+        raise QuotaExceeded(
+            f"The prefix cache '{name}' takes {warmed.bytes_in_memory} bytes in memory, more than tenant "
+            f"'{tenant}' may keep resident ({quota} bytes): requests read it from disk each time.",
+            param="name",
+            code="prefix_cache_memory_quota",
+        )
     if not warmed.resident:
         raise Conflict(
             f"The prefix cache '{name}' takes {warmed.bytes_in_memory} bytes in memory, more than the whole "

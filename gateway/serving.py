@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from adapters.base import Engine, EngineEvent, Failed, Plan, Started
+from adapters.base import Engine, EngineEvent, Failed, Plan, Started, TokenEvent
 from gateway.encoding import ChunkEncoder, ResponseEncoder
 from gateway.errors import ServerError
 from gateway.metrics import GenerationObserver
@@ -73,6 +73,19 @@ class Running:
         self._observer = observer
         self._held: list[tuple[int, EngineEvent]] = []
         self.started: list[Started] = []
+        # Completion tokens seen so far (a tenant's tokens per minute settle on them).
+        self.completion_tokens = 0
+
+    @property
+    def used_tokens(self) -> int:
+        """Prompt and completion tokens this request has cost so far."""
+        return sum(len(p.prompt_tokens) for p in self.planned.plans) + self.completion_tokens
+
+    def _observe(self, index: int, event: EngineEvent) -> None:
+        if self._observer is not None:
+            self._observer.event(index, event)
+        if isinstance(event, TokenEvent):
+            self.completion_tokens += len(event.token_ids)
 
     async def wait_started(self) -> list[Started]:
         while len(self.started) < len(self.planned.plans):
@@ -80,8 +93,7 @@ class Running:
                 index, event = await anext(self._events)
             except StopAsyncIteration:
                 break
-            if self._observer is not None:
-                self._observer.event(index, event)
+            self._observe(index, event)
             if isinstance(event, Failed):
                 await self.aclose()
                 raise _failure(event, self.planned)
@@ -96,8 +108,7 @@ class Running:
         for item in held:
             yield item
         async for index, event in self._events:
-            if self._observer is not None:
-                self._observer.event(index, event)
+            self._observe(index, event)
             if isinstance(event, Failed):
                 raise _failure(event, self.planned)
             if isinstance(event, Started):

@@ -7,10 +7,12 @@ from prefix_caches.errors import (
     PrefixCacheError,
     PrefixCacheExists,
     PrefixCacheNotFound,
+    PrefixCacheQuotaExceeded,
     PrefixCacheUnusable,
 )
 from prefix_caches.manifest import Manifest
 from prefix_caches.names import validate_name
+from prefix_caches.quotas import NO_QUOTA, StorageQuota
 from prefix_caches.store import PrefixCacheStore
 
 __all__ = [
@@ -20,7 +22,10 @@ __all__ = [
     "PrefixCacheError",
     "PrefixCacheExists",
     "PrefixCacheNotFound",
+    "PrefixCacheQuotaExceeded",
     "PrefixCacheStore",
     "PrefixCacheUnusable",
+    "NO_QUOTA",
+    "StorageQuota",
     "validate_name",
 ]

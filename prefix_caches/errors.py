@@ -8,6 +8,7 @@ __all__ = [
     "PrefixCacheError",
     "PrefixCacheExists",
     "PrefixCacheNotFound",
+    "PrefixCacheQuotaExceeded",
     "PrefixCacheUnusable",
 ]
 
@@ -38,3 +39,11 @@ class InvalidKVSettings(PrefixCacheError):
 
 class PrefixCacheUnusable(PrefixCacheError):
     """A stored file is corrupt or was written for another model or library version."""
+
+
+class PrefixCacheQuotaExceeded(PrefixCacheError):
+    """A tenant's storage quota refuses a cache; ``quota`` names it (``prefix_cache_count_quota``, ...)."""
+
+    def __init__(self, quota: str, message: str) -> None:
+        super().__init__(message)
+        self.quota = quota

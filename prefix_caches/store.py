@@ -22,9 +22,10 @@ from typing import Any
 import msgspec
 
 from prefix_caches.costs import Rate
-from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheUnusable
+from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheQuotaExceeded, PrefixCacheUnusable
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
+from prefix_caches.quotas import NO_QUOTA, QuotaOf
 
 __all__ = ["CacheStatus", "CacheUsage", "PrefixCacheStore", "file_sha256", "tokens_sha256"]
 
@@ -53,13 +54,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+def _atomic_write(
+    path: Path, write: Callable[[Path], None], suffix: str = "", admit: Callable[[int], None] | None = None
+) -> None:
+    """Write through a temporary file; ``admit`` sees its size before it replaces ``path`` and may refuse it
+    (raise), leaving ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{suffix}"
     try:
         write(tmp)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        if admit is not None:
+            admit(tmp.stat().st_size)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -92,9 +99,12 @@ class CacheUsage:
 
 
 class PrefixCacheStore:
-    def __init__(self, root: Path, memory_budget_bytes: int = 2 * 1024**3) -> None:
+    def __init__(
+        self, root: Path, memory_budget_bytes: int = 2 * 1024**3, quota_of: QuotaOf = lambda _: NO_QUOTA
+    ) -> None:
         self.root = root
         self.memory_budget = memory_budget_bytes
+        self.quota_of = quota_of
         self._lock = threading.Lock()
         self._manifests: dict[Key, Manifest] = {}
         self._status: dict[Key, CacheStatus] = {}
@@ -165,10 +175,40 @@ class PrefixCacheStore:
             return list(self._manifests.values())
 
     def check_new(self, tenant: str, name: str, replace: bool) -> None:
+        """Refuse a create early (before its prefill) when the name is taken or the tenant's quota is already
+        spent; the size it will take is only known when it is saved, where :meth:`save` checks again."""
         cache_paths(self.root, tenant, name)
         with self._lock:
             if (tenant, name) in self._manifests and not replace:
                 raise PrefixCacheExists(name)
+            self._check_quota(tenant, name, 0)
+
+    def _check_quota(self, tenant: str, name: str, new_bytes: int) -> None:
+        """Whether ``tenant`` may hold ``name`` at ``new_bytes`` on disk (a replaced version's bytes count as
+        freed). Called with the lock held.
+
+        Raises:
+            PrefixCacheQuotaExceeded: the count or the bytes on disk would pass the tenant's quota.
+        """
+        quota = self.quota_of(tenant)
+        if quota.max_caches is None and quota.max_disk_bytes is None:
+            return
+        mine = [m for (t, n), m in self._manifests.items() if t == tenant and n != name]
+        if quota.max_caches is not None and len(mine) + 1 > quota.max_caches:
+            raise PrefixCacheQuotaExceeded(
+                "prefix_cache_count_quota",
+                f"Tenant '{tenant}' may keep {quota.max_caches} prefix caches and has {len(mine)}; delete one "
+                "or replace an existing cache",
+            )
+        used = sum(m.size_bytes for m in mine)
+        # The early check (new_bytes 0) refuses only when nothing at all is left.
+        limit = quota.max_disk_bytes
+        if limit is not None and (used + new_bytes > limit if new_bytes else used >= limit):
+            raise PrefixCacheQuotaExceeded(
+                "prefix_cache_disk_quota",
+                f"Tenant '{tenant}' may keep {limit} bytes of prefix caches on disk and uses "
+                f"{used}" + (f"; this cache takes {new_bytes}" if new_bytes else "") + "; delete a cache first",
+            )
 
     def delete(self, tenant: str, name: str) -> Manifest:
         """Remove a cache. Requests already using it keep their own copy and finish normally."""
@@ -254,13 +294,24 @@ class PrefixCacheStore:
     # ---- KV arrays (engine thread only) --------------------------------------------------------
 
     def save(self, manifest: Manifest, cache: list[Any]) -> Manifest:
-        """Write ``cache`` (already cut to the prefix) and its manifest; keep the arrays resident."""
+        """Write ``cache`` (already cut to the prefix) and its manifest; keep the arrays resident.
+
+        Raises:
+            PrefixCacheQuotaExceeded: the tenant's quota refuses it; what was stored stays as it was.
+        """
         from prefix_caches import kv
 
         tenant, name = manifest.tenant, manifest.name
         arrays_path, _ = cache_paths(self.root, tenant, name)
         metadata = {"mlx_gateway_tokens_sha256": manifest.tokens_sha256, "mlx_gateway_name": name}
-        _atomic_write(arrays_path, lambda p: kv.save_kv(p, cache, metadata), suffix=".safetensors")
+
+        def admit(size: int) -> None:
+            # Saves run on the engine thread one at a time, so no other create can come between this check
+            # and the commit below; deletes (any thread) only free room.
+            with self._lock:
+                self._check_quota(tenant, name, size)
+
+        _atomic_write(arrays_path, lambda p: kv.save_kv(p, cache, metadata), suffix=".safetensors", admit=admit)
         manifest.size_bytes = arrays_path.stat().st_size
         manifest.file_sha256 = file_sha256(arrays_path)
         self._write_manifest(tenant, name, manifest)
@@ -345,8 +396,20 @@ class PrefixCacheStore:
         from prefix_caches import kv
 
         size = kv.cache_nbytes(cache)
+        limit = self.quota_of(key[0]).max_memory_bytes
+        if limit is not None and size > limit:
+            self._resident.pop(key, None)  # alone over its tenant's quota: read from disk each time
+            logger.info("prefix cache %s not kept in memory: %d bytes, tenant quota %d", key[1], size, limit)
+            return
         self._resident[key] = (cache, size, sha)
         self._resident.move_to_end(key)
+        if limit is not None:
+            # The tenant's own least recently used caches make room, never another tenant's.
+            while (mine := [k for k in self._resident if k[0] == key[0]]) and sum(
+                self._resident[k][1] for k in mine
+            ) > limit:
+                self._resident.pop(mine[0])
+                logger.info("prefix cache %s evicted from memory (tenant quota %d bytes)", mine[0][1], limit)
         while self._resident and sum(r[1] for r in self._resident.values()) > self.memory_budget:
             old, _ = self._resident.popitem(last=False)
             logger.info("prefix cache %s evicted from memory (budget %d bytes)", old[1], self.memory_budget)

@@ -12,7 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from adapters.base import BuildProgress, EngineError, Failed, PrefixBuilt, Started
+from adapters.base import BuildProgress, EngineError, Failed, PrefixBuildRefused, PrefixBuilt, Started
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
 from adapters.mlx_lm.reuse import TenantReuse
@@ -20,7 +20,12 @@ from adapters.mlx_lm.work import Build, Request, log_extra
 from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
-from prefix_caches.errors import PrefixCacheError, PrefixCacheNotFound, PrefixCacheUnusable
+from prefix_caches.errors import (
+    PrefixCacheError,
+    PrefixCacheNotFound,
+    PrefixCacheQuotaExceeded,
+    PrefixCacheUnusable,
+)
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import PrefixCacheStore
 
@@ -200,6 +205,10 @@ class PrefixPath:
                 extra={"request_id": build.request_id},
             )
             build.emit(PrefixBuilt(saved, seconds))
+        except PrefixCacheQuotaExceeded as exc:
+            # A replaced cache stays as it was, usable: its status is not touched.
+            logger.info("prefix cache %s refused: %s", manifest.name, exc, extra={"request_id": build.request_id})
+            build.emit(Failed(PrefixBuildRefused(exc)))
         except Exception as exc:
             logger.exception("prefix cache build %s failed", manifest.name, extra={"request_id": build.request_id})
             store.set_status(manifest.tenant, manifest.name, "invalid", f"build failed: {exc}")

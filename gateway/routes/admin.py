@@ -14,6 +14,7 @@ from gateway import prefix_service
 from gateway.auth import Access, provide_access
 from gateway.config import Config
 from gateway.encoding import encode
+from gateway.errors import Forbidden
 from gateway.openapi import MANAGE, READ, CachePath, errors
 from gateway.schemas.admin import (
     CreatePrefixCache,
@@ -21,9 +22,11 @@ from gateway.schemas.admin import (
     PrefixCacheList,
     PrefixCacheOut,
     PrefixCacheProgress,
+    TenantList,
     WarmedPrefixCache,
 )
 from gateway.sse import sse_response
+from gateway.tenants import tenant_report
 
 __all__ = ["admin_router"]
 
@@ -93,9 +96,17 @@ async def delete_cache(
     return await prefix_service.delete(state.engine, access.tenant_for(tenant), name)
 
 
+@get("/tenants", responses=errors([401, 403, 500]))
+async def list_tenants(access: NamedDependency[Access], state: State) -> TenantList:
+    """Every tenant's quotas and its use of them now (the admin key only: it names every tenant)."""
+    if not access.is_admin:
+        raise Forbidden("Only the admin key can read every tenant's quotas")
+    return tenant_report(state.config, state.admission, state.engine.prefix_store)
+
+
 admin_router = Router(
     "/admin",
-    route_handlers=[create_cache, list_caches, get_cache, warm_cache, delete_cache],
+    route_handlers=[create_cache, list_caches, get_cache, warm_cache, delete_cache, list_tenants],
     dependencies={"access": Provide(provide_access)},
     tags=["Admin"],
 )

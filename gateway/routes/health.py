@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, get
+import msgspec
+from litestar import Request, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 
 from gateway import __version__
+from gateway.auth import is_admin_request
+from gateway.tenants import tenant_report
 
 __all__ = ["health", "index"]
 
@@ -22,6 +25,7 @@ ENDPOINTS = {
     "GET /admin/prefix-caches/{name}": "one prefix cache (?verify=true checks its digests)",
     "POST /admin/prefix-caches/{name}/warm": "load a prefix cache into memory now",
     "DELETE /admin/prefix-caches/{name}": "delete a prefix cache",
+    "GET /admin/tenants": "every tenant's quotas and use (admin key)",
     "GET /health": "engine, models, memory and prefix-cache statistics",
     "GET /metrics": "Prometheus metrics (the admin key once any key is configured)",
     "GET /docs": "interactive API documentation (OpenAPI schema at /docs/openapi.json)",
@@ -38,7 +42,7 @@ ENDPOINTS = {
         )
     },
 )
-async def health(state: State) -> Response[dict[str, Any]]:
+async def health(request: Request, state: State) -> Response[dict[str, Any]]:
     """200 when at least one model can serve: ``ok`` (all ready), ``loading`` (others still loading) or
     ``degraded`` (some failed; each model's ``state``, ``stage`` and ``error`` say which and why). 503 when
     none can: ``loading``, ``unhealthy`` (every model failed, or the engine stopped), or ``draining``."""
@@ -58,6 +62,10 @@ async def health(state: State) -> Response[dict[str, Any]]:
     serving = ready and report["engine_alive"] and status != "draining"
     # Every request runs on its own cache; no automatic reuse across requests exists to turn on.
     body = {"status": status, "version": __version__, "isolation_enabled": True, **report}
+    if is_admin_request(request, state.config):
+        # Every tenant's quotas and use, as GET /admin/tenants lists them: only the admin sees them.
+        tenants = tenant_report(state.config, state.admission, state.engine.prefix_store)
+        body["tenants"] = msgspec.to_builtins(tenants.data)
     return Response(body, status_code=200 if serving else 503)
 
 

@@ -19,7 +19,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from adapters.base import Engine, ModelInfo, UnknownModel
-from gateway.admission import Admission
+from gateway.admission import Admission, Ticket
 from gateway.auth import provide_tenant
 from gateway.config import Config, ModelConfig
 from gateway.encoding import encode
@@ -80,6 +80,15 @@ def _prompt_tokens(planned: PlannedRequest) -> int:
     return sum(len(p.prompt_tokens) for p in planned.plans)
 
 
+def _most_tokens(planned: PlannedRequest) -> int:
+    """Prompt and completion tokens the request may use at most (what its tenant's window reserves)."""
+    return sum(len(p.prompt_tokens) + p.sampling.max_tokens * p.sampling.n for p in planned.plans)
+
+
+def _slot(admission: Admission, planned: PlannedRequest) -> contextlib.AbstractAsyncContextManager[Ticket]:
+    return admission.slot(_prompt_tokens(planned), planned.plans[0].tenant, _most_tokens(planned))
+
+
 def _observer(state: State, planned: PlannedRequest) -> GenerationObserver:
     metrics: Metrics = state.metrics
     return metrics.observer(planned.model, planned.plans[0].tenant, arrival())
@@ -90,9 +99,13 @@ async def complete_planned(
 ) -> ChatCompletion | CompletionResponse:
     """Run a non-streaming request inside an admission slot."""
     admission: Admission = state.admission
-    async with admission.slot(_prompt_tokens(planned)):
+    async with _slot(admission, planned) as ticket:
         count_planned_misses(planned, state.engine.prefix_store)
-        return await collect(Running(state.engine, planned, _observer(state, planned)), fingerprint)
+        running = Running(state.engine, planned, _observer(state, planned))
+        try:
+            return await collect(running, fingerprint)
+        finally:
+            ticket.used = running.used_tokens
 
 
 async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> ASGIApp:
@@ -111,10 +124,15 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
         planned.stream,
     )
     stack = contextlib.AsyncExitStack()
-    await stack.enter_async_context(admission.slot(_prompt_tokens(planned)))  # 429 before any byte
+    ticket = await stack.enter_async_context(_slot(admission, planned))  # 429 before any byte
     try:
         count_planned_misses(planned, engine.prefix_store)
         running = Running(engine, planned, _observer(state, planned))
+
+        def settle() -> None:  # before the slot is given back (an exit stack unwinds last-in first)
+            ticket.used = running.used_tokens
+
+        stack.callback(settle)
         if planned.prefix_name is not None:
             # The x-prefix-cache header says what the cache gave: wait for the engine to admit the request.
             header = prefix_header(planned, await running.wait_started())

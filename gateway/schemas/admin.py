@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.config import TenantLimits
 from gateway.schemas.openai import CacheName, ChatMessage, TokenId
 
 __all__ = [
@@ -14,6 +15,9 @@ __all__ = [
     "PrefixCacheList",
     "PrefixCacheOut",
     "PrefixCacheProgress",
+    "TenantList",
+    "TenantOut",
+    "TenantUse",
     "WarmedPrefixCache",
 ]
 
@@ -90,3 +94,29 @@ class WarmedPrefixCache(msgspec.Struct, kw_only=True):
     was_resident: bool
     load_ms: float
     bytes_in_memory: int
+
+
+class TenantUse(msgspec.Struct, kw_only=True):
+    """What a tenant holds now, each figure beside the quota of the same name in ``limits``."""
+
+    prefix_caches: int
+    prefix_cache_disk_bytes: int
+    prefix_cache_memory_bytes: int
+    requests_in_progress: int  # running or queued (max_concurrent_requests)
+    queued_tokens: int  # their prompt tokens (max_queued_tokens)
+    requests_last_minute: int  # requests_per_minute
+    tokens_last_minute: int  # tokens_per_minute: prompt + completion (reserved for requests still running)
+
+
+class TenantOut(msgspec.Struct, kw_only=True):
+    """A tenant's quotas (its own over ``tenant_defaults``; null is unlimited) and its use of them."""
+
+    id: str
+    object: Literal["tenant"] = "tenant"
+    limits: TenantLimits
+    use: TenantUse
+
+
+class TenantList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[TenantOut]

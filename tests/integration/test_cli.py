@@ -404,3 +404,21 @@ def test_tenants_through_the_cli(auth_server: Server) -> None:
     assert json.loads(made.stdout)["model"] == "tiny"
     for name in ("t-cache", "t-auto"):
         assert cli("caches", "delete", name, env=alpha).returncode == 0
+
+
+def test_keys_new_prints_a_fresh_key_and_the_config_line_that_serves_it(tmp_path: Path) -> None:
+    first, second = cli("keys", "new", "--tenant", "alpha"), cli("keys", "new", "--tenant", "alpha")
+    key, *_, line = first.stdout.splitlines()
+    assert first.returncode == 0 and key.startswith("mgw-") and key != second.stdout.splitlines()[0]
+    assert line == f'api_keys = {{ "{key}" = "alpha" }}'
+    f = tmp_path / "c.toml"
+    f.write_text(line + "\n")
+    shown = json.loads(cli("serve", "--config", str(f), "--print-config").stdout)
+    assert shown["api_keys"] == {"<key 1>": "alpha"} and key not in json.dumps(shown)
+    hashed = cli("keys", "new", "--tenant", "beta", "--hashed").stdout.splitlines()
+    assert hashed[0] not in hashed[-1] and '"sha256:' in hashed[-1]
+    f.write_text(hashed[-1] + "\n")
+    assert cli("serve", "--config", str(f), "--print-config").returncode == 0
+    bad = cli("keys", "new", "--tenant", "a:b")
+    assert bad.returncode == 2 and "--tenant" in bad.stderr
+    assert cli("keys", "new").returncode == 2  # the tenant is required

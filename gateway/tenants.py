@@ -1,0 +1,38 @@
+"""Each tenant's use against its quotas, for ``GET /admin/tenants`` and the admin's view of ``/health``."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from gateway.admission import Admission
+from gateway.config import Config
+from gateway.schemas.admin import TenantList, TenantOut, TenantUse
+from prefix_caches import PrefixCacheStore
+
+__all__ = ["tenant_report"]
+
+
+def tenant_report(config: Config, admission: Admission, store: PrefixCacheStore | None) -> TenantList:
+    """Every tenant the config names (keys, quotas, the default) or that holds caches, by name."""
+    caches: Counter[str] = Counter()
+    disk: Counter[str] = Counter()
+    memory: Counter[str] = Counter()
+    for (_, tenant), use in (store.usage() if store is not None else {}).items():
+        caches[tenant] += use.count
+        disk[tenant] += use.bytes_on_disk
+        memory[tenant] += use.bytes_in_memory
+    names = {config.default_tenant, *config.api_keys.values(), *config.tenants, *caches}
+    out = []
+    for tenant in sorted(names):
+        held = admission.tenant_use(tenant)
+        use = TenantUse(
+            prefix_caches=caches[tenant],
+            prefix_cache_disk_bytes=disk[tenant],
+            prefix_cache_memory_bytes=memory[tenant],
+            requests_in_progress=held["requests_in_progress"],
+            queued_tokens=held["queued_tokens"],
+            requests_last_minute=held["requests_last_minute"],
+            tokens_last_minute=held["tokens_last_minute"],
+        )
+        out.append(TenantOut(id=tenant, limits=config.limits(tenant), use=use))
+    return TenantList(data=out)
