@@ -40,12 +40,17 @@ __all__ = [
     "ToolCallOut",
     "ToolCalling",
     "TopLogprob",
+    "StorageFull",
     "UnknownModel",
 ]
 
 
 class EngineError(Exception):
     """A request failed inside the engine. The engine keeps serving others."""
+
+
+class StorageFull(EngineError):
+    """A prefix cache could not be saved: its disk is full. The previous version, if any, is untouched."""
 
 
 class UnknownModel(EngineError):

@@ -10,9 +10,18 @@ from typing import Any
 
 import anyio.to_thread
 
-from adapters.base import BuildEvent, BuildProgress, Engine, Failed, PrefixBuild, PrefixBuilt, UnknownModel
+from adapters.base import (
+    BuildEvent,
+    BuildProgress,
+    Engine,
+    Failed,
+    PrefixBuild,
+    PrefixBuilt,
+    StorageFull,
+    UnknownModel,
+)
 from gateway.config import Config
-from gateway.errors import Conflict, ContextLengthExceeded, InvalidRequest, ServerError
+from gateway.errors import Conflict, ContextLengthExceeded, InsufficientStorage, InvalidRequest, ServerError
 from gateway.planning import message_dicts
 from gateway.request_context import current_request_id
 from gateway.schemas.admin import (
@@ -124,6 +133,8 @@ async def _start_build(
 
 def _built(store: PrefixCacheStore, event: BuildEvent) -> PrefixCacheOut | None:
     """The cache once ``event`` says it is built; None while it is being prefilled."""
+    if isinstance(event, Failed) and isinstance(event.error, StorageFull):
+        raise InsufficientStorage(f"The prefix cache could not be saved: {event.error}")
     if isinstance(event, Failed):
         raise ServerError(f"Building the prefix cache failed: {event.error}")
     if isinstance(event, PrefixBuilt):

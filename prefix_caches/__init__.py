@@ -7,6 +7,7 @@ from prefix_caches.errors import (
     PrefixCacheError,
     PrefixCacheExists,
     PrefixCacheNotFound,
+    PrefixCacheStorageFull,
     PrefixCacheUnusable,
 )
 from prefix_caches.manifest import Manifest
@@ -20,6 +21,7 @@ __all__ = [
     "PrefixCacheError",
     "PrefixCacheExists",
     "PrefixCacheNotFound",
+    "PrefixCacheStorageFull",
     "PrefixCacheStore",
     "PrefixCacheUnusable",
     "validate_name",

@@ -8,6 +8,7 @@ __all__ = [
     "PrefixCacheError",
     "PrefixCacheExists",
     "PrefixCacheNotFound",
+    "PrefixCacheStorageFull",
     "PrefixCacheUnusable",
 ]
 
@@ -38,3 +39,7 @@ class InvalidKVSettings(PrefixCacheError):
 
 class PrefixCacheUnusable(PrefixCacheError):
     """A stored file is corrupt or was written for another model or library version."""
+
+
+class PrefixCacheStorageFull(PrefixCacheError):
+    """The disk under the store ran out of space during a save; nothing of the new version was kept."""
