@@ -67,9 +67,10 @@ def answer(server: Server, cache: str | None) -> dict:
 
 @pytest.fixture()
 def full_disk_server(tmp_path: Path, models_dir: Path, log_dir: Path) -> Iterator[tuple[Server, Path]]:
-    with small_tmpfs(tmp_path / "caches", "8m") as root, run_server(
-        ["--model", "tiny", "--cache-dir", str(root)], models_dir=models_dir, log_dir=log_dir
-    ) as server:
+    with (
+        small_tmpfs(tmp_path / "caches", "8m") as root,
+        run_server(["--model", "tiny", "--cache-dir", str(root)], models_dir=models_dir, log_dir=log_dir) as server,
+    ):
         yield server, root
 
 
