@@ -120,6 +120,12 @@ class Faults:
         self.log(f"bootstrap: create seconds per prompt {[round(s, 3) for s in self.seconds.values()]}")
 
     def round(self, number: int) -> None:
+        with self._serve() as proc:
+            # The last round's outcome first: the next operation is chosen from what is really there.
+            self.verify(number)
+            self._strike(number, proc)
+
+    def _strike(self, number: int, proc: subprocess.Popen[bytes]) -> None:
         tenant = self.rng.choice(sorted(KEYS))
         name = self.rng.choice(NAMES)
         admin = self.rng.random() < 0.5
@@ -148,14 +154,12 @@ class Faults:
             except httpx.HTTPError:
                 pass
 
-        with self._serve() as proc:
-            self.verify(number)
-            sender = threading.Thread(target=send)
-            sender.start()
-            time.sleep(delay)
-            proc.kill()
-            proc.wait()
-            sender.join()
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        sender.join()
         self.tally.rounds += 1
         self.tally.kills += 1
         if answered:
