@@ -2,7 +2,8 @@
 
 Manifests (plain data) can be read from any thread; KV arrays are loaded, kept (LRU under a byte
 budget) and saved on the engine thread only. Every write is atomic: a temporary file in the same
-folder, fsync, ``os.replace``, fsync of the folder.
+folder, fsync, ``os.replace``, fsync of the folder; a save's two files are staged so that a crash leaves
+the old or the new version (``prefix_caches.durable``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,14 @@ from typing import Any
 import msgspec
 
 from prefix_caches.costs import Rate
-from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheQuotaExceeded, PrefixCacheUnusable
+from prefix_caches.durable import atomic_write, commit_pending, file_sha256, fsync_dir, recover, stage_arrays
+from prefix_caches.errors import (
+    PrefixCacheExists,
+    PrefixCacheNotFound,
+    PrefixCacheQuotaExceeded,
+    PrefixCacheStorageFull,
+    PrefixCacheUnusable,
+)
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
 from prefix_caches.quotas import NO_QUOTA, QuotaOf
@@ -36,42 +42,6 @@ Key = tuple[str, str]  # (tenant, name)
 
 def tokens_sha256(tokens: list[int]) -> str:
     return hashlib.sha256(msgspec.json.encode(tokens)).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(
-    path: Path, write: Callable[[Path], None], suffix: str = "", admit: Callable[[int], None] | None = None
-) -> None:
-    """Write through a temporary file; ``admit`` sees its size before it replaces ``path`` and may refuse it
-    (raise), leaving ``path`` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{suffix}"
-    try:
-        write(tmp)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        if admit is not None:
-            admit(tmp.stat().st_size)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -106,6 +76,9 @@ class PrefixCacheStore:
         self.memory_budget = memory_budget_bytes
         self.quota_of = quota_of
         self._lock = threading.Lock()
+        # Held around every manifest write and removal (engine thread, flushes, deletes on worker
+        # threads), so that a flush of old hit counters cannot land after a save or resurrect a deleted cache.
+        self._write_lock = threading.Lock()
         self._manifests: dict[Key, Manifest] = {}
         self._status: dict[Key, CacheStatus] = {}
         self._dirty: set[Key] = set()
@@ -124,6 +97,10 @@ class PrefixCacheStore:
     def scan(self) -> None:
         """Read every manifest on disk (at start-up). Unreadable ones are reported, never used."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self.root.glob("tenant-*")):
+            if folder.is_dir() and not folder.is_symlink():
+                for line in recover(folder):
+                    logger.warning("prefix cache store %s: %s", folder.name, line)
         found = 0
         for path in sorted(self.root.glob("tenant-*/*.json")):
             if path.name.startswith("."):
@@ -213,18 +190,19 @@ class PrefixCacheStore:
     def delete(self, tenant: str, name: str) -> Manifest:
         """Remove a cache. Requests already using it keep their own copy and finish normally."""
         arrays, manifest_path = cache_paths(self.root, tenant, name)
-        with self._lock:
-            manifest = self._manifests.pop((tenant, name), None)
-            self._status.pop((tenant, name), None)
-            self._dirty.discard((tenant, name))
-            self._drop.add((tenant, name))
-        if manifest is None:
-            raise PrefixCacheNotFound(name)
-        # The manifest goes first: a crash in between leaves an orphan file, never a manifest without one.
-        for path in (manifest_path, arrays):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        _fsync_dir(manifest_path.parent)
+        with self._write_lock:
+            with self._lock:
+                manifest = self._manifests.pop((tenant, name), None)
+                self._status.pop((tenant, name), None)
+                self._dirty.discard((tenant, name))
+                self._drop.add((tenant, name))
+            if manifest is None:
+                raise PrefixCacheNotFound(name)
+            # The manifest goes first: a crash in between leaves a KV file without one, which start-up removes.
+            for path in (manifest_path, arrays):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            fsync_dir(manifest_path.parent)
         return manifest
 
     def record_hit(self, tenant: str, name: str) -> None:
@@ -253,16 +231,23 @@ class PrefixCacheStore:
 
     def flush(self) -> None:
         """Write the manifests whose use counters changed (called periodically and at shutdown)."""
-        with self._lock:
-            dirty = [(k, msgspec.structs.replace(self._manifests[k])) for k in self._dirty if k in self._manifests]
-            self._dirty.clear()
-        for (tenant, name), manifest in dirty:
-            self._write_manifest(tenant, name, manifest)
+        with self._write_lock:
+            with self._lock:
+                dirty = [(k, msgspec.structs.replace(self._manifests[k])) for k in self._dirty if k in self._manifests]
+                self._dirty.clear()
+            for (tenant, name), manifest in dirty:
+                try:
+                    self._write_manifest(tenant, name, manifest)
+                except (OSError, PrefixCacheStorageFull) as exc:
+                    # Counters only: keep them for the next flush rather than fail the engine's idle turn.
+                    logger.warning("prefix cache %s: use counters not written: %s", name, exc)
+                    with self._lock:
+                        self._dirty.add((tenant, name))
 
     def _write_manifest(self, tenant: str, name: str, manifest: Manifest) -> None:
         _, manifest_path = cache_paths(self.root, tenant, name)
         data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
-        _atomic_write(manifest_path, lambda p: _write_bytes(p, data))
+        atomic_write(manifest_path, lambda p: _write_bytes(p, data))
 
     def usage(self) -> dict[tuple[str, str], CacheUsage]:
         """Per (model, tenant): caches, bytes on disk and resident, hits, misses, loads, recomputes."""
@@ -296,29 +281,36 @@ class PrefixCacheStore:
     def save(self, manifest: Manifest, cache: list[Any]) -> Manifest:
         """Write ``cache`` (already cut to the prefix) and its manifest; keep the arrays resident.
 
+        Until the manifest is written, the old version (or none) stays the cache on disk and in memory.
+
         Raises:
             PrefixCacheQuotaExceeded: the tenant's quota refuses it; what was stored stays as it was.
+            PrefixCacheStorageFull: the disk ran out of space; no file of the new version is left.
         """
         from prefix_caches import kv
 
         tenant, name = manifest.tenant, manifest.name
         arrays_path, _ = cache_paths(self.root, tenant, name)
         metadata = {"mlx_gateway_tokens_sha256": manifest.tokens_sha256, "mlx_gateway_name": name}
-
-        def admit(size: int) -> None:
+        pending, manifest.file_sha256, manifest.size_bytes = stage_arrays(
+            arrays_path, lambda p: kv.save_kv(p, cache, metadata)
+        )
+        try:
             # Saves run on the engine thread one at a time, so no other create can come between this check
             # and the commit below; deletes (any thread) only free room.
             with self._lock:
-                self._check_quota(tenant, name, size)
-
-        _atomic_write(arrays_path, lambda p: kv.save_kv(p, cache, metadata), suffix=".safetensors", admit=admit)
-        manifest.size_bytes = arrays_path.stat().st_size
-        manifest.file_sha256 = file_sha256(arrays_path)
-        self._write_manifest(tenant, name, manifest)
-        with self._lock:
-            self._manifests[(tenant, name)] = manifest
-            self._status[(tenant, name)] = CacheStatus()
-            self._drop.discard((tenant, name))
+                self._check_quota(tenant, name, manifest.size_bytes)
+            with self._write_lock:
+                self._write_manifest(tenant, name, manifest)
+                with self._lock:
+                    self._manifests[(tenant, name)] = manifest
+                    self._status[(tenant, name)] = CacheStatus()
+                    self._drop.discard((tenant, name))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                pending.unlink()
+            raise
+        commit_pending(pending, arrays_path)
         self._keep((tenant, name), cache, manifest.file_sha256)
         return manifest
 
