@@ -88,6 +88,11 @@ class Caches(RuleBasedStateMachine):
     def key(tenant: str, admin: bool) -> str:
         return ADMIN if admin else KEYS[tenant]
 
+    def one(self, tenant: str, admin: bool, name: str) -> str:
+        """One cache's admin URL, as the tenant's key or the admin acting for the tenant names it."""
+        query = f"?tenant={tenant}" if admin else ""
+        return f"{self.server.url}/admin/prefix-caches/{name}{query}"
+
     @rule(actor=actors, name=names, prompt=prompts, replace=st.booleans())
     def create(self, actor: tuple[str, bool], name: str, prompt: int, replace: bool) -> None:
         tenant, admin = actor
@@ -107,10 +112,7 @@ class Caches(RuleBasedStateMachine):
     @rule(actor=actors, name=names)
     def delete(self, actor: tuple[str, bool], name: str) -> None:
         tenant, admin = actor
-        query = f"?tenant={tenant}" if admin else ""
-        r = httpx.delete(
-            f"{self.server.url}/admin/prefix-caches/{name}{query}", headers=auth(self.key(tenant, admin)), timeout=30
-        )
+        r = httpx.delete(self.one(tenant, admin, name), headers=auth(self.key(tenant, admin)), timeout=30)
         if (tenant, name) in self.model:
             assert r.status_code == 200 and r.json()["deleted"] is True, r.text
             del self.model[(tenant, name)]
@@ -120,10 +122,7 @@ class Caches(RuleBasedStateMachine):
     @rule(actor=actors, name=names)
     def get(self, actor: tuple[str, bool], name: str) -> None:
         tenant, admin = actor
-        query = f"?tenant={tenant}" if admin else ""
-        r = httpx.get(
-            f"{self.server.url}/admin/prefix-caches/{name}{query}", headers=auth(self.key(tenant, admin)), timeout=30
-        )
+        r = httpx.get(self.one(tenant, admin, name), headers=auth(self.key(tenant, admin)), timeout=30)
         if (tenant, name) in self.model:
             assert r.status_code == 200 and r.json()["tokens_sha256"] == self.ref.sha[self.model[(tenant, name)]]
         else:
