@@ -94,6 +94,8 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
 
     store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes, quota_of)
     store.scan()
+    if config.prefix_cache_sync_seconds > 0:
+        store.watch(config.prefix_cache_sync_seconds)
     return MlxEngine(specs, store, config.profile_path)
 
 
@@ -245,6 +247,18 @@ def cli() -> None:
     metavar="SIZE",
     help="Memory for resident prefix caches, least recently used evicted first: bytes or a size such as 2GiB, "
     "512MiB, 4G (default 2GiB)." + _env("MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES"),
+)
+@click.option(
+    "--prefix-cache-sync-seconds",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How often to re-read the cache directory, which other replicas may share: their creates, replaces "
+    "and deletes are seen within this time (default 1; 0: never)." + _env("MLX_GATEWAY_PREFIX_CACHE_SYNC_SECONDS"),
+)
+@click.option(
+    "--replica-id",
+    help="This process's name in /health, to tell replicas apart behind a load balancer (default host:port)."
+    + _env("MLX_GATEWAY_REPLICA_ID"),
 )
 @click.option(
     "--max-body-bytes",

@@ -56,6 +56,7 @@ def describe(store: PrefixCacheStore, m: Manifest, integrity: dict[str, Any] | N
         source=m.source,
         num_tokens=m.num_tokens,
         tokens_sha256=m.tokens_sha256,
+        version=m.version,
         kv_bits=m.kv_bits,
         kv_group_size=m.kv_group_size,
         dtype=m.dtype,
