@@ -11,6 +11,7 @@ import msgspec
 from gateway import __version__
 from gateway.cli_caches import caches
 from gateway.cli_keys import keys
+from gateway.cli_replicas import replicas
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 
@@ -319,6 +320,7 @@ def build_model_command(preset: str, seed: int, models_dir: str | None) -> int:
 
 cli.add_command(caches)
 cli.add_command(keys)
+cli.add_command(replicas)
 
 
 def main(argv: list[str] | None = None) -> int:
