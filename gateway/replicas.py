@@ -123,7 +123,9 @@ class ReplicaSet:
             # -db: stay in the foreground, so that this process sees it exit.
             self.proxy = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
         self._write_state()
-        logger.info("HAProxy on %s in front of %d replicas (run folder %s)", self.bind, len(self.replicas), self.run_dir)
+        logger.info(
+            "HAProxy on %s in front of %d replicas (run folder %s)", self.bind, len(self.replicas), self.run_dir
+        )
 
     def supervise(self) -> int:
         """Restart replicas that exit until :meth:`stop` is called or HAProxy exits; returns an exit status."""
