@@ -258,7 +258,7 @@ def cli() -> None:
 )
 @click.option(
     "--replica-id",
-    help="This process's name in /health, to tell replicas apart behind a load balancer (default host:port)."
+    help="This process's name in /health, to tell replicas apart behind a load balancer (default hostname:port)."
     + _env("MLX_GATEWAY_REPLICA_ID"),
 )
 @click.option(

@@ -101,7 +101,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     # Seconds between re-reads of the cache directory's manifests, which other replicas sharing it may write:
     # a cache they create, replace or delete is seen here within this time. 0: never (one process only).
     prefix_cache_sync_seconds: float = 1.0
-    # Names this process in /health (which replica answered behind a load balancer); default host:port.
+    # Names this process in /health (which replica answered behind a load balancer); default hostname:port.
     replica_id: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
