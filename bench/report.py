@@ -402,7 +402,8 @@ def replicas(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         routing = "consistent hash (affinity)" if r["cached_balance"] == "hash" else "round robin"
         lines.append(
-            f"| {r['replicas']} | {routing} | {r['requests_per_second']:.2f} | {r['completion_tokens_per_second']:.1f} | "
+            f"| {r['replicas']} | {routing} | {r['requests_per_second']:.2f} | "
+            f"{r['completion_tokens_per_second']:.1f} | "
             f"{r['latency_p50_ms']:.0f} | {r['hot_hit_rate']:.0%} | {r['cold_hits']} | {r['replicas_per_cache']} | "
             f"{r['failed']} |"
         )
