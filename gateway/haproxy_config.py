@@ -88,11 +88,11 @@ defaults
     timeout client {stream_timeout_seconds}s
     timeout server {stream_timeout_seconds}s
     timeout http-request 30s
-    # A replica that refuses the connection (killed, restarting) costs no request: HAProxy buffered it
-    # and sends it to another one.
+    # A replica that refuses the connection (killed, restarting) or answers 503 (draining) costs no request:
+    # HAProxy buffered it and sends it to another one.
     retries 3
     option redispatch 1
-    retry-on conn-failure empty-response
+    retry-on conn-failure empty-response 503
     option httpchk GET /health
     http-check expect status 200
     default-server maxconn 512
