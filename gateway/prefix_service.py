@@ -116,7 +116,7 @@ async def _start_build(
 ) -> tuple[PrefixCacheStore, AsyncIterator[BuildEvent]]:
     store = _store(engine)
     validate_name(req.name)
-    store.check_new(tenant, req.name, req.replace)
+    await anyio.to_thread.run_sync(store.check_new, tenant, req.name, req.replace)
     tokens, source = await anyio.to_thread.run_sync(_tokens, engine, config, req)
     job = PrefixBuild(
         request_id=current_request_id.get() or f"pc-{uuid.uuid4().hex[:12]}",

@@ -265,10 +265,14 @@ class PrefixCacheStore:
 
     def check_new(self, tenant: str, name: str, replace: bool) -> None:
         """Refuse a create early (before its prefill) when the name is taken or the tenant's quota is already
-        spent; the size it will take is only known when it is saved, where :meth:`save` checks again."""
-        cache_paths(self.root, tenant, name)
+        spent; the size it will take is only known when it is saved, where :meth:`save` checks again.
+
+        Reads the disk (another replica may have created the name since the last sync): not on the event loop.
+        """
+        _, manifest_path = cache_paths(self.root, tenant, name)
+        taken = not replace and manifest_path.exists()
         with self._lock:
-            if (tenant, name) in self._manifests and not replace:
+            if ((tenant, name) in self._manifests or taken) and not replace:
                 raise PrefixCacheExists(name)
             self._check_quota(tenant, name, 0)
 

@@ -16,7 +16,7 @@ load_optimised_blas()
 
 import mlx.core as mx  # noqa: E402
 
-from prefix_caches import PrefixCacheNotFound, PrefixCacheStore, PrefixCacheUnusable, kv  # noqa: E402
+from prefix_caches import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheStore, PrefixCacheUnusable, kv  # noqa: E402
 from prefix_caches.names import cache_paths  # noqa: E402
 from prefix_caches.store import file_sha256  # noqa: E402
 from tests.prefix_caches.test_store import kv_cache, manifest  # noqa: E402
@@ -77,6 +77,14 @@ def test_a_delete_through_one_store_of_a_cache_it_has_not_synced_yet(tmp_path: P
     a.sync()
     with pytest.raises(PrefixCacheNotFound):
         a.get("t", "y")
+
+
+def test_a_create_refuses_a_name_another_store_took_before_it_synced(tmp_path: Path) -> None:
+    a, b = PrefixCacheStore(tmp_path), PrefixCacheStore(tmp_path)
+    a.save(manifest("taken", 8), kv.exact(kv_cache(8)))
+    with pytest.raises(PrefixCacheExists):
+        b.check_new("t", "taken", replace=False)
+    b.check_new("t", "taken", replace=True)  # a replace may go ahead
 
 
 def test_watch_sees_another_stores_writes_within_its_interval(tmp_path: Path) -> None:
