@@ -306,6 +306,10 @@ class PrefixCacheStore:
     def delete(self, tenant: str, name: str) -> Manifest:
         """Remove a cache. Requests already using it keep their own copy and finish normally."""
         arrays, manifest_path = cache_paths(self.root, tenant, name)
+        with self._lock:
+            known = (tenant, name) in self._manifests
+        if not known and not manifest_path.exists():
+            raise PrefixCacheNotFound(name)  # before the lock: a name never built leaves nothing on disk
         with cache_lock(self.root, tenant, name):
             # Another replica may have created it since this one last synced: the disk decides.
             on_disk = read_current(self.root, tenant, name)
