@@ -41,6 +41,7 @@ __all__ = [
     "ToolCallOut",
     "ToolCalling",
     "TopLogprob",
+    "StorageFull",
     "UnknownModel",
     "PrefixBuildRefused",
 ]
@@ -56,6 +57,10 @@ class PrefixBuildRefused(EngineError):
     def __init__(self, refusal: PrefixCacheError) -> None:
         super().__init__(str(refusal))
         self.refusal = refusal
+
+
+class StorageFull(EngineError):
+    """A prefix cache could not be saved: its disk is full. The previous version, if any, is untouched."""
 
 
 class UnknownModel(EngineError):

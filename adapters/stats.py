@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-__all__ = ["DECODE_STEP_BUCKETS", "EngineStats", "StepTimes", "OUTCOMES"]
+__all__ = ["CANCEL_LAG_BUCKETS", "DECODE_STEP_BUCKETS", "EngineStats", "StepTimes", "OUTCOMES"]
 
 OUTCOMES = ("completed", "cancelled", "failed")
 
 # Seconds. A decode step takes about a millisecond on a tiny model and tens of ms on an 8B one at batch
 # 64; a multi-second step means something is wrong, and still lands in a bucket.
 DECODE_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+# Decode steps of a model between a request's cancellation and its leaving the engine (0 or 1 expected).
+CANCEL_LAG_BUCKETS = (0, 1, 2, 4, 8, 16)
 
 
 @dataclass
@@ -46,17 +50,38 @@ class EngineStats:
         self._steps: dict[tuple[str, str], StepTimes] = {}
         # model -> [batch steps, sequences stepped, seconds]
         self._batches: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+        # model -> decode steps (either path); the step count at each cancellation not yet seen leaving;
+        # the steps each cancelled request took to leave (counts per CANCEL_LAG_BUCKETS bound, +Inf last).
+        self._decode_steps: dict[str, int] = defaultdict(int)
+        self._cancels: dict[str, deque[int]] = defaultdict(deque)
+        self._cancel_lags: dict[str, list[int]] = {}
 
     def request_done(self, model: str, outcome: str) -> None:
         """One request left the engine: ``completed``, ``cancelled`` or ``failed``."""
         with self._lock:
             self._requests[(model, outcome)] += 1
+            pending = self._cancels.get(model)
+            if outcome == "cancelled" and pending:
+                lag = self._decode_steps[model] - pending.popleft()
+                counts = self._cancel_lags.setdefault(model, [0] * (len(CANCEL_LAG_BUCKETS) + 1))
+                counts[bisect.bisect_left(CANCEL_LAG_BUCKETS, lag)] += 1
+
+    def cancel_requested(self, model: str) -> None:
+        """The client of an unfinished request went away and its cancel flag is being set now: the decode
+        steps the model takes until the request leaves (``request_done(.., "cancelled")``) are its lag.
+
+        Cancellations and departures are paired in order per model, which is exact while one cancellation
+        of a model is in flight at a time; the engine reports no request ids to pair them by.
+        """
+        with self._lock:
+            self._cancels[model].append(self._decode_steps[model])
 
     def decode_step(self, model: str, path: str, seconds: float) -> None:
         """One decode step took ``seconds``: ``path`` is ``batch`` (every running sequence of the model) or
         ``sequential`` (one request's choices, strict mode and quantised caches)."""
         with self._lock:
             self._steps.setdefault((model, path), StepTimes()).observe(seconds)
+            self._decode_steps[model] += 1
 
     def batch_step(self, model: str, sequences: int, seconds: float) -> None:
         with self._lock:
@@ -75,6 +100,12 @@ class EngineStats:
         """Requests by outcome over every model (what ``/health`` reports)."""
         with self._lock:
             return {o: sum(n for (_, outcome), n in self._requests.items() if outcome == o) for o in OUTCOMES}
+
+    def cancel_lags(self) -> dict[str, list[int]]:
+        """Per model: cancelled requests by the decode steps they took to leave (per CANCEL_LAG_BUCKETS
+        bound, not cumulative, +Inf last)."""
+        with self._lock:
+            return {model: list(counts) for model, counts in self._cancel_lags.items()}
 
     def step_times(self) -> dict[tuple[str, str], StepTimes]:
         with self._lock:

@@ -293,6 +293,34 @@ def fuzz(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def faults(result: dict[str, Any]) -> str:
+    r = result["rows"][0]
+    lines = _head(
+        "kill -9 during prefix-cache create / replace / delete",
+        result,
+        f"Seed {r['seed']}; two tenants and the admin key; after each kill the server restarts and every cache "
+        "is checked (old or new version, new if answered; ready, warmable, hit in full with a never-killed "
+        "cache's greedy answer; no stray file).",
+        [
+            "rounds",
+            "kills",
+            "killed before the answer",
+            "answered, then killed",
+            "found old",
+            "found new",
+            "bad caches",
+            "stray files",
+            "seconds",
+        ],
+    )
+    lines.append(
+        f"| {r['rounds']} | {r['kills']} | {r['killed_before_answer']} | {r['answered_before_kill']} | "
+        f"{r['found_old']} | {r['found_new']} | **{r['bad_caches']}** | {r['stray_files']} | {r['seconds']} |"
+    )
+    lines += ["", *(f"- {p}" for p in r.get("problems", []))]
+    return "\n".join(lines).rstrip()
+
+
 def structured(result: dict[str, Any]) -> str:
     lines = _head(
         "Structured output: decode with a JSON schema against without",
@@ -421,6 +449,7 @@ RENDER = {
     "bandwidth": bandwidth,
     "soak": soak,
     "fuzz": fuzz,
+    "faults": faults,
     "structured": structured,
     "grammar-libs": grammar_libs,
     "peer-llamacpp": peer_llamacpp,

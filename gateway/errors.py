@@ -16,6 +16,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "Forbidden",
+    "InsufficientStorage",
     "InvalidRequest",
     "MethodNotAllowed",
     "NotFound",
@@ -153,3 +154,11 @@ class ModelUnavailableError(APIError):
     status_code = 503
     type = "server_error"
     code = "model_unavailable"
+
+
+class InsufficientStorage(APIError):
+    """The disk under the prefix caches is full (RFC 4918's 507). Retrying at once will not help."""
+
+    status_code = 507
+    type = "server_error"
+    code = "insufficient_storage"

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from adapters.base import Engine, Finished, TokenEvent
-from adapters.stats import DECODE_STEP_BUCKETS
+from adapters.stats import CANCEL_LAG_BUCKETS, DECODE_STEP_BUCKETS
 from gateway.request_context import RequestInfo
 
 if TYPE_CHECKING:
@@ -217,6 +217,18 @@ class _EngineCollector(Collector):
             batch_seqs.add_metric([model], sequences)
         yield batch_steps
         yield batch_seqs
+        lags = HistogramMetricFamily(
+            f"{PREFIX}_cancel_lag_decode_steps",
+            "Decode steps of the model between a client going away and its request leaving the engine",
+            labels=["model"],
+        )
+        for model, counts in sorted(stats.cancel_lags().items()):
+            cumulative, buckets, total = 0, [], 0.0
+            for bound, count in zip([*map(str, CANCEL_LAG_BUCKETS), "+Inf"], counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            lags.add_metric([model], buckets, total)
+        yield lags
 
     def _prefix_caches(self) -> Iterator[Metric]:
         store = self.engine.prefix_store

@@ -42,11 +42,13 @@ _WHEN = {
     500: "The engine failed while serving the request",
     503: "The model is still loading (Retry-After), failed to load (x-should-retry: false, code model_unavailable), "
     "or the server is draining (Retry-After)",
+    507: "The prefix-cache disk is full (`insufficient_storage`): nothing of the new version was kept, a replaced "
+    "cache keeps its previous version",
 }
 
 # The errors each kind of route can answer with.
 GENERATE = (400, 401, 404, 413, 429, 500, 503)
-MANAGE = (400, 401, 403, 404, 409, 413, 500, 503)
+MANAGE = (400, 401, 403, 404, 409, 413, 500, 503, 507)
 READ = (400, 401, 403, 404, 500)
 
 

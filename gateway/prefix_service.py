@@ -18,10 +18,18 @@ from adapters.base import (
     PrefixBuild,
     PrefixBuildRefused,
     PrefixBuilt,
+    StorageFull,
     UnknownModel,
 )
 from gateway.config import Config
-from gateway.errors import Conflict, ContextLengthExceeded, InvalidRequest, QuotaExceeded, ServerError
+from gateway.errors import (
+    Conflict,
+    ContextLengthExceeded,
+    InsufficientStorage,
+    InvalidRequest,
+    QuotaExceeded,
+    ServerError,
+)
 from gateway.planning import message_dicts
 from gateway.request_context import current_request_id
 from gateway.schemas.admin import (
@@ -134,6 +142,8 @@ async def _start_build(
 
 def _built(store: PrefixCacheStore, event: BuildEvent) -> PrefixCacheOut | None:
     """The cache once ``event`` says it is built; None while it is being prefilled."""
+    if isinstance(event, Failed) and isinstance(event.error, StorageFull):
+        raise InsufficientStorage(f"The prefix cache could not be saved: {event.error}")
     if isinstance(event, Failed):
         if isinstance(event.error, PrefixBuildRefused):
             raise event.error.refusal

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from adapters.base import Engine, EngineEvent, Failed, Plan, Started, TokenEvent
+from adapters.base import Engine, EngineEvent, Failed, Finished, Plan, Started, TokenEvent
 from gateway.encoding import ChunkEncoder, ResponseEncoder
 from gateway.errors import ServerError
 from gateway.metrics import GenerationObserver
@@ -26,19 +26,27 @@ async def _events(engine: Engine, plans: tuple[Plan, ...]) -> AsyncIterator[tupl
     """Each plan's events tagged with its index; several plans run concurrently and interleave."""
     if len(plans) == 1:
         stream = engine.submit(plans[0])
+        ended = False
         try:
             async for event in stream:
+                ended = isinstance(event, Finished | Failed)
                 yield 0, event
         finally:
+            if not ended:
+                engine.stats.cancel_requested(plans[0].model)
             await stream.aclose()  # type: ignore[attr-defined]
         return
     merged: asyncio.Queue[tuple[int, EngineEvent] | None] = asyncio.Queue()
 
     async def pump(i: int, plan: Plan) -> None:
+        ended = False
         try:
             async for event in engine.submit(plan):
+                ended = isinstance(event, Finished | Failed)
                 await merged.put((i, event))
         finally:
+            if not ended:
+                engine.stats.cancel_requested(plan.model)
             await merged.put(None)
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(plans)]

@@ -8,6 +8,7 @@ from prefix_caches.errors import (
     PrefixCacheExists,
     PrefixCacheNotFound,
     PrefixCacheQuotaExceeded,
+    PrefixCacheStorageFull,
     PrefixCacheUnusable,
 )
 from prefix_caches.manifest import Manifest
@@ -23,6 +24,7 @@ __all__ = [
     "PrefixCacheExists",
     "PrefixCacheNotFound",
     "PrefixCacheQuotaExceeded",
+    "PrefixCacheStorageFull",
     "PrefixCacheStore",
     "PrefixCacheUnusable",
     "NO_QUOTA",

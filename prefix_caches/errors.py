@@ -9,6 +9,7 @@ __all__ = [
     "PrefixCacheExists",
     "PrefixCacheNotFound",
     "PrefixCacheQuotaExceeded",
+    "PrefixCacheStorageFull",
     "PrefixCacheUnusable",
 ]
 
@@ -47,3 +48,7 @@ class PrefixCacheQuotaExceeded(PrefixCacheError):
     def __init__(self, quota: str, message: str) -> None:
         super().__init__(message)
         self.quota = quota
+
+
+class PrefixCacheStorageFull(PrefixCacheError):
+    """The disk under the store ran out of space during a save; nothing of the new version was kept."""

@@ -2,7 +2,8 @@
 
 Manifests (plain data) can be read from any thread; KV arrays are loaded, kept (LRU under a byte
 budget) and saved on the engine thread only. Every write is atomic: a temporary file in the same
-folder, fsync, ``os.replace``, fsync of the folder.
+folder, fsync, ``os.replace``, fsync of the folder; a save's two files are staged so that a crash leaves
+the old or the new version (``prefix_caches.durable``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,14 @@ from typing import Any
 import msgspec
 
 from prefix_caches.costs import Rate
-from prefix_caches.errors import PrefixCacheExists, PrefixCacheNotFound, PrefixCacheQuotaExceeded, PrefixCacheUnusable
+from prefix_caches.durable import atomic_write, commit_pending, file_sha256, fsync_dir, recover, stage_arrays
+from prefix_caches.errors import (
+    PrefixCacheExists,
+    PrefixCacheNotFound,
+    PrefixCacheQuotaExceeded,
+    PrefixCacheStorageFull,
+    PrefixCacheUnusable,
+)
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
 from prefix_caches.quotas import NO_QUOTA, QuotaOf
@@ -37,42 +43,6 @@ Key = tuple[str, str]  # (tenant, name)
 
 def tokens_sha256(tokens: list[int]) -> str:
     return hashlib.sha256(msgspec.json.encode(tokens)).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(
-    path: Path, write: Callable[[Path], None], suffix: str = "", admit: Callable[[int], None] | None = None
-) -> None:
-    """Write through a temporary file; ``admit`` sees its size before it replaces ``path`` and may refuse it
-    (raise), leaving ``path`` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{suffix}"
-    try:
-        write(tmp)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        if admit is not None:
-            admit(tmp.stat().st_size)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -107,6 +77,9 @@ class PrefixCacheStore:
         self.memory_budget = memory_budget_bytes
         self.quota_of = quota_of
         self._lock = threading.Lock()
+        # Held around every manifest write and removal (engine thread, flushes, deletes on worker
+        # threads), so that a flush of old hit counters cannot land after a save or resurrect a deleted cache.
+        self._write_lock = threading.Lock()
         self._manifests: dict[Key, Manifest] = {}
         self._status: dict[Key, CacheStatus] = {}
         self._dirty: set[Key] = set()
@@ -131,6 +104,10 @@ class PrefixCacheStore:
     def scan(self) -> None:
         """Read every manifest on disk (at start-up). Unreadable ones are reported, never used."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self.root.glob("tenant-*")):
+            if folder.is_dir() and not folder.is_symlink():
+                for line in recover(folder):
+                    logger.warning("prefix cache store %s: %s", folder.name, line)
         found = 0
         for path in sorted(self.root.glob("tenant-*/*.json")):
             if path.name.startswith("."):
@@ -310,7 +287,7 @@ class PrefixCacheStore:
             known = (tenant, name) in self._manifests
         if not known and not manifest_path.exists():
             raise PrefixCacheNotFound(name)  # before the lock: a name never built leaves nothing on disk
-        with cache_lock(self.root, tenant, name):
+        with self._write_lock, cache_lock(self.root, tenant, name):
             # Another replica may have created it since this one last synced: the disk decides.
             on_disk = read_current(self.root, tenant, name)
             with self._lock:
@@ -322,11 +299,11 @@ class PrefixCacheStore:
                 self._drop.add((tenant, name))
             if manifest is None or (on_disk is None and not manifest_path.exists()):
                 raise PrefixCacheNotFound(name)
-            # The manifest goes first: a crash in between leaves an orphan file, never a manifest without one.
+            # The manifest goes first: a crash in between leaves a KV file without one, which start-up removes.
             for path in (manifest_path, arrays):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            _fsync_dir(manifest_path.parent)
+            fsync_dir(manifest_path.parent)
         return manifest
 
     def record_hit(self, tenant: str, name: str) -> None:
@@ -356,34 +333,43 @@ class PrefixCacheStore:
 
     def flush(self) -> None:
         """Write the manifests whose use counters changed (called periodically and at shutdown)."""
-        with self._lock:
-            dirty = [
-                (k, self._manifests[k].file_sha256, self._hit_delta.pop(k, 0))
-                for k in self._dirty
-                if k in self._manifests
-            ]
-            self._dirty.clear()
-        for (tenant, name), sha, delta in dirty:
-            with cache_lock(self.root, tenant, name):
-                # Other replicas count hits of the same file: add ours to what the disk holds. A version
-                # replaced or deleted meanwhile keeps the disk's counts (ours were of the old one).
-                on_disk = read_current(self.root, tenant, name)
-                if on_disk is None or on_disk.file_sha256 != sha:
-                    continue
-                with self._lock:
-                    mine = self._manifests.get((tenant, name))
-                    on_disk.hits += delta
-                    if mine is not None:
-                        on_disk.last_used_at = max(on_disk.last_used_at or 0.0, mine.last_used_at or 0.0) or None
-                self._write_manifest(tenant, name, on_disk)
-                with self._lock:
-                    if mine is not None and mine.file_sha256 == sha:
-                        mine.hits = on_disk.hits + self._hit_delta.get((tenant, name), 0)
+        with self._write_lock:
+            with self._lock:
+                dirty = [
+                    (k, self._manifests[k].file_sha256, self._hit_delta.pop(k, 0))
+                    for k in self._dirty
+                    if k in self._manifests
+                ]
+                self._dirty.clear()
+            for (tenant, name), sha, delta in dirty:
+                with cache_lock(self.root, tenant, name):
+                    # Other replicas count hits of the same file: add ours to what the disk holds. A version
+                    # replaced or deleted meanwhile keeps the disk's counts (ours were of the old one).
+                    on_disk = read_current(self.root, tenant, name)
+                    if on_disk is None or on_disk.file_sha256 != sha:
+                        continue
+                    with self._lock:
+                        mine = self._manifests.get((tenant, name))
+                        on_disk.hits += delta
+                        if mine is not None:
+                            on_disk.last_used_at = max(on_disk.last_used_at or 0.0, mine.last_used_at or 0.0) or None
+                    try:
+                        self._write_manifest(tenant, name, on_disk)
+                    except (OSError, PrefixCacheStorageFull) as exc:
+                        # Counters only: keep them for the next flush rather than fail the engine's idle turn.
+                        logger.warning("prefix cache %s: use counters not written: %s", name, exc)
+                        with self._lock:
+                            self._dirty.add((tenant, name))
+                            self._hit_delta[(tenant, name)] = self._hit_delta.get((tenant, name), 0) + delta
+                        continue
+                    with self._lock:
+                        if mine is not None and mine.file_sha256 == sha:
+                            mine.hits = on_disk.hits + self._hit_delta.get((tenant, name), 0)
 
     def _write_manifest(self, tenant: str, name: str, manifest: Manifest) -> None:
         _, manifest_path = cache_paths(self.root, tenant, name)
         data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
-        _atomic_write(manifest_path, lambda p: _write_bytes(p, data))
+        atomic_write(manifest_path, lambda p: _write_bytes(p, data))
         identity = file_identity(manifest_path)
         if identity is not None:  # our own write: nothing for sync to re-read
             with self._lock:
@@ -421,35 +407,45 @@ class PrefixCacheStore:
     def save(self, manifest: Manifest, cache: list[Any]) -> Manifest:
         """Write ``cache`` (already cut to the prefix) and its manifest; keep the arrays resident.
 
+        Until the manifest is written, the old version (or none) stays the cache on disk and in memory.
+
         Raises:
             PrefixCacheQuotaExceeded: the tenant's quota refuses it; what was stored stays as it was.
+            PrefixCacheStorageFull: the disk ran out of space; no file of the new version is left.
         """
         from prefix_caches import kv
 
         tenant, name = manifest.tenant, manifest.name
         arrays_path, _ = cache_paths(self.root, tenant, name)
         metadata = {"mlx_gateway_tokens_sha256": manifest.tokens_sha256, "mlx_gateway_name": name}
-
-        def admit(size: int) -> None:
+        pending, manifest.file_sha256, manifest.size_bytes = stage_arrays(
+            arrays_path, lambda p: kv.save_kv(p, cache, metadata)
+        )
+        committed = False
+        try:
             # Saves run on the engine thread one at a time, so no other create can come between this check
             # and the commit below; deletes (any thread) only free room.
             with self._lock:
-                self._check_quota(tenant, name, size)
-
-        # Both renames under the cache's lock: a concurrent replace (another replica) commits wholly before or
-        # after this one, and readers never find this manifest beside another version's file.
-        with cache_lock(self.root, tenant, name):
-            previous = read_current(self.root, tenant, name)
-            manifest.version = (previous.version if previous is not None else 0) + 1
-            _atomic_write(arrays_path, lambda p: kv.save_kv(p, cache, metadata), suffix=".safetensors", admit=admit)
-            manifest.size_bytes = arrays_path.stat().st_size
-            manifest.file_sha256 = file_sha256(arrays_path)
-            self._write_manifest(tenant, name, manifest)
-        with self._lock:
-            self._hit_delta.pop((tenant, name), None)
-            self._manifests[(tenant, name)] = manifest
-            self._status[(tenant, name)] = CacheStatus()
-            self._drop.discard((tenant, name))
+                self._check_quota(tenant, name, manifest.size_bytes)
+            # The commit under the cache's lock: a concurrent replace (another replica) commits wholly before
+            # or after this one, and readers holding the lock never find this manifest beside another
+            # version's file.
+            with self._write_lock, cache_lock(self.root, tenant, name):
+                previous = read_current(self.root, tenant, name)
+                manifest.version = (previous.version if previous is not None else 0) + 1
+                self._write_manifest(tenant, name, manifest)
+                with self._lock:
+                    self._hit_delta.pop((tenant, name), None)
+                    self._manifests[(tenant, name)] = manifest
+                    self._status[(tenant, name)] = CacheStatus()
+                    self._drop.discard((tenant, name))
+                committed = True
+                commit_pending(pending, arrays_path)
+        except BaseException:
+            if not committed:
+                with contextlib.suppress(FileNotFoundError):
+                    pending.unlink()
+            raise
         self._keep((tenant, name), cache, manifest.file_sha256)
         return manifest
 

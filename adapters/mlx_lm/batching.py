@@ -269,7 +269,7 @@ class Batcher:
         slots = []
         for seq, i in zip(seqs, rows, strict=True):
             assert seq is not None
-            slot = self._free_slot(cache)
+            slot = self._free_slot(cache, lengths[i])
             self._slots_of().admit(slot, cache, row=i, length=lengths[i])
             seq.slot = slot
             self._rows[slot] = seq
@@ -282,9 +282,9 @@ class Batcher:
         assert self._slots is not None
         return self._slots
 
-    def _free_slot(self, cache: list[Any]) -> int:
-        if self._slots is None:
-            self._slots = SlotBatch.like(cache, min(8, self.max_running))
+    def _free_slot(self, cache: list[Any], length: int) -> int:
+        if self._slots is None:  # sized for this sequence: rows double as the batch fills
+            self._slots = SlotBatch.like(cache, 1, length + 1)
             self._rows = [None] * self._slots.rows
             self._inputs = mx.zeros((self._slots.rows,), mx.int32)
         slots = self._slots
@@ -410,10 +410,16 @@ class Batcher:
         """Arrivals' prefill, one decode step queued, then the tokens of the step queued before it and the
         first tokens of the arrivals that joined."""
         self.prefill_timings = []
+        alone = self.running == 0
         first = self._prefill()
+        out: list[SequenceOut] = []
+        if first is not None and alone:
+            # Nothing else decodes: the first tokens go out before the next step is built (a lone request's
+            # time to first token is one prefill, not one prefill plus building a decode step).
+            out += self._read(first)
+            first = None
         launched = self._decode()
         self.decoded = launched is not None
-        out: list[SequenceOut] = []
         if self._pending is not None:
             out += self._read(self._pending)
         self._pending = launched

@@ -12,7 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from adapters.base import BuildProgress, EngineError, Failed, PrefixBuildRefused, PrefixBuilt, Started
+from adapters.base import BuildProgress, EngineError, Failed, PrefixBuildRefused, PrefixBuilt, Started, StorageFull
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
 from adapters.mlx_lm.reuse import TenantReuse
@@ -24,6 +24,7 @@ from prefix_caches.errors import (
     PrefixCacheError,
     PrefixCacheNotFound,
     PrefixCacheQuotaExceeded,
+    PrefixCacheStorageFull,
     PrefixCacheUnusable,
 )
 from prefix_caches.manifest import Manifest
@@ -166,7 +167,7 @@ class PrefixPath:
         assert store is not None
         if build.cancelled.is_set():
             logger.info("prefix cache build %s cancelled", manifest.name, extra={"request_id": build.request_id})
-            store.set_status(manifest.tenant, manifest.name, "invalid", "build cancelled")
+            _mark_failed(store, manifest, "build cancelled")
             return
         try:
             if build.cache is None:
@@ -209,9 +210,13 @@ class PrefixPath:
             # A replaced cache stays as it was, usable: its status is not touched.
             logger.info("prefix cache %s refused: %s", manifest.name, exc, extra={"request_id": build.request_id})
             build.emit(Failed(PrefixBuildRefused(exc)))
+        except PrefixCacheStorageFull as exc:
+            logger.error("prefix cache %s not saved: %s", manifest.name, exc, extra={"request_id": build.request_id})
+            _mark_failed(store, manifest, f"build failed: {exc}")
+            build.emit(Failed(StorageFull(str(exc))))
         except Exception as exc:
             logger.exception("prefix cache build %s failed", manifest.name, extra={"request_id": build.request_id})
-            store.set_status(manifest.tenant, manifest.name, "invalid", f"build failed: {exc}")
+            _mark_failed(store, manifest, f"build failed: {exc}")
             build.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
 
     def check_stored(self, loaded: LoadedModel) -> None:
@@ -263,6 +268,13 @@ class PrefixPath:
     def record_prefill(self, loaded: LoadedModel, tokens: int, seconds: float) -> None:
         if tokens >= MIN_PREFILL_SAMPLE_TOKENS:
             self.rate(loaded).add(tokens, seconds)
+
+
+def _mark_failed(store: PrefixCacheStore, manifest: Manifest, reason: str) -> None:
+    """A failed rebuild leaves its cache invalid; a failed replace of a ready cache leaves that cache as it
+    was (a save never touches the old version's files before it commits)."""
+    if store.status(manifest.tenant, manifest.name).state != "ready":
+        store.set_status(manifest.tenant, manifest.name, "invalid", reason)
 
 
 def _drop(_: Any) -> None:

@@ -72,11 +72,12 @@ class SlotBatch:
         self.window = 1
 
     @classmethod
-    def like(cls, cache: list[Any], rows: int) -> SlotBatch:
-        """Empty slots shaped after one sequence's prefilled plain cache."""
+    def like(cls, cache: list[Any], rows: int, tokens: int) -> SlotBatch:
+        """Empty slots shaped after one sequence's prefilled plain cache, each with room for ``tokens``."""
         keys = cache[0].keys
         _, kv_heads, _, head_dim = keys.shape
-        return cls(len(cache), rows, CAPACITY_STEP, kv_heads, head_dim, keys.dtype)
+        capacity = -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+        return cls(len(cache), rows, capacity, kv_heads, head_dim, keys.dtype)
 
     @property
     def nbytes(self) -> int:

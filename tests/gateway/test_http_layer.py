@@ -27,6 +27,7 @@ from adapters.base import (
     TokenEvent,
     UnknownModel,
 )
+from adapters.stats import EngineStats
 from gateway.app import create_app
 from gateway.config import load_config
 from tests.servers import free_port
@@ -57,6 +58,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.loading = False
+        self.stats = EngineStats()  # the gateway marks requests whose client went away
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("fake", 0, "test", 1024, not self.loading, "fake", "abc")]
