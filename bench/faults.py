@@ -218,7 +218,8 @@ class Faults:
 
     def _check_files(self, number: int) -> None:
         for path in self.cache_dir.rglob("*"):
-            if path.is_dir():
+            # .locks/ holds the per-cache lock files replicas share (empty, kept by design).
+            if path.is_dir() or path.relative_to(self.cache_dir).parts[0] == ".locks":
                 continue
             ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.(json|safetensors)", path.name) is not None
             twin = path.with_suffix(".safetensors" if path.suffix == ".json" else ".json")

@@ -408,6 +408,36 @@ def cpu_paths(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def replicas(result: dict[str, Any]) -> str:
+    lines = _head(
+        "replicas behind HAProxy on one machine, cache affinity against round robin",
+        result,
+        result.get("notes", "")
+        + " *hot*: the cache was in the answering replica's memory; *replicas per cache*: how many replicas "
+        "answered for one cache name.",
+        [
+            "replicas",
+            "routing of cached requests",
+            "requests/s",
+            "tokens/s",
+            "p50 latency ms",
+            "hot-hit rate",
+            "cold hits",
+            "replicas per cache",
+            "failed",
+        ],
+    )
+    for r in result["rows"]:
+        routing = "consistent hash (affinity)" if r["cached_balance"] == "hash" else "round robin"
+        lines.append(
+            f"| {r['replicas']} | {routing} | {r['requests_per_second']:.2f} | "
+            f"{r['completion_tokens_per_second']:.1f} | "
+            f"{r['latency_p50_ms']:.0f} | {r['hot_hit_rate']:.0%} | {r['cold_hits']} | {r['replicas_per_cache']} | "
+            f"{r['failed']} |"
+        )
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -424,6 +454,7 @@ RENDER = {
     "grammar-libs": grammar_libs,
     "peer-llamacpp": peer_llamacpp,
     "cpu-paths": cpu_paths,
+    "replicas": replicas,
 }
 
 

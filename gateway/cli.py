@@ -11,6 +11,7 @@ import msgspec
 from gateway import __version__
 from gateway.cli_caches import caches
 from gateway.cli_keys import keys
+from gateway.cli_replicas import replicas
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 
@@ -94,6 +95,8 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
 
     store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes, quota_of)
     store.scan()
+    if config.prefix_cache_sync_seconds > 0:
+        store.watch(config.prefix_cache_sync_seconds)
     return MlxEngine(specs, store, config.profile_path)
 
 
@@ -247,6 +250,18 @@ def cli() -> None:
     "512MiB, 4G (default 2GiB)." + _env("MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES"),
 )
 @click.option(
+    "--prefix-cache-sync-seconds",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How often to re-read the cache directory, which other replicas may share: their creates, replaces "
+    "and deletes are seen within this time (default 1; 0: never)." + _env("MLX_GATEWAY_PREFIX_CACHE_SYNC_SECONDS"),
+)
+@click.option(
+    "--replica-id",
+    help="This process's name in /health, to tell replicas apart behind a load balancer (default hostname:port)."
+    + _env("MLX_GATEWAY_REPLICA_ID"),
+)
+@click.option(
     "--max-body-bytes",
     metavar="SIZE",
     help="Larger request bodies get 413: bytes or a size such as 16MiB (default 16MiB)."
@@ -305,6 +320,7 @@ def build_model_command(preset: str, seed: int, models_dir: str | None) -> int:
 
 cli.add_command(caches)
 cli.add_command(keys)
+cli.add_command(replicas)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     prefix_caches: bool = True
     # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
     prefix_cache_memory_bytes: int = 2 * 1024**3
+    # Seconds between re-reads of the cache directory's manifests, which other replicas sharing it may write:
+    # a cache they create, replace or delete is seen here within this time. 0: never (one process only).
+    prefix_cache_sync_seconds: float = 1.0
+    # Names this process in /health (which replica answered behind a load balancer); default hostname:port.
+    replica_id: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
     sse_ping_seconds: float = 10.0
@@ -176,6 +181,8 @@ _FIELD_FLAGS = (
     "shutdown_timeout_seconds",
     "prefix_caches",
     "prefix_cache_memory_bytes",
+    "prefix_cache_sync_seconds",
+    "replica_id",
     "max_body_bytes",
     "blas",
 )
@@ -243,6 +250,8 @@ def load_config(
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
         "MLX_GATEWAY_PREFIX_CACHES": "prefix_caches",
+        "MLX_GATEWAY_PREFIX_CACHE_SYNC_SECONDS": "prefix_cache_sync_seconds",
+        "MLX_GATEWAY_REPLICA_ID": "replica_id",
         "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",
         "MLX_GATEWAY_MAX_RUNNING": "max_running",
         "MLX_GATEWAY_MAX_QUEUED": "max_queued",

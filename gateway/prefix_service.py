@@ -64,6 +64,7 @@ def describe(store: PrefixCacheStore, m: Manifest, integrity: dict[str, Any] | N
         source=m.source,
         num_tokens=m.num_tokens,
         tokens_sha256=m.tokens_sha256,
+        version=m.version,
         kv_bits=m.kv_bits,
         kv_group_size=m.kv_group_size,
         dtype=m.dtype,
@@ -123,7 +124,7 @@ async def _start_build(
 ) -> tuple[PrefixCacheStore, AsyncIterator[BuildEvent]]:
     store = _store(engine)
     validate_name(req.name)
-    store.check_new(tenant, req.name, req.replace)
+    await anyio.to_thread.run_sync(store.check_new, tenant, req.name, req.replace)
     tokens, source = await anyio.to_thread.run_sync(_tokens, engine, config, req)
     job = PrefixBuild(
         request_id=current_request_id.get() or f"pc-{uuid.uuid4().hex[:12]}",

@@ -13,6 +13,8 @@ FORMAT_VERSION = 1
 
 class Manifest(msgspec.Struct, kw_only=True):
     format: int = FORMAT_VERSION
+    # Counts the versions written under this name (1 for the first); replicas compare it to what they hold.
+    version: int = 1
     name: str
     tenant: str
     model: str

@@ -32,6 +32,7 @@ from prefix_caches.errors import (
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
 from prefix_caches.quotas import NO_QUOTA, QuotaOf
+from prefix_caches.sharing import FileIdentity, cache_lock, file_identity, manifest_files, read_current, read_manifest
 
 __all__ = ["CacheStatus", "CacheUsage", "PrefixCacheStore", "file_sha256", "tokens_sha256"]
 
@@ -91,6 +92,12 @@ class PrefixCacheStore:
         # Measured on this machine (engine thread): seconds per byte to read and check a file.
         self.load_rate = Rate()
         self.hash_rate = Rate()
+        # Other processes may share the directory: what each manifest file looked like when last read, and
+        # hits counted here since the last flush (added to the disk's count, never written over it).
+        self._seen: dict[Path, tuple[Key, FileIdentity]] = {}
+        self._hit_delta: dict[Key, int] = {}
+        self._unreadable: dict[Path, FileIdentity] = {}
+        self._watch_stop = threading.Event()
 
     # ---- manifests (any thread) ----------------------------------------------------------------
 
@@ -126,6 +133,88 @@ class PrefixCacheStore:
             found += 1
         logger.info("prefix cache store %s: %d caches", self.root, found)
 
+    def sync(self) -> int:
+        """Bring the index in line with the directory, which other replicas may write: read manifests that
+        are new or changed since last seen, forget deleted ones, and drop resident KV whose file was replaced.
+
+        Returns:
+            How many caches were added, changed or removed.
+        """
+        changed = 0
+        on_disk: dict[Path, FileIdentity] = {}
+        for path in manifest_files(self.root) if self.root.exists() else []:
+            identity = file_identity(path)
+            if identity is not None:
+                on_disk[path] = identity
+        for path, identity in on_disk.items():
+            seen = self._seen.get(path)
+            if (seen is not None and seen[1] == identity) or self._unreadable.get(path) == identity:
+                continue
+            try:
+                manifest = read_manifest(self.root, path)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:
+                self._unreadable[path] = identity  # reported once per version of the file
+                logger.warning("prefix cache manifest %s is unreadable and ignored: %s", path, exc)
+                continue
+            changed += self._adopt(path, identity, manifest)
+        for path, (key, _) in list(self._seen.items()):
+            if path in on_disk:
+                continue
+            with self._lock:
+                # Checked again under the lock: a save here commits its files before it takes the lock.
+                if path.exists() or self._seen.get(path, (None,))[0] != key:
+                    continue
+                self._seen.pop(path, None)
+                if self._manifests.pop(key, None) is not None:
+                    changed += 1
+                self._status.pop(key, None)
+                self._dirty.discard(key)
+                self._hit_delta.pop(key, None)
+                self._drop.add(key)
+        return changed
+
+    def _adopt(self, path: Path, identity: FileIdentity, manifest: Manifest) -> int:
+        key = (manifest.tenant, manifest.name)
+        arrays, _ = cache_paths(self.root, *key)
+        status = CacheStatus()
+        if manifest.format != FORMAT_VERSION:
+            status = CacheStatus("stale", f"written in store format {manifest.format}")
+        elif not arrays.exists():
+            status = CacheStatus("invalid", "its KV file is missing")
+        with self._lock:
+            old = self._manifests.get(key)
+            self._seen[path] = (key, identity)
+            if old is not None and old.file_sha256 == manifest.file_sha256 and old.version == manifest.version:
+                # Only the use counters changed (another replica flushed them): keep ours not yet written.
+                old.hits = manifest.hits + self._hit_delta.get(key, 0)
+                old.last_used_at = max(old.last_used_at or 0.0, manifest.last_used_at or 0.0) or None
+                return 0
+            self._manifests[key] = manifest
+            self._status[key] = status
+            self._hit_delta.pop(key, None)
+            self._dirty.discard(key)
+            self._drop.add(key)  # a newer version: the resident copy (if any) is of the old one
+        logger.info("prefix cache %s: version %d found on disk", manifest.name, manifest.version)
+        return 1
+
+    def watch(self, interval_seconds: float) -> None:
+        """Call :meth:`sync` every ``interval_seconds`` on a daemon thread, until :meth:`close`: what another
+        replica writes is seen here within that interval (plus one scan of the directory)."""
+
+        def loop() -> None:
+            while not self._watch_stop.wait(interval_seconds):
+                try:
+                    self.sync()
+                except Exception:  # a vanished or unreadable directory must not end the watch
+                    logger.exception("prefix cache store sync failed")
+
+        threading.Thread(target=loop, name="prefix-cache-sync", daemon=True).start()
+
+    def close(self) -> None:
+        self._watch_stop.set()
+
     def get(self, tenant: str, name: str) -> Manifest:
         validate_name(name)
         with self._lock:
@@ -153,10 +242,14 @@ class PrefixCacheStore:
 
     def check_new(self, tenant: str, name: str, replace: bool) -> None:
         """Refuse a create early (before its prefill) when the name is taken or the tenant's quota is already
-        spent; the size it will take is only known when it is saved, where :meth:`save` checks again."""
-        cache_paths(self.root, tenant, name)
+        spent; the size it will take is only known when it is saved, where :meth:`save` checks again.
+
+        Reads the disk (another replica may have created the name since the last sync): not on the event loop.
+        """
+        _, manifest_path = cache_paths(self.root, tenant, name)
+        taken = not replace and manifest_path.exists()
         with self._lock:
-            if (tenant, name) in self._manifests and not replace:
+            if ((tenant, name) in self._manifests or taken) and not replace:
                 raise PrefixCacheExists(name)
             self._check_quota(tenant, name, 0)
 
@@ -190,13 +283,21 @@ class PrefixCacheStore:
     def delete(self, tenant: str, name: str) -> Manifest:
         """Remove a cache. Requests already using it keep their own copy and finish normally."""
         arrays, manifest_path = cache_paths(self.root, tenant, name)
-        with self._write_lock:
+        with self._lock:
+            known = (tenant, name) in self._manifests
+        if not known and not manifest_path.exists():
+            raise PrefixCacheNotFound(name)  # before the lock: a name never built leaves nothing on disk
+        with self._write_lock, cache_lock(self.root, tenant, name):
+            # Another replica may have created it since this one last synced: the disk decides.
+            on_disk = read_current(self.root, tenant, name)
             with self._lock:
-                manifest = self._manifests.pop((tenant, name), None)
+                manifest = self._manifests.pop((tenant, name), None) or on_disk
                 self._status.pop((tenant, name), None)
                 self._dirty.discard((tenant, name))
+                self._hit_delta.pop((tenant, name), None)
+                self._seen.pop(manifest_path, None)
                 self._drop.add((tenant, name))
-            if manifest is None:
+            if manifest is None or (on_disk is None and not manifest_path.exists()):
                 raise PrefixCacheNotFound(name)
             # The manifest goes first: a crash in between leaves a KV file without one, which start-up removes.
             for path in (manifest_path, arrays):
@@ -212,6 +313,7 @@ class PrefixCacheStore:
                 manifest.hits += 1
                 manifest.last_used_at = time.time()
                 self._dirty.add((tenant, name))
+                self._hit_delta[(tenant, name)] = self._hit_delta.get((tenant, name), 0) + 1
             self._usage(manifest.model if manifest else "", tenant).hits += 1
 
     def record_miss(self, model: str, tenant: str) -> None:
@@ -233,21 +335,45 @@ class PrefixCacheStore:
         """Write the manifests whose use counters changed (called periodically and at shutdown)."""
         with self._write_lock:
             with self._lock:
-                dirty = [(k, msgspec.structs.replace(self._manifests[k])) for k in self._dirty if k in self._manifests]
+                dirty = [
+                    (k, self._manifests[k].file_sha256, self._hit_delta.pop(k, 0))
+                    for k in self._dirty
+                    if k in self._manifests
+                ]
                 self._dirty.clear()
-            for (tenant, name), manifest in dirty:
-                try:
-                    self._write_manifest(tenant, name, manifest)
-                except (OSError, PrefixCacheStorageFull) as exc:
-                    # Counters only: keep them for the next flush rather than fail the engine's idle turn.
-                    logger.warning("prefix cache %s: use counters not written: %s", name, exc)
+            for (tenant, name), sha, delta in dirty:
+                with cache_lock(self.root, tenant, name):
+                    # Other replicas count hits of the same file: add ours to what the disk holds. A version
+                    # replaced or deleted meanwhile keeps the disk's counts (ours were of the old one).
+                    on_disk = read_current(self.root, tenant, name)
+                    if on_disk is None or on_disk.file_sha256 != sha:
+                        continue
                     with self._lock:
-                        self._dirty.add((tenant, name))
+                        mine = self._manifests.get((tenant, name))
+                        on_disk.hits += delta
+                        if mine is not None:
+                            on_disk.last_used_at = max(on_disk.last_used_at or 0.0, mine.last_used_at or 0.0) or None
+                    try:
+                        self._write_manifest(tenant, name, on_disk)
+                    except (OSError, PrefixCacheStorageFull) as exc:
+                        # Counters only: keep them for the next flush rather than fail the engine's idle turn.
+                        logger.warning("prefix cache %s: use counters not written: %s", name, exc)
+                        with self._lock:
+                            self._dirty.add((tenant, name))
+                            self._hit_delta[(tenant, name)] = self._hit_delta.get((tenant, name), 0) + delta
+                        continue
+                    with self._lock:
+                        if mine is not None and mine.file_sha256 == sha:
+                            mine.hits = on_disk.hits + self._hit_delta.get((tenant, name), 0)
 
     def _write_manifest(self, tenant: str, name: str, manifest: Manifest) -> None:
         _, manifest_path = cache_paths(self.root, tenant, name)
         data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
         atomic_write(manifest_path, lambda p: _write_bytes(p, data))
+        identity = file_identity(manifest_path)
+        if identity is not None:  # our own write: nothing for sync to re-read
+            with self._lock:
+                self._seen[manifest_path] = ((tenant, name), identity)
 
     def usage(self) -> dict[tuple[str, str], CacheUsage]:
         """Per (model, tenant): caches, bytes on disk and resident, hits, misses, loads, recomputes."""
@@ -295,22 +421,31 @@ class PrefixCacheStore:
         pending, manifest.file_sha256, manifest.size_bytes = stage_arrays(
             arrays_path, lambda p: kv.save_kv(p, cache, metadata)
         )
+        committed = False
         try:
             # Saves run on the engine thread one at a time, so no other create can come between this check
             # and the commit below; deletes (any thread) only free room.
             with self._lock:
                 self._check_quota(tenant, name, manifest.size_bytes)
-            with self._write_lock:
+            # The commit under the cache's lock: a concurrent replace (another replica) commits wholly before
+            # or after this one, and readers holding the lock never find this manifest beside another
+            # version's file.
+            with self._write_lock, cache_lock(self.root, tenant, name):
+                previous = read_current(self.root, tenant, name)
+                manifest.version = (previous.version if previous is not None else 0) + 1
                 self._write_manifest(tenant, name, manifest)
                 with self._lock:
+                    self._hit_delta.pop((tenant, name), None)
                     self._manifests[(tenant, name)] = manifest
                     self._status[(tenant, name)] = CacheStatus()
                     self._drop.discard((tenant, name))
+                committed = True
+                commit_pending(pending, arrays_path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                pending.unlink()
+            if not committed:
+                with contextlib.suppress(FileNotFoundError):
+                    pending.unlink()
             raise
-        commit_pending(pending, arrays_path)
         self._keep((tenant, name), cache, manifest.file_sha256)
         return manifest
 
@@ -320,7 +455,6 @@ class PrefixCacheStore:
         Raises:
             PrefixCacheUnusable: the file is missing, corrupt, or not the one the manifest describes.
         """
-        from prefix_caches import kv
 
         self._apply_drops()
         key = (manifest.tenant, manifest.name)
@@ -328,6 +462,16 @@ class PrefixCacheStore:
         if entry is not None and entry[2] == manifest.file_sha256:
             self._resident.move_to_end(key)
             return entry[0], True
+        with cache_lock(self.root, *key, shared=True):
+            # Under the lock no replica commits a version in between the checks and the read below.
+            on_disk = read_current(self.root, *key)
+            if on_disk is not None and on_disk.file_sha256 != manifest.file_sha256:
+                raise PrefixCacheUnusable(f"replaced on disk by version {on_disk.version} (seen here within a second)")
+            return self._read_arrays(key, manifest)
+
+    def _read_arrays(self, key: Key, manifest: Manifest) -> tuple[list[Any], bool]:
+        from prefix_caches import kv
+
         arrays_path, _ = cache_paths(self.root, *key)
         if not arrays_path.exists():
             raise PrefixCacheUnusable("its KV file is missing")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import msgspec
@@ -61,7 +62,10 @@ async def health(request: Request, state: State) -> Response[dict[str, Any]]:
         status = "ok"
     serving = ready and report["engine_alive"] and status != "draining"
     # Every request runs on its own cache; no automatic reuse across requests exists to turn on.
-    body = {"status": status, "version": __version__, "isolation_enabled": True, **report}
+    config = state.config
+    # The hostname tells containers apart (their host is 0.0.0.0); the port tells processes on one machine apart.
+    replica = config.replica_id or f"{socket.gethostname()}:{config.port}"
+    body = {"status": status, "version": __version__, "replica": replica, "isolation_enabled": True, **report}
     if is_admin_request(request, state.config):
         # Every tenant's quotas and use, as GET /admin/tenants lists them: only the admin sees them.
         tenants = tenant_report(state.config, state.admission, state.engine.prefix_store)

@@ -51,6 +51,8 @@ class PrefixCacheOut(msgspec.Struct, kw_only=True):
     source: str
     num_tokens: int
     tokens_sha256: str
+    # Counts the versions written under this name (replaced caches count up); replicas agree on it.
+    version: int
     kv_bits: int | None
     kv_group_size: int
     dtype: str
