@@ -180,6 +180,8 @@ class PrefixBuild:
     messages: tuple[dict[str, object], ...] | None = None
     kv_bits: int | None = None
     kv_group_size: int = 64
+    # False: the name must still be free when the build commits (another replica may have taken it since).
+    replace: bool = False
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ async def _start_build(
         tokens=tuple(tokens),
         kv_bits=req.kv_bits,
         kv_group_size=req.kv_group_size,
+        replace=req.replace,
         **source,
     )
     logger.info("building prefix cache %s (%d tokens, model %s)", req.name, len(tokens), req.model)

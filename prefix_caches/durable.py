@@ -25,6 +25,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import msgspec
@@ -35,7 +36,7 @@ __all__ = ["atomic_write", "commit_pending", "file_sha256", "fsync_dir", "recove
 
 logger = logging.getLogger(__name__)
 
-_TEMP = re.compile(r"^\..+\.tmp(\.safetensors)?$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.\d+\.\d+\.tmp(\.safetensors)?$")
 _PENDING = re.compile(r"^\.(?P<name>.+)\.pending-(?P<sha>[0-9a-f]{64})\.safetensors$")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
@@ -126,29 +127,48 @@ def _manifest_sha(path: Path) -> str | None:
         return None
 
 
-def recover(folder: Path) -> list[str]:
-    """Finish or undo whatever a crash interrupted in one tenant's folder (start-up only: no save may be
-    running). Returns what it did, one line each, for the log."""
+def recover(folder: Path, idle: Callable[[str], AbstractContextManager[bool]] | None = None) -> list[str]:
+    """Finish or undo whatever a crash interrupted in one tenant's folder. Returns what it did, one line each,
+    for the log.
+
+    ``idle(name)`` says whether no process is saving the cache ``name`` now (and keeps it so while held):
+    replicas share the folder, and one that starts while another saves must leave that save's files alone.
+    Without it, the caller promises that no save runs.
+    """
     done: list[str] = []
+
+    def touch(name: str) -> AbstractContextManager[bool]:
+        return idle(name) if idle is not None else contextlib.nullcontext(True)
+
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.is_symlink():
             continue
         pending = _PENDING.match(path.name)
-        if pending:
-            manifest = folder / f"{pending['name']}.json"
-            if _manifest_sha(manifest) == pending["sha"]:
-                os.replace(path, folder / f"{pending['name']}.safetensors")
-                done.append(f"{path.name}: committed before the crash, moved into place")
+        temp = _TEMP.match(path.name)
+        if not pending and not temp:
+            continue
+        name = (pending or temp)["name"]  # type: ignore[index]
+        with touch(name) as free:
+            if not free or not path.exists():
+                continue
+            if pending:
+                manifest = folder / f"{name}.json"
+                if _manifest_sha(manifest) == pending["sha"]:
+                    os.replace(path, folder / f"{name}.safetensors")
+                    done.append(f"{path.name}: committed before the crash, moved into place")
+                else:
+                    path.unlink()
+                    done.append(f"{path.name}: not committed before the crash, removed")
             else:
                 path.unlink()
-                done.append(f"{path.name}: not committed before the crash, removed")
-        elif _TEMP.match(path.name):
-            path.unlink()
-            done.append(f"{path.name}: temporary file removed")
+                done.append(f"{path.name}: temporary file removed")
     for path in sorted(folder.glob("*.safetensors")):
-        if not path.name.startswith(".") and not (folder / f"{path.stem}.json").exists():
-            path.unlink()
-            done.append(f"{path.name}: KV file without a manifest (an interrupted delete) removed")
+        if path.name.startswith("."):
+            continue
+        with touch(path.stem) as free:
+            if free and path.exists() and not (folder / f"{path.stem}.json").exists():
+                path.unlink()
+                done.append(f"{path.name}: KV file without a manifest (an interrupted delete) removed")
     if done:
         fsync_dir(folder)
     return done

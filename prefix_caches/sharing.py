@@ -21,7 +21,15 @@ from prefix_caches.errors import PrefixCacheUnusable
 from prefix_caches.manifest import Manifest
 from prefix_caches.names import cache_paths, validate_name
 
-__all__ = ["FileIdentity", "cache_lock", "file_identity", "manifest_files", "read_manifest"]
+__all__ = [
+    "FileIdentity",
+    "cache_lock",
+    "file_identity",
+    "idle_cache",
+    "manifest_files",
+    "read_manifest",
+    "save_lock",
+]
 
 # (size, mtime in ns, inode): changes whenever a manifest is replaced by a rename or rewritten.
 FileIdentity = tuple[int, int, int]
@@ -44,14 +52,51 @@ def cache_lock(root: Path, tenant: str, name: str, shared: bool = False) -> Iter
     """
     _, manifest_path = cache_paths(root, tenant, name)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    locks = root / ".locks"
-    locks.mkdir(exist_ok=True)
-    fd = os.open(locks / f"{manifest_path.parent.name}.{name}", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_fd(root, "", manifest_path.parent.name, name)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _lock_fd(root: Path, kind: str, folder: str, name: str) -> int:
+    locks = root / ".locks" / kind if kind else root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return os.open(locks / f"{folder}.{name}", os.O_RDWR | os.O_CREAT, 0o644)
+
+
+@contextlib.contextmanager
+def save_lock(root: Path, tenant: str, name: str) -> Iterator[None]:
+    """Held by a process for the whole of a save of the cache (its temporary and pending files included), so
+    that another replica's start-up recovery leaves that save's files alone (:func:`idle_cache`). Readers
+    never take it: a long write does not hold them up."""
+    _, manifest_path = cache_paths(root, tenant, name)
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock_fd(root, "save", manifest_path.parent.name, name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def idle_cache(root: Path, folder: str, name: str) -> Iterator[bool]:
+    """Whether no process is saving or committing the cache ``name`` of tenant folder ``folder`` (both its
+    locks taken without waiting); while True, nobody else can start to."""
+    fds = [_lock_fd(root, "save", folder, name), _lock_fd(root, "", folder, name)]
+    try:
+        for fd in fds:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+        yield True
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def manifest_files(root: Path) -> list[Path]:

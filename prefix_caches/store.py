@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,16 @@ from prefix_caches.errors import (
 from prefix_caches.manifest import FORMAT_VERSION, Manifest
 from prefix_caches.names import cache_paths, validate_name
 from prefix_caches.quotas import NO_QUOTA, QuotaOf
-from prefix_caches.sharing import FileIdentity, cache_lock, file_identity, manifest_files, read_current, read_manifest
+from prefix_caches.sharing import (
+    FileIdentity,
+    cache_lock,
+    file_identity,
+    idle_cache,
+    manifest_files,
+    read_current,
+    read_manifest,
+    save_lock,
+)
 
 __all__ = ["CacheStatus", "CacheUsage", "PrefixCacheStore", "file_sha256", "tokens_sha256"]
 
@@ -106,7 +116,7 @@ class PrefixCacheStore:
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in sorted(self.root.glob("tenant-*")):
             if folder.is_dir() and not folder.is_symlink():
-                for line in recover(folder):
+                for line in recover(folder, lambda name, f=folder.name: idle_cache(self.root, f, name)):
                     logger.warning("prefix cache store %s: %s", folder.name, line)
         found = 0
         for path in sorted(self.root.glob("tenant-*/*.json")):
@@ -404,7 +414,7 @@ class PrefixCacheStore:
 
     # ---- KV arrays (engine thread only) --------------------------------------------------------
 
-    def save(self, manifest: Manifest, cache: list[Any]) -> Manifest:
+    def save(self, manifest: Manifest, cache: list[Any], replace: bool = True) -> Manifest:
         """Write ``cache`` (already cut to the prefix) and its manifest; keep the arrays resident.
 
         Until the manifest is written, the old version (or none) stays the cache on disk and in memory.
@@ -412,15 +422,22 @@ class PrefixCacheStore:
         Raises:
             PrefixCacheQuotaExceeded: the tenant's quota refuses it; what was stored stays as it was.
             PrefixCacheStorageFull: the disk ran out of space; no file of the new version is left.
+            PrefixCacheExists: not ``replace``, and another process committed the name first.
         """
         from prefix_caches import kv
 
         tenant, name = manifest.tenant, manifest.name
         arrays_path, _ = cache_paths(self.root, tenant, name)
         metadata = {"mlx_gateway_tokens_sha256": manifest.tokens_sha256, "mlx_gateway_name": name}
-        pending, manifest.file_sha256, manifest.size_bytes = stage_arrays(
-            arrays_path, lambda p: kv.save_kv(p, cache, metadata)
-        )
+        # Held for the whole save: a replica starting meanwhile must not sweep this save's files away.
+        with save_lock(self.root, tenant, name):
+            self._save_staged(manifest, arrays_path, lambda p: kv.save_kv(p, cache, metadata), replace)
+        self._keep((tenant, name), cache, manifest.file_sha256)
+        return manifest
+
+    def _save_staged(self, manifest: Manifest, arrays_path: Path, write: Callable[[Path], None], replace: bool) -> None:
+        tenant, name = manifest.tenant, manifest.name
+        pending, manifest.file_sha256, manifest.size_bytes = stage_arrays(arrays_path, write)
         committed = False
         try:
             # Saves run on the engine thread one at a time, so no other create can come between this check
@@ -432,6 +449,8 @@ class PrefixCacheStore:
             # version's file.
             with self._write_lock, cache_lock(self.root, tenant, name):
                 previous = read_current(self.root, tenant, name)
+                if previous is not None and not replace:
+                    raise PrefixCacheExists(name)
                 manifest.version = (previous.version if previous is not None else 0) + 1
                 self._write_manifest(tenant, name, manifest)
                 with self._lock:
@@ -446,8 +465,6 @@ class PrefixCacheStore:
                 with contextlib.suppress(FileNotFoundError):
                     pending.unlink()
             raise
-        self._keep((tenant, name), cache, manifest.file_sha256)
-        return manifest
 
     def arrays(self, manifest: Manifest) -> tuple[list[Any], bool]:
         """The stored KV of ``manifest`` and whether it was already in memory.

@@ -165,7 +165,7 @@ class MlxEngine:
             job.kv_bits,
             job.kv_group_size,
         )
-        build = Build(manifest, loaded, emit, request_id=job.request_id)
+        build = Build(manifest, loaded, emit, request_id=job.request_id, replace=job.replace)
         self._inbox.put(build)
         try:
             while True:

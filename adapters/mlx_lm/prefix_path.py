@@ -22,6 +22,7 @@ from prefix_caches import kv
 from prefix_caches.costs import MIN_PREFILL_SAMPLE_TOKENS, Rate, cheaper_to_recompute
 from prefix_caches.errors import (
     PrefixCacheError,
+    PrefixCacheExists,
     PrefixCacheNotFound,
     PrefixCacheQuotaExceeded,
     PrefixCacheStorageFull,
@@ -196,7 +197,7 @@ class PrefixPath:
                 cache = kv.quantize(cache, manifest.kv_bits, manifest.kv_group_size)
             seconds = time.perf_counter() - build.started
             manifest.build_seconds = seconds
-            saved = store.save(manifest, cache)
+            saved = store.save(manifest, cache, replace=build.replace)
             logger.info(
                 "prefix cache %s built: %d tokens, %d bytes, %.2fs",
                 manifest.name,
@@ -206,7 +207,7 @@ class PrefixPath:
                 extra={"request_id": build.request_id},
             )
             build.emit(PrefixBuilt(saved, seconds))
-        except PrefixCacheQuotaExceeded as exc:
+        except (PrefixCacheQuotaExceeded, PrefixCacheExists) as exc:
             # A replaced cache stays as it was, usable: its status is not touched.
             logger.info("prefix cache %s refused: %s", manifest.name, exc, extra={"request_id": build.request_id})
             build.emit(Failed(PrefixBuildRefused(exc)))

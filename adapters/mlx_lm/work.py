@@ -58,6 +58,7 @@ class Build:
     prefilled: int = 0
     started: float = field(default_factory=time.perf_counter)
     request_id: str | None = None  # None: a rebuild at start-up, no request asked for it
+    replace: bool = True  # False: a create, which another replica's commit of the same name refuses
 
 
 @dataclass

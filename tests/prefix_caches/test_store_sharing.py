@@ -149,3 +149,44 @@ def test_two_processes_replacing_one_cache_at_once_leave_one_whole_version(tmp_p
     cache, _ = store.arrays(final)
     assert {c.offset for c in cache} == {final.num_tokens} and final.num_tokens in (8, 24)
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_replica_starting_while_another_saves_leaves_that_save_alone(tmp_path: Path) -> None:
+    """Start-up recovery sweeps a crashed save's files, but not those of a save another replica is making
+    (it holds the cache's save lock); once that save is over, or was a crash, they are swept."""
+    from prefix_caches.sharing import save_lock
+
+    a = PrefixCacheStore(tmp_path)
+    a.scan()
+    a.save(manifest("other", 8), kv.exact(kv_cache(8)))
+    arrays_path, _ = cache_paths(tmp_path, "t", "busy")
+    folder = arrays_path.parent
+    temp = folder / ".busy.4242.7.tmp.safetensors"  # a save still writing
+    pending = folder / f".busy.pending-{'0' * 64}.safetensors"  # a save staged, about to commit
+    for path in (temp, pending):
+        path.write_bytes(b"partial")
+    with save_lock(tmp_path, "t", "busy"):  # the other replica, mid-save
+        PrefixCacheStore(tmp_path).scan()
+        assert temp.exists() and pending.exists()
+    PrefixCacheStore(tmp_path).scan()  # nobody saves "busy" now: these are a crash's leftovers
+    assert not temp.exists() and not pending.exists()
+    b = PrefixCacheStore(tmp_path)
+    b.scan()
+    assert b.get("t", "other").version == 1
+
+
+def test_two_replicas_creating_one_name_at_once_keep_the_first(tmp_path: Path) -> None:
+    """Both passed their own check before either committed: the second create (not a replace) is refused
+    at its commit, the first version stays whole, and the refused save leaves no file behind."""
+    a, b = PrefixCacheStore(tmp_path), PrefixCacheStore(tmp_path)
+    a.scan()
+    b.scan()
+    first = a.save(manifest("dup", 8), kv.exact(kv_cache(8)), replace=False)
+    with pytest.raises(PrefixCacheExists):
+        b.save(manifest("dup", 12), kv.exact(kv_cache(12)), replace=False)
+    b.sync()
+    kept = b.get("t", "dup")
+    assert (kept.version, kept.num_tokens, kept.file_sha256) == (1, 8, first.file_sha256)
+    folder = cache_paths(tmp_path, "t", "dup")[0].parent
+    assert sorted(p.name for p in folder.iterdir()) == ["dup.json", "dup.safetensors"]
+    assert b.save(manifest("dup", 12), kv.exact(kv_cache(12))).version == 2  # a replace still works
