@@ -79,6 +79,15 @@ class CacheUsage:
     recomputes: int = 0  # cold caches recomputed because reading them was measured dearer
 
 
+def _status_on_disk(manifest: Manifest, arrays: Path) -> CacheStatus:
+    """A cache's status as its manifest and KV file on disk show it."""
+    if manifest.format != FORMAT_VERSION:
+        return CacheStatus("stale", f"written in store format {manifest.format}")
+    if not arrays.exists():
+        return CacheStatus("invalid", "its KV file is missing")
+    return CacheStatus()
+
+
 class PrefixCacheStore:
     def __init__(
         self, root: Path, memory_budget_bytes: int = 2 * 1024**3, quota_of: QuotaOf = lambda _: NO_QUOTA
@@ -132,11 +141,7 @@ class PrefixCacheStore:
                 logger.warning("prefix cache manifest %s is unreadable and ignored: %s", path, exc)
                 continue
             key = (manifest.tenant, manifest.name)
-            status = CacheStatus()
-            if manifest.format != FORMAT_VERSION:
-                status = CacheStatus("stale", f"written in store format {manifest.format}")
-            elif not arrays.exists():
-                status = CacheStatus("invalid", "its KV file is missing")
+            status = _status_on_disk(manifest, arrays)
             with self._lock:
                 self._manifests[key] = manifest
                 self._status[key] = status
@@ -188,11 +193,7 @@ class PrefixCacheStore:
     def _adopt(self, path: Path, identity: FileIdentity, manifest: Manifest) -> int:
         key = (manifest.tenant, manifest.name)
         arrays, _ = cache_paths(self.root, *key)
-        status = CacheStatus()
-        if manifest.format != FORMAT_VERSION:
-            status = CacheStatus("stale", f"written in store format {manifest.format}")
-        elif not arrays.exists():
-            status = CacheStatus("invalid", "its KV file is missing")
+        status = _status_on_disk(manifest, arrays)
         with self._lock:
             old = self._manifests.get(key)
             self._seen[path] = (key, identity)
