@@ -302,7 +302,7 @@ class Batcher:
     def _decode(self) -> _Launched | None:
         """Queue one decode step of every slot."""
         slots = self._slots
-        if slots is None or not any(s is not None for s in self._rows):
+        if slots is None or not self.running:
             return None
         inputs = self._inputs
         slots.prepare_step()
@@ -356,9 +356,10 @@ class Batcher:
             if seq is not None:
                 key = id(seq) if seq.seeded else id(seq.sampler)
                 groups.setdefault(key, (seq.sampler, []))[1].append(i)
-        shared = [g for g in groups.values() if not any(cast(_Seq, seqs[i]).seeded for i in g[1])]
-        if len(groups) == 1 and shared:
-            return shared[0][0](logprobs).astype(mx.int32)
+        if len(groups) == 1:  # one sampler for every row: draw for the whole batch at once, unless it is seeded
+            ((sampler, rows),) = groups.values()
+            if not cast(_Seq, seqs[rows[0]]).seeded:
+                return sampler(logprobs).astype(mx.int32)
         tokens = mx.zeros((len(seqs),), mx.int32)
         for sampler, rows in groups.values():
             idx = mx.array(rows)
@@ -426,11 +427,14 @@ class Batcher:
         if first is not None:
             out += self._read(first)
         if self._pending is None and not self._seqs:
-            self._slots, self._rows, self._inputs = None, [], mx.zeros((0,), mx.int32)  # idle: free the KV
+            self._drop_slots()  # idle: free the KV
         return out
+
+    def _drop_slots(self) -> None:
+        self._slots, self._rows, self._inputs = None, [], mx.zeros((0,), mx.int32)
 
     def close(self) -> None:
         self._seqs.clear()
         self._arrivals.clear()
         self._pending = None
-        self._slots, self._rows = None, []
+        self._drop_slots()

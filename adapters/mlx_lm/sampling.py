@@ -182,22 +182,11 @@ def token_sampler(params: SamplingParams, key: mx.array) -> Sampler:
 
 
 def sampled_token(params: SamplingParams, token: int, logprobs: mx.array) -> SampledToken:
-    """The token with the log-probabilities the request asked for (each lookup waits on the device)."""
-    chosen: float | None = None
-    top: tuple[tuple[int, float], ...] = ()
-    if params.logprobs:
-        lp = logprobs.reshape(-1)
-        arrays = [lp[token]]
-        if params.top_logprobs:
-            k = min(params.top_logprobs, lp.shape[-1])
-            ids = mx.argpartition(-lp, k - 1)[:k]
-            arrays += [ids, lp[ids]]
-        mx.eval(*arrays)
-        chosen = float(arrays[0].item())  # type: ignore[arg-type]
-        if len(arrays) == 3:
-            pairs = zip(cast(list[int], arrays[1].tolist()), cast(list[float], arrays[2].tolist()), strict=True)
-            top = tuple(sorted(pairs, key=lambda t: -t[1]))
-    return SampledToken(token, chosen, top)
+    """The token with the log-probabilities the request asked for (waits on the device when it asked)."""
+    if not params.logprobs:
+        return SampledToken(token, None, ())
+    arrays = gather_logprobs(logprobs.reshape(1, -1), mx.array([token]), [0], params.top_logprobs)
+    return read_sampled([params], [token], [0], arrays)[0]
 
 
 def gather_logprobs(logprobs: mx.array, tokens: mx.array, rows: Sequence[int], k: int) -> list[mx.array]:

@@ -30,6 +30,11 @@ __all__ = ["CAPACITY_STEP", "SlotBatch", "SlotKVCache"]
 CAPACITY_STEP = 256
 
 
+def _capacity_for(tokens: int) -> int:
+    """Room for ``tokens`` positions, in whole steps of ``CAPACITY_STEP``."""
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+
+
 class SlotKVCache:
     """One layer's slots. The model calls ``offset``, ``make_mask`` and ``update_and_fetch``."""
 
@@ -53,10 +58,6 @@ class SlotKVCache:
         end = self._batch.window
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    @property
-    def state(self) -> tuple[mx.array, mx.array]:
-        return self.keys, self.values
-
 
 class SlotBatch:
     """The slots of every layer of one model, and each slot's length (0: free)."""
@@ -76,12 +77,7 @@ class SlotBatch:
         """Empty slots shaped after one sequence's prefilled plain cache, each with room for ``tokens``."""
         keys = cache[0].keys
         _, kv_heads, _, head_dim = keys.shape
-        capacity = -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
-        return cls(len(cache), rows, capacity, kv_heads, head_dim, keys.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers)
+        return cls(len(cache), rows, _capacity_for(tokens), kv_heads, head_dim, keys.dtype)
 
     def free_slot(self) -> int | None:
         """The lowest free slot, or None."""
@@ -89,9 +85,6 @@ class SlotBatch:
             if not live:
                 return i
         return None
-
-    def live_count(self) -> int:
-        return sum(self.live)
 
     def grow_rows(self, rows: int) -> None:
         """``rows`` slots from now on (more than now); the new ones are free."""
@@ -108,7 +101,7 @@ class SlotBatch:
         """Capacity for ``tokens`` positions in a slot."""
         if tokens <= self.capacity:
             return
-        capacity = -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+        capacity = _capacity_for(tokens)
         for layer in self.layers:
             for name in ("keys", "values"):
                 old = getattr(layer, name)
