@@ -44,15 +44,10 @@ def file_identity(path: Path) -> FileIdentity | None:
 
 
 @contextlib.contextmanager
-def cache_lock(root: Path, tenant: str, name: str, shared: bool = False) -> Iterator[None]:
-    """Hold the cache's lock file (``.locks/<tenant folder>.<name>`` under the root) for the block.
-
-    Lock files live apart from the caches (nothing that lists or sweeps a tenant's folder meets them) and
-    are never deleted: removing one while another process waits on it would let two holders in.
-    """
+def _held(root: Path, kind: str, tenant: str, name: str, shared: bool) -> Iterator[None]:
     _, manifest_path = cache_paths(root, tenant, name)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock_fd(root, "", manifest_path.parent.name, name)
+    fd = _lock_fd(root, kind, manifest_path.parent.name, name)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -60,25 +55,26 @@ def cache_lock(root: Path, tenant: str, name: str, shared: bool = False) -> Iter
         os.close(fd)  # closing releases the lock
 
 
+def cache_lock(root: Path, tenant: str, name: str, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Hold the cache's lock file (``.locks/<tenant folder>.<name>`` under the root) for the block.
+
+    Lock files live apart from the caches (nothing that lists or sweeps a tenant's folder meets them) and
+    are never deleted: removing one while another process waits on it would let two holders in.
+    """
+    return _held(root, "", tenant, name, shared)
+
+
+def save_lock(root: Path, tenant: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """Held by a process for the whole of a save of the cache (its temporary and pending files included), so
+    that another replica's start-up recovery leaves that save's files alone (:func:`idle_cache`). Readers
+    never take it: a long write does not hold them up."""
+    return _held(root, "save", tenant, name, shared=False)
+
+
 def _lock_fd(root: Path, kind: str, folder: str, name: str) -> int:
     locks = root / ".locks" / kind if kind else root / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     return os.open(locks / f"{folder}.{name}", os.O_RDWR | os.O_CREAT, 0o644)
-
-
-@contextlib.contextmanager
-def save_lock(root: Path, tenant: str, name: str) -> Iterator[None]:
-    """Held by a process for the whole of a save of the cache (its temporary and pending files included), so
-    that another replica's start-up recovery leaves that save's files alone (:func:`idle_cache`). Readers
-    never take it: a long write does not hold them up."""
-    _, manifest_path = cache_paths(root, tenant, name)
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock_fd(root, "save", manifest_path.parent.name, name)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
