@@ -86,6 +86,11 @@ class ModelInfo:
     ready: bool
     source: str
     fingerprint: str = ""
+    # Running KV: bytes one position of one sequence takes, the budget running sequences share
+    # (max_running_kv_bytes), and whether choices decode in a batch's slots (else each on its own cache).
+    kv_bytes_per_token: int = 0
+    kv_budget: int = 0
+    batched: bool = True
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
             models_dir=config.models_dir,
             isolation_mode=m.isolation_mode or config.isolation_mode,
             max_running=config.max_running,
+            max_running_kv_bytes=config.max_running_kv_bytes,
         )
         for m in config.models
     ]
@@ -200,6 +201,12 @@ def cli() -> None:
     type=click.IntRange(min=1),
     help="Requests in the engine at once, and sequences decoded together (default 32)."
     + _env("MLX_GATEWAY_MAX_RUNNING"),
+)
+@click.option(
+    "--max-running-kv-bytes",
+    metavar="SIZE",
+    help="KV bytes a model's running sequences may hold at once, each at its longest (e.g. 8GiB; default half "
+    "of the device's memory)." + _env("MLX_GATEWAY_MAX_RUNNING_KV_BYTES"),
 )
 @click.option(
     "--max-queued",

@@ -87,6 +87,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     isolation_mode: Literal["strict", "balanced", "performance"] = "balanced"
     # Requests in the engine at once (and sequences decoded together in one batch, balanced mode).
     max_running: int = 32
+    # Bytes of KV that a model's running sequences may hold at once, each counted at its longest (prompt +
+    # max_tokens); arrivals that would pass it wait, a request that could never fit it alone gets a 400.
+    # None: half of what mlx may allocate on the device (on a CPU, of the host's memory).
+    max_running_kv_bytes: int | None = None
     # Behind them: at most this many requests / prompt tokens wait, each at most queue_timeout seconds;
     # past a limit a request gets 429 with Retry-After.
     max_queued: int = 256
@@ -175,6 +179,7 @@ _FIELD_FLAGS = (
     "log_format",
     "isolation_mode",
     "max_running",
+    "max_running_kv_bytes",
     "max_queued",
     "max_queued_tokens",
     "queue_timeout_seconds",
@@ -186,7 +191,7 @@ _FIELD_FLAGS = (
     "max_body_bytes",
     "blas",
 )
-_SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes")
+_SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes", "max_running_kv_bytes")
 _TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes")
 
 
@@ -254,6 +259,7 @@ def load_config(
         "MLX_GATEWAY_REPLICA_ID": "replica_id",
         "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",
         "MLX_GATEWAY_MAX_RUNNING": "max_running",
+        "MLX_GATEWAY_MAX_RUNNING_KV_BYTES": "max_running_kv_bytes",
         "MLX_GATEWAY_MAX_QUEUED": "max_queued",
         "MLX_GATEWAY_MAX_QUEUED_TOKENS": "max_queued_tokens",
         "MLX_GATEWAY_QUEUE_TIMEOUT_SECONDS": "queue_timeout_seconds",

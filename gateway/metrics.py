@@ -171,6 +171,16 @@ class _EngineCollector(Collector):
             "Sequences (choices) in the continuous batches now",
             _number(report, "batched_sequences"),
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_waiting_sequences",
+            "Sequences in a batch waiting for a slot or KV room (new, or preempted for another tenant's share)",
+            _number(report, "waiting_sequences"),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_preempted_sequences",
+            "Sequences taken out of their slot for a tenant below its fair share (they resume later)",
+            value=_number(report, "preempted_sequences"),
+        )
         memory = GaugeMetricFamily(f"{PREFIX}_memory_bytes", "MLX memory: active, peak and cache", labels=["kind"])
         for kind, value in _mapping(report, "memory").items():
             memory.add_metric([kind.removesuffix("_memory")], float(value))

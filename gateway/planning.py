@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from adapters.base import OutputConstraint, Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
+from adapters.base import ModelInfo, OutputConstraint, Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
 from gateway.schemas.openai import (
@@ -34,7 +34,7 @@ from gateway.schemas.openai import (
 )
 from prefix_caches import Manifest, PrefixCacheStore
 
-__all__ = ["PlannedRequest", "plan_chat", "plan_completion"]
+__all__ = ["PlannedRequest", "check_kv_budget", "plan_chat", "plan_completion"]
 
 logger = logging.getLogger(__name__)
 
@@ -559,3 +559,33 @@ def plan_completion(
         prefix_miss_reason=miss,
         prefix_form=form,
     )
+
+
+# Positions a sequence's KV grows by at a time (the slot batch's capacity step, mlx-lm's KVCache.step).
+KV_STEP = 256
+
+
+def check_kv_budget(planned: PlannedRequest, info: ModelInfo) -> None:
+    """A request whose running KV could never fit the server's budget (``max_running_kv_bytes``) even alone
+    is a 400 naming the budget: it would wait forever. Alone means one choice in a batch's slot (choices
+    that do not fit together wait their turn), or every choice at once on the sequential path.
+
+    Raises:
+        InvalidRequest: ``max_tokens`` (or the prompt) too large for the budget.
+    """
+    if not info.kv_bytes_per_token or not info.kv_budget:
+        return
+    for plan in planned.plans:
+        final = len(plan.prompt_tokens) + plan.sampling.max_tokens + 1
+        rows = 1 if info.batched else plan.sampling.n
+        need = rows * -(-final // KV_STEP) * KV_STEP * info.kv_bytes_per_token
+        if need > info.kv_budget:
+            together = "" if info.batched else f" for its {rows} choices decoded together"
+            raise InvalidRequest(
+                f"This request could need {need:,} bytes of KV cache{together} ({len(plan.prompt_tokens)} prompt "
+                f"tokens + {plan.sampling.max_tokens} max_tokens at {info.kv_bytes_per_token:,} bytes a token), "
+                f"more than the server's max_running_kv_bytes ({info.kv_budget:,}). Reduce max_tokens, the "
+                "prompt or n.",
+                param="max_tokens",
+                code="kv_budget_exceeded",
+            )

@@ -22,6 +22,22 @@ A sequence that ends (EOS, ``max_tokens``, a stop string, a cancellation) frees 
 copied, and the step already queued computes one token for it that nobody reads. Its cache is copied out of
 the slot only when its insert asked for it (automatic reuse, a recomputed prefix).
 
+**Admission always makes progress.** A request's ``n`` sequences join in parts of at most ``max_running``
+(each part prefilled on its own copy of the request's cache; parts of one length go through the model
+together), so no arrival can need more slots than the batch has. Waiting arrivals are taken tenant by
+tenant, the tenant holding the fewest slots first, and an arrival that does not fit (slots, or the KV budget
+below) holds the ones behind it back until it does, so a large one is never starved by small ones. When a
+tenant below its fair share (``max_running`` over the tenants running or waiting) waits for slots that a
+tenant above its share holds, sequences of the latter are **preempted**: each one's KV is copied out of its
+slot and it waits as an arrival whose prompt is its last token, resuming where it stopped (same sampler,
+same processors, same count) when its turn comes. Sequences that keep their cache or follow a grammar are not
+preempted (their state lives in the slot and the matcher).
+
+**A KV budget.** Slots are a rectangle: rows times the longest sequence's capacity. An arrival joins only if
+the rectangle that running sequences and it could grow to (every sequence at its prompt plus ``max_tokens``)
+fits ``LoadedModel.kv_budget`` (``max_running_kv_bytes``); planning refuses a request that could never fit
+it alone, so waiting always ends.
+
 Grammars (structured output) are masked batch-wide: before a step's mask is built each constrained row's
 matcher consumes the token that row is fed, read from the device while the step's forward pass runs; all
 masks are filled in one llguidance call and applied with one ``mx.where`` (:class:`BatchMasker`).
@@ -32,7 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -53,7 +69,7 @@ from adapters.mlx_lm.sampling import (
     read_sampled,
     token_sampler,
 )
-from adapters.mlx_lm.slot_kv import SlotBatch
+from adapters.mlx_lm.slot_kv import SlotBatch, capacity_for
 
 __all__ = ["Batcher", "SequenceOut"]
 
@@ -84,8 +100,16 @@ class _Seq:
     matcher: GrammarMatcher | None
     keep: bool
     seeded: bool
+    tenant: str = ""
     count: int = 0  # tokens read so far
     slot: int | None = None
+    # Preempted: the arrival it waits in to resume (its prompt is its last token, once that is read).
+    parked: _Arrival | None = None
+    final: int = 0  # the most positions its KV can reach (prompt + max_tokens)
+
+    @property
+    def preemptible(self) -> bool:
+        return not self.keep and self.matcher is None and self.slot is not None
 
 
 @dataclass(eq=False)
@@ -93,9 +117,11 @@ class _Arrival:
     """One request's prompt on its way into the batch; its ``n`` sequences join together."""
 
     seqs: list[_Seq]
-    prompt: list[int]  # the tokens to prefill into ``cache``
+    prompt: list[int]  # the tokens to prefill into ``cache`` (empty: a preempted one's last token, not yet read)
     cache: list[Any]
     context: mx.array  # the whole prompt (a processor's first call sees it)
+    tenant: str = ""
+    order: int = 0  # arrival order: first come, first served within a tenant
     done: int = 0  # prompt tokens prefilled so far
 
     @property
@@ -116,12 +142,15 @@ class _Launched:
 class Batcher:
     """One model's continuous batch."""
 
-    def __init__(self, loaded: LoadedModel, max_running: int) -> None:
+    def __init__(self, loaded: LoadedModel, max_running: int, kv_budget: int | None = None) -> None:
         self.loaded = loaded
         self.max_running = max_running
+        # None: no budget (bench and unit tests that drive a batch directly).
+        self.kv_budget = kv_budget
         self.step_size = loaded.spec.prefill_step_size or 512
         self._eos = set(loaded.tokenizer.eos_token_ids)
         self._uids = itertools.count()
+        self._orders = itertools.count()
         self._seqs: dict[int, _Seq] = {}  # every sequence not yet ended, by uid
         self._arrivals: deque[_Arrival] = deque()
         self._slots: SlotBatch | None = None
@@ -131,8 +160,10 @@ class Batcher:
         self._masker: BatchMasker | None = None
         # (prompt tokens, seconds) of each prefill chunk the last step ran and waited for.
         self.prefill_timings: list[tuple[int, float]] = []
-        # Whether the last step queued a decode step.
+        # Whether the last step queued a decode step; whether it did anything at all (prefill, decode, read).
         self.decoded = False
+        self.worked = False
+        self.preempted = 0  # sequences preempted so far (fair share)
 
     @property
     def busy(self) -> bool:
@@ -143,6 +174,15 @@ class Batcher:
         """Sequences decoding in slots."""
         return sum(s is not None for s in self._rows)
 
+    @property
+    def waiting(self) -> int:
+        """Sequences waiting for a slot (new, or preempted)."""
+        return sum(len(a.seqs) for a in self._arrivals)
+
+    def held(self) -> Counter[str]:
+        """Slots held per tenant."""
+        return Counter(s.tenant for s in self._rows if s is not None)
+
     # ---- arrivals -------------------------------------------------------------------------------
 
     def insert(
@@ -152,12 +192,15 @@ class Batcher:
         params: SamplingParams,
         context: Sequence[int],
         keep_cache: bool = False,
+        tenant: str = "",
     ) -> list[int]:
         """Queue ``params.n`` sequences continuing ``cache`` (empty: a fresh one) with ``prompt``; their uids.
         ``context`` is the whole prompt, the part already in ``cache`` included (a repetition penalty covers
-        it). With ``keep_cache``, the first sequence's finish carries its KV."""
+        it). With ``keep_cache``, the first sequence's finish carries its KV. The sequences join in parts of
+        at most ``max_running``, each on its own copy of ``cache``."""
         if not prompt:
             raise ValueError("a sequence needs at least one prompt token to prefill")
+        final = len(context) + params.max_tokens
         seqs = []
         for i, key in enumerate(choice_keys(params.seed, params.n)):
             matcher = None
@@ -176,11 +219,40 @@ class Batcher:
                 matcher,
                 keep=keep_cache and i == 0,
                 seeded=params.seed is not None and params.temperature > 0.0,
+                tenant=tenant,
+                final=final,
             )
             self._seqs[seq.uid] = seq
             seqs.append(seq)
-        self._arrivals.append(_Arrival(seqs, list(prompt), cache or self.loaded.make_cache(), mx.array(list(context))))
+        whole = mx.array(list(context))
+        size = self._part_size(final)
+        for start in range(0, len(seqs), size):
+            part = seqs[start : start + size]
+            own = (cache if start == 0 else _copy_cache(cache)) if cache else self.loaded.make_cache()
+            self._arrivals.append(_Arrival(part, list(prompt), own, whole, tenant, next(self._orders)))
         return [s.uid for s in seqs]
+
+    def _part_size(self, final: int) -> int:
+        """The most sequences of ``final`` positions that join together: at most ``max_running``, and as many
+        as the KV budget holds in an otherwise empty batch (rows double, as ``_free_slot`` grows them).
+
+        Raises:
+            ValueError: not even one fits the budget (planning refuses such requests: it would wait forever).
+        """
+        if self.kv_budget is None:
+            return self.max_running
+        row = capacity_for(final + 1) * self.loaded.kv_bytes_per_token
+        if row > self.kv_budget:
+            raise ValueError(
+                f"a sequence of {final} positions needs {row} bytes of KV, over the budget {self.kv_budget}"
+            )
+        size, rows = 1, 1
+        while size < self.max_running:
+            grown = min(self.max_running, 2 * rows)
+            if grown * row > self.kv_budget:
+                break
+            size = rows = grown
+        return size
 
     def _prefill(self) -> _Launched | None:
         """One pass over waiting prompts (see the module's docstring); the first tokens of those it finished."""
@@ -191,14 +263,21 @@ class Batcher:
             return self._chunk(group[0])
         return self._together(group)
 
+    def _queue(self) -> list[_Arrival]:
+        """Arrivals ready to prefill, in the order they are taken: a prompt already part-prefilled first,
+        then by the slots their tenant holds (fewest first), then first come first served."""
+        held = self.held()
+        ready = [a for a in self._arrivals if a.prompt]
+        return sorted(ready, key=lambda a: (a.done == 0, held[a.tenant], a.order))
+
     def _next_group(self) -> list[_Arrival]:
         """Arrivals at the head of the queue that fit the batch and go through the model together."""
         room = self.max_running - self.running
         group: list[_Arrival] = []
         budget = self.step_size * PREFILL_TOGETHER_CHUNKS
-        for arrival in self._arrivals:
-            if len(arrival.seqs) > room:
-                break
+        for arrival in self._queue():
+            if len(arrival.seqs) > room or not self._kv_fits([*group, arrival]):
+                break  # it waits for room, and holds back those behind it (never starved by smaller ones)
             left = len(arrival.prompt) - arrival.done
             if group:
                 longest = max(left, *(len(a.prompt) for a in group))
@@ -227,6 +306,23 @@ class Batcher:
             return None
         self._arrivals.remove(arrival)
         return self._join([arrival], logits, arrival.cache, [arrival.offset])
+
+    def _kv_fits(self, group: list[_Arrival]) -> bool:
+        """Whether the slots could hold the running sequences and ``group`` at their longest within the budget:
+        rows as the batch would grow to, times the capacity of the longest final length."""
+        if self.kv_budget is None:
+            return True
+        running = [s for s in self._rows if s is not None]
+        joining = [s for a in group for s in a.seqs]
+        count = len(running) + len(joining)
+        rows = self._slots.rows if self._slots is not None else 1
+        while rows < min(count, self.max_running):  # as _free_slot grows them
+            rows = min(self.max_running, 2 * rows)
+        longest = max(s.final for s in [*running, *joining])
+        capacity = capacity_for(longest + 1)
+        if self._slots is not None:
+            capacity = max(capacity, self._slots.capacity)
+        return rows * capacity * self.loaded.kv_bytes_per_token <= self.kv_budget
 
     def _together(self, group: list[_Arrival]) -> _Launched:
         """Arrivals continuing caches of one length, prefilled in one right-padded pass."""
@@ -271,10 +367,14 @@ class Batcher:
             assert seq is not None
             slot = self._free_slot(cache, lengths[i])
             self._slots_of().admit(slot, cache, row=i, length=lengths[i])
-            seq.slot = slot
+            seq.slot, seq.parked = slot, None
             self._rows[slot] = seq
             slots.append(slot)
-        self._inputs[mx.array(slots)] = launched.tokens
+        # A new array: the queued step's tokens (``_pending.tokens``, read later) are this one until now, and
+        # a slot freed by a preemption this step is taken again here.
+        inputs = mx.array(self._inputs)
+        inputs[mx.array(slots)] = launched.tokens
+        self._inputs = inputs
         mx.async_eval(launched.tokens, *launched.logprob_arrays)
         return launched
 
@@ -296,6 +396,55 @@ class Batcher:
             self._rows += [None] * (rows - len(self._rows))
             self._inputs = mx.concatenate([self._inputs, mx.zeros((rows - self._inputs.shape[0],), mx.int32)])
         return slot
+
+    # ---- fair share -----------------------------------------------------------------------------
+
+    def _share(self) -> None:
+        """Preempt sequences of tenants above their fair share while the next arrival, of a tenant below its
+        share, waits for slots (see the module's docstring)."""
+        queue = self._queue()
+        if not queue or self._slots is None:
+            return
+        held = self.held()
+        tenants = set(held) | {a.tenant for a in self._arrivals}
+        if len(tenants) < 2:
+            return
+        fair = max(1, self.max_running // len(tenants))
+        head = queue[0]
+        need = len(head.seqs) - (self.max_running - self.running)
+        if need <= 0 or held[head.tenant] >= fair:
+            return
+        victims: list[_Seq] = []
+        # Latest admitted first (the least decoding lost), from the tenants furthest above their share.
+        rows = [s for s in reversed(self._rows) if s is not None and s.preemptible]
+        while need > 0:
+            tenant, count = held.most_common(1)[0]
+            if count <= fair:
+                break
+            seq = next((s for s in rows if s.tenant == tenant and s not in victims), None)
+            if seq is None:
+                held[tenant] = 0  # nothing of it can be preempted
+                continue
+            victims.append(seq)
+            held[tenant] -= 1
+            need -= 1
+        if need > 0:
+            return  # preempting would not let the head in: let running sequences finish instead
+        for seq in victims:
+            self._park(seq)
+
+    def _park(self, seq: _Seq) -> None:
+        """Take ``seq`` out of its slot; it waits as an arrival continuing its own KV (the token the queued
+        step samples for it becomes its prompt when read)."""
+        assert seq.slot is not None and self._slots is not None
+        cache = self._slots.extract(seq.slot)
+        self._slots.release(seq.slot)
+        self._rows[seq.slot] = None
+        seq.slot = None
+        arrival = _Arrival([seq], [], cache, mx.zeros((0,), mx.int32), seq.tenant, next(self._orders))
+        seq.parked = arrival
+        self._arrivals.append(arrival)
+        self.preempted += 1
 
     # ---- the decode step ------------------------------------------------------------------------
 
@@ -384,6 +533,9 @@ class Batcher:
                 if seq.keep and seq.slot is not None:
                     cache = self._slots_of().extract(seq.slot)
                 self._end(seq)
+            elif seq.parked is not None and seq.slot is None:
+                seq.parked.prompt = [token.token]  # preempted: it resumes from the token it was to be fed
+                seq.parked.context = mx.array([token.token], mx.int32)
             out.append(SequenceOut(seq.uid, token, finish, cache))
         return out
 
@@ -393,6 +545,9 @@ class Batcher:
             self._slots.release(seq.slot)
             self._rows[seq.slot] = None
             seq.slot = None
+        if seq.parked is not None and seq.parked in self._arrivals:
+            self._arrivals.remove(seq.parked)
+        seq.parked = None
 
     def remove(self, uids: list[int]) -> None:
         """End sequences (stopped or cancelled): their slots are free for the next step."""
@@ -411,8 +566,10 @@ class Batcher:
         """Arrivals' prefill, one decode step queued, then the tokens of the step queued before it and the
         first tokens of the arrivals that joined."""
         self.prefill_timings = []
+        self._share()
         alone = self.running == 0
         first = self._prefill()
+        self.worked = first is not None or bool(self.prefill_timings) or self._pending is not None
         out: list[SequenceOut] = []
         if first is not None and alone:
             # Nothing else decodes: the first tokens go out before the next step is built (a lone request's
@@ -421,6 +578,7 @@ class Batcher:
             first = None
         launched = self._decode()
         self.decoded = launched is not None
+        self.worked = self.worked or self.decoded
         if self._pending is not None:
             out += self._read(self._pending)
         self._pending = launched
@@ -438,3 +596,17 @@ class Batcher:
         self._arrivals.clear()
         self._pending = None
         self._drop_slots()
+
+
+def _copy_cache(cache: list[Any]) -> list[Any]:
+    """Each layer's KV up to its offset, as a cache of its own (generation writes caches in place)."""
+    out = []
+    for layer in cache:
+        c = KVCache()
+        offset = int(layer.offset)
+        if offset:
+            c.keys = mx.array(layer.keys[..., :offset, :])
+            c.values = mx.array(layer.values[..., :offset, :])
+        c.offset = offset
+        out.append(c)
+    return out

@@ -4,6 +4,11 @@ Requests arrive through a queue as :class:`Plan` objects; the thread runs a step
 requests (one prefill chunk or one decode step per request per turn, round-robin) and sends typed
 events back to each request's asyncio queue with ``call_soon_threadsafe``. A request that fails is
 failed alone; the loop keeps serving.
+
+Ownership: the engine thread ("mlx-engine") owns ``_active``, ``_batched``, ``_batchers``, the model slots'
+states, ``prefixes`` (automatic reuse included) and every MLX array. Other threads put items in ``_inbox``,
+set a request's ``cancelled`` flag, read ``stats`` (lock-guarded) and read ``_snapshot``: an immutable
+:class:`~adapters.snapshot.EngineSnapshot` the engine thread rebuilds after every turn of its loop.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import mlx.core as mx
+import msgspec
 from mlx_lm.models.cache import KVCache
 
 from adapters.base import (
@@ -45,6 +51,7 @@ from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
+from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse
 from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheUnusable
@@ -52,6 +59,11 @@ from prefix_caches.names import cache_paths
 from prefix_caches.store import PrefixCacheStore, file_sha256
 
 __all__ = ["MlxEngine"]
+
+
+def _nothing() -> None:
+    return None
+
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +83,7 @@ class MlxEngine:
         self.profile_path = profile_path
         self._stopping = threading.Event()
         self._crashed: str | None = None
-        self._stats: dict[str, Any] = {"active_memory": 0, "peak_memory": 0, "cache_memory": 0}
+        self._memory = MemoryUse()
         self._started = time.time()
         # Request outcomes, decode-step times, batch steps: /health and /metrics both read these.
         self.stats = EngineStats()
@@ -81,6 +93,8 @@ class MlxEngine:
         # Named prefix caches, automatic reuse, cold-cache decisions; builds queue onto the turns.
         self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build))
         self.device = "unknown"
+        self._snapshot = EngineSnapshot()
+        self._publish()
 
     # ---- the HTTP side's interface -------------------------------------------------------------
 
@@ -117,6 +131,9 @@ class MlxEngine:
                     ready=slot.state == "ready",
                     source=slot.spec.source,
                     fingerprint=loaded.fingerprint if loaded else "",
+                    kv_bytes_per_token=loaded.kv_bytes_per_token if loaded else 0,
+                    kv_budget=loaded.kv_budget if loaded else 0,
+                    batched=loaded is not None and self._batches(loaded),
                 )
             )
         return out
@@ -136,14 +153,18 @@ class MlxEngine:
         events, emit = self._outbox.channel()
         request = Request(plan, loaded, emit)
         self._inbox.put(request)
+        ended = False
         try:
             while True:
                 event = await events.get()
                 yield event
                 if isinstance(event, Finished | Failed):
+                    ended = True
                     return
         finally:
             request.cancelled.set()
+            if not ended:
+                self._inbox.put(Call(_nothing, None))  # wake the engine if it blocks: a waiting request left
 
     async def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
         loaded = self._ready(job.model)
@@ -217,31 +238,62 @@ class MlxEngine:
         self._inbox.put(Call(fn, future))
         return await asyncio.wrap_future(future)
 
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state as its thread last published it (immutable; any thread)."""
+        return self._snapshot
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._crashed is None
+
     def health(self) -> dict[str, Any]:
+        """What ``/health`` shows of the engine: the latest snapshot, with the counters' totals."""
+        snap = self._snapshot
         return {
-            "engine_alive": self._thread.is_alive() and self._crashed is None,
+            "engine_alive": self.alive,
             "engine_error": self._crashed,
-            "device": self.device,
-            "active_requests": len(self._active) + len({id(r) for r, _ in self._batched.values()}),
-            "batched_sequences": len(self._batched),
+            "device": snap.device,
+            "active_requests": snap.active_requests,
+            "batched_sequences": snap.batched_sequences,
+            "waiting_sequences": snap.waiting_sequences,
+            "preempted_sequences": snap.preempted_sequences,
             "batch_steps": self.stats.batch_totals(),
-            "automatic_reuse": self.prefixes.reuse.stats(),
+            "automatic_reuse": msgspec.structs.asdict(snap.automatic_reuse),
             "requests": self.stats.request_totals(),
-            "models": {
-                name: {
-                    "state": s.state,
-                    "error": s.error,
-                    "stage": s.stage if s.state == "loading" else None,
-                    "load_seconds": s.load_seconds,
-                    "dtype": s.loaded.dtype if s.loaded else None,
-                    "weights": s.loaded.weights if s.loaded else None,
-                    "isolation_mode": s.spec.isolation_mode,
-                }
-                for name, s in self._slots.items()
-            },
-            "memory": dict(self._stats),
+            "models": {name: msgspec.structs.asdict(m) for name, m in snap.models},
+            "memory": msgspec.structs.asdict(snap.memory),
             "prefix_caches": self._store.stats() if self._store else None,
         }
+
+    def _publish(self) -> None:
+        """Build and publish the snapshot (engine thread; once at construction, before the thread starts)."""
+        requests = {id(r) for r, _ in self._batched.values()}
+        batchers = list(self._batchers.values())
+        reuse = self.prefixes.reuse
+        self._snapshot = EngineSnapshot(
+            device=self.device,
+            active_requests=len(self._active) + len(requests),
+            batched_sequences=len(self._batched),
+            waiting_sequences=sum(b.waiting for b in batchers),
+            preempted_sequences=sum(b.preempted for b in batchers),
+            automatic_reuse=ReuseUse(entries=reuse.entry_count(), hits=reuse.hits),
+            memory=self._memory,
+            models=tuple(
+                (
+                    name,
+                    ModelHealth(
+                        state=s.state,
+                        error=s.error,
+                        stage=s.stage if s.state == "loading" else None,
+                        load_seconds=s.load_seconds,
+                        dtype=s.loaded.dtype if s.loaded else None,
+                        weights=s.loaded.weights if s.loaded else None,
+                        isolation_mode=s.spec.isolation_mode,
+                    ),
+                )
+                for name, s in self._slots.items()
+            ),
+        )
 
     def _ready(self, model: str) -> LoadedModel:
         slot = self._slots.get(model)
@@ -284,6 +336,7 @@ class MlxEngine:
             # Models load one stage per turn of the loop, taking turns: each serves as soon as it is ready,
             # whatever the others still have to do.
             loading = deque(self._load(slot) for slot in self._slots.values())
+            worked = False
             while not self._stopping.is_set():
                 if loading:
                     stages = loading.popleft()
@@ -291,13 +344,17 @@ class MlxEngine:
                         self._record_memory()
                     else:
                         loading.append(stages)
-                self._admit(block=not self._active and not self._batched and not loading)
+                # Nothing to do, or nothing that can progress (every batched sequence waiting): block on the
+                # inbox, which a new request, a call or a cancellation wakes; never spin.
+                self._admit(block=not self._active and not loading and not worked)
                 self._hand_new_to_batches()
+                worked = False
                 if self._batched:
-                    self._batch_turn()
+                    worked = self._batch_turn()
                 if self._active:
                     self._turn()
                 self._outbox.flush()
+                self._publish()
             self._fail_all("The server is stopping")
         except BaseException as exc:
             self._crashed = f"{type(exc).__name__}: {exc}"
@@ -306,6 +363,7 @@ class MlxEngine:
             raise
         finally:
             self._outbox.flush()
+            self._publish()
 
     def _fail_all(self, reason: str) -> None:
         """Every request and build still in the engine, or waiting in its inbox, gets ``reason``."""
@@ -314,12 +372,15 @@ class MlxEngine:
             while True:
                 item = self._inbox.get_nowait()
                 if isinstance(item, Call):
-                    item.future.set_exception(EngineError(reason))
+                    if item.future is not None:
+                        item.future.set_exception(EngineError(reason))
                 elif item is not None:
                     waiting.append(item)
         batched = {id(r): r for r, _ in self._batched.values()}
         for request in [*self._active, *batched.values(), *waiting]:
             request.emit(Failed(EngineError(reason)))
+            if isinstance(request, Request):
+                self.stats.request_done(request.plan.model, "failed")
         self._active.clear()
         self._batched.clear()
 
@@ -358,7 +419,9 @@ class MlxEngine:
                 self._idle()
             return
         while item is not None:
-            if isinstance(item, Call):
+            if isinstance(item, Call) and item.future is None:
+                pass  # a wake-up
+            elif isinstance(item, Call):
                 try:
                     item.future.set_result(item.fn())
                 except Exception as exc:
@@ -378,11 +441,11 @@ class MlxEngine:
         self._record_memory()
 
     def _record_memory(self) -> None:
-        self._stats = {
-            "active_memory": mx.get_active_memory(),
-            "peak_memory": mx.get_peak_memory(),
-            "cache_memory": mx.get_cache_memory(),
-        }
+        self._memory = MemoryUse(
+            active_memory=mx.get_active_memory(),
+            peak_memory=mx.get_peak_memory(),
+            cache_memory=mx.get_cache_memory(),
+        )
 
     def _turn(self) -> None:
         request = self._active.popleft()
@@ -418,26 +481,37 @@ class MlxEngine:
 
     # ---- balanced mode: continuous batching -----------------------------------------------------
 
-    def _try_batch(self, request: Request) -> bool:
-        """Hand a new request to its model's batch, if its mode and caches allow. True if handed."""
-        loaded = request.model
-        if loaded.spec.isolation_mode == "strict" or request.choices or request.cache is not None:
+    @staticmethod
+    def _batches(loaded: LoadedModel) -> bool:
+        """Whether the model's requests decode in its batch (balanced and performance modes)."""
+        if loaded.spec.isolation_mode == "strict":
             return False
         if loaded.spec.kv_bits is not None:
             return False  # quantised caches cannot merge into a batch: they run in their own group
-        if not loaded.batchable:
-            return False  # e.g. a sliding-window cache: slots hold plain KV only
+        return loaded.batchable  # not e.g. a sliding-window cache: slots hold plain KV only
+
+    def _try_batch(self, request: Request) -> bool:
+        """Hand a new request to its model's batch, if its mode and caches allow. True if handed."""
+        loaded = request.model
+        if not self._batches(loaded) or request.choices or request.cache is not None:
+            return False
         self.prefixes.attach(request)
         cache: list[Any] = request.cache or []
         if any(type(c) is not KVCache for c in cache):
             return False  # e.g. a q4/q8 prefix cache: the sequential path serves it
         batcher = self._batchers.get(loaded.spec.name)
         if batcher is None:
-            batcher = self._batchers[loaded.spec.name] = Batcher(loaded, loaded.spec.max_running)
+            batcher = Batcher(loaded, loaded.spec.max_running, loaded.kv_budget or None)
+            self._batchers[loaded.spec.name] = batcher
         params = request.plan.sampling
         prompt = request.plan.prompt_tokens
         uids = batcher.insert(
-            list(prompt[request.prefilled :]), cache, params, prompt, keep_cache=self._keeps_cache(request)
+            list(prompt[request.prefilled :]),
+            cache,
+            params,
+            prompt,
+            keep_cache=self._keeps_cache(request),
+            tenant=request.plan.tenant,
         )
         request.cache = None
         request.batched = True
@@ -466,8 +540,9 @@ class MlxEngine:
             keep.append(item)
         self._active.extendleft(reversed(keep))
 
-    def _batch_turn(self) -> None:
-        self._drop_cancelled_batched()
+    def _batch_turn(self) -> bool:
+        """One step of every busy batch; whether any of them did something (prefill, decode or a read)."""
+        worked = self._drop_cancelled_batched()
         for name, batcher in list(self._batchers.items()):
             if not batcher.busy:
                 continue
@@ -477,6 +552,9 @@ class MlxEngine:
                 for tokens, seconds in batcher.prefill_timings:
                     self.prefixes.record_prefill(batcher.loaded, tokens, seconds)
                 seconds = time.perf_counter() - started
+                if not batcher.worked:
+                    continue  # every sequence waits (for slots or KV room): no step to count
+                worked = True
                 self.stats.batch_step(name, len(outs), seconds)
                 if outs and batcher.decoded:  # the step's decode time, without the prefill chunk it carried
                     prefill = sum(s for _, s in batcher.prefill_timings)
@@ -505,6 +583,7 @@ class MlxEngine:
                         batcher.remove([out.uid])  # a stop string: the batch would go on
                     if all(c.done for c in request.choices):
                         self._finish(request)
+        return worked
 
     @staticmethod
     def _keeps_cache(request: Request) -> bool:
@@ -513,7 +592,8 @@ class MlxEngine:
             request.model.spec.isolation_mode == "performance" and request.plan.prefix is None
         )
 
-    def _drop_cancelled_batched(self) -> None:
+    def _drop_cancelled_batched(self) -> bool:
+        """Take cancelled requests' sequences out of their batches; whether there were any."""
         cancelled = {id(r): r for r, _ in self._batched.values() if r.cancelled.is_set()}
         for request in cancelled.values():
             uids = [c.uid for c in request.choices if c.uid in self._batched]
@@ -522,6 +602,7 @@ class MlxEngine:
                 self._batched.pop(uid, None)
             logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
             self.stats.request_done(request.plan.model, "cancelled")
+        return bool(cancelled)
 
     def _fail_batch(self, name: str, exc: Exception) -> None:
         failed = {id(r): r for r, _ in self._batched.values() if r.model.spec.name == name}

@@ -54,6 +54,8 @@ class ModelSpec:
     # balanced: continuous batching (outputs may differ from a solo run by float rounding only).
     isolation_mode: str = "balanced"
     max_running: int = 32
+    # Bytes of KV that running sequences may hold at once (None: KV_BUDGET_SHARE of mlx's memory limit).
+    max_running_kv_bytes: int | None = None
     models_dir: str | None = None
 
 
@@ -187,6 +189,8 @@ class LoadedModel:
     chat_template_fingerprint: str = ""
     head_dim: int = 0
     weights: str = ""  # the weight format chosen for this backend, and why
+    kv_bytes_per_token: int = 0  # one position of one sequence, every layer's keys and values
+    kv_budget: int = 0  # bytes of KV that running sequences may hold at once (max_running_kv_bytes)
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
@@ -381,7 +385,8 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
     args = getattr(model, "args", None)
     heads = getattr(args, "num_attention_heads", 0) or 0
     head_dim = getattr(args, "head_dim", None) or (getattr(args, "hidden_size", 0) // heads if heads else 0)
-    return LoadedModel(
+    per_token = kv_bytes_per_token(model)
+    loaded = LoadedModel(
         spec=spec,
         model=model,
         tokenizer=tokenizer,
@@ -395,7 +400,35 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
         chat_template_fingerprint=hashlib.sha256(str(template).encode()).hexdigest(),
         head_dim=int(head_dim),
         weights=weights,
+        kv_bytes_per_token=per_token,
+        kv_budget=spec.max_running_kv_bytes or default_kv_budget(),
     )
+    _ = loaded.batchable  # made here, on the engine thread: it builds a cache (MLX work)
+    return loaded
+
+
+# The share of mlx's memory limit (about the device's memory; on a CPU, the host's) that running sequences'
+# KV may take by default: the weights, prefill activations and resident prefix caches need the rest.
+KV_BUDGET_SHARE = 0.5
+
+
+def default_kv_budget() -> int:
+    """The default ``max_running_kv_bytes``: :data:`KV_BUDGET_SHARE` of what mlx may allocate here."""
+    return int(KV_BUDGET_SHARE * mx.get_memory_limit())
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes one position of one sequence takes in every layer's cache, measured on a one-token pass (any
+    architecture, any KV dtype); 0 where the caches are not plain KV."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    total = 0
+    for c in cache:
+        keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+        if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
+            return 0
+        total += keys[..., :1, :].nbytes + values[..., :1, :].nbytes
+    return total
 
 
 def _weight_groups(arrays: list[mx.array]) -> list[list[mx.array]]:

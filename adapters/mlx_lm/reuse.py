@@ -2,7 +2,9 @@
 
 A finished request leaves the KV of its prompt; a later request of the same tenant whose tokens start
 the same way starts from (its own view of) that KV. Never across tenants, never for requests that name
-a prefix cache, and only the prompt's KV is kept (nothing a request generated)."""
+a prefix cache, and only the prompt's KV is kept (nothing a request generated).
+
+Owned by the engine thread (it adds, finds and counts); other threads see only the engine's snapshot."""
 
 from __future__ import annotations
 
@@ -45,5 +47,6 @@ class TenantReuse:
             self.hits += 1
         return best
 
-    def stats(self) -> dict[str, int]:
-        return {"entries": sum(len(e) for e in self._entries.values()), "hits": self.hits}
+    def entry_count(self) -> int:
+        """Prompts kept (engine thread: the snapshot publishes it)."""
+        return sum(len(e) for e in self._entries.values())

@@ -24,13 +24,13 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-__all__ = ["CAPACITY_STEP", "SlotBatch", "SlotKVCache"]
+__all__ = ["CAPACITY_STEP", "SlotBatch", "SlotKVCache", "capacity_for"]
 
 # Positions added to every slot when the longest sequence outgrows the batch (as mlx-lm's KVCache.step).
 CAPACITY_STEP = 256
 
 
-def _capacity_for(tokens: int) -> int:
+def capacity_for(tokens: int) -> int:
     """Room for ``tokens`` positions, in whole steps of ``CAPACITY_STEP``."""
     return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
@@ -77,7 +77,7 @@ class SlotBatch:
         """Empty slots shaped after one sequence's prefilled plain cache, each with room for ``tokens``."""
         keys = cache[0].keys
         _, kv_heads, _, head_dim = keys.shape
-        return cls(len(cache), rows, _capacity_for(tokens), kv_heads, head_dim, keys.dtype)
+        return cls(len(cache), rows, capacity_for(tokens), kv_heads, head_dim, keys.dtype)
 
     def free_slot(self) -> int | None:
         """The lowest free slot, or None."""
@@ -101,7 +101,7 @@ class SlotBatch:
         """Capacity for ``tokens`` positions in a slot."""
         if tokens <= self.capacity:
             return
-        capacity = _capacity_for(tokens)
+        capacity = capacity_for(tokens)
         for layer in self.layers:
             for name in ("keys", "values"):
                 old = getattr(layer, name)

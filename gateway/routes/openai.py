@@ -25,7 +25,7 @@ from gateway.config import Config, ModelConfig
 from gateway.encoding import encode
 from gateway.metrics import GenerationObserver, Metrics
 from gateway.openapi import GENERATE, errors
-from gateway.planning import PlannedRequest, plan_chat, plan_completion
+from gateway.planning import PlannedRequest, check_kv_budget, plan_chat, plan_completion
 from gateway.request_context import arrival, current_request_id
 from gateway.schemas.openai import (
     ChatCompletion,
@@ -69,6 +69,7 @@ async def plan_request(
             request_id=current_request_id.get(),
         )
     )
+    check_kv_budget(planned, info)
     return planned, info
 
 

@@ -1,0 +1,56 @@
+"""What an engine shows of itself: an immutable snapshot, published by the engine's own thread.
+
+The engine thread owns every live object (requests, batches, slots, models, automatic-reuse entries); after
+each turn of its loop it builds an :class:`EngineSnapshot` from them and publishes it by swapping one
+reference. ``/health``, ``/metrics`` and ``/admin/tenants`` read only the latest snapshot (and the
+lock-guarded counters of :class:`adapters.stats.EngineStats`), never the live objects, so a scrape under
+load cannot see a dictionary change size mid-iteration. Nothing here imports mlx.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["EngineSnapshot", "MemoryUse", "ModelHealth", "ReuseUse"]
+
+
+class ModelHealth(msgspec.Struct, kw_only=True, frozen=True):
+    """One configured model: ``loading`` (``stage`` says what it does), ``ready`` or ``failed`` (``error``)."""
+
+    state: str
+    error: str | None = None
+    stage: str | None = None
+    load_seconds: float | None = None
+    dtype: str | None = None
+    weights: str | None = None
+    isolation_mode: str = "balanced"
+
+
+class MemoryUse(msgspec.Struct, kw_only=True, frozen=True):
+    """MLX's memory, in bytes, as last read on the engine thread."""
+
+    active_memory: int = 0
+    peak_memory: int = 0
+    cache_memory: int = 0
+
+
+class ReuseUse(msgspec.Struct, kw_only=True, frozen=True):
+    """Automatic prefix reuse (performance mode): prompts kept, and requests started from one."""
+
+    entries: int = 0
+    hits: int = 0
+
+
+class EngineSnapshot(msgspec.Struct, kw_only=True, frozen=True):
+    """The engine's state at the end of one turn of its loop. Built anew each time: never changed after."""
+
+    device: str = "unknown"
+    # Requests in the engine (prefilling, decoding or waiting for a slot), and their sequences.
+    active_requests: int = 0
+    batched_sequences: int = 0
+    # Sequences in a batch waiting for a slot or KV room (new, or preempted for another tenant's share).
+    waiting_sequences: int = 0
+    preempted_sequences: int = 0  # since start
+    automatic_reuse: ReuseUse = ReuseUse()
+    memory: MemoryUse = MemoryUse()
+    models: tuple[tuple[str, ModelHealth], ...] = ()
