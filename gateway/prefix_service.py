@@ -156,10 +156,13 @@ def _built(store: PrefixCacheStore, event: BuildEvent) -> PrefixCacheOut | None:
 
 async def create(engine: Engine, config: Config, tenant: str, req: CreatePrefixCache) -> PrefixCacheOut:
     store, events = await _start_build(engine, config, tenant, req)
-    async for event in events:
-        built = _built(store, event)
-        if built is not None:
-            return built
+    try:
+        async for event in events:
+            built = _built(store, event)
+            if built is not None:
+                return built
+    finally:  # an error, or the client left (gateway.disconnect): closing the engine's events cancels the build
+        await _close(events)
     raise ServerError("The prefix cache build ended without a result")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from litestar import Router, delete, get, post
+from litestar import Request, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
@@ -13,6 +13,7 @@ from litestar.types import ASGIApp
 from gateway import prefix_service
 from gateway.auth import Access, provide_access
 from gateway.config import Config
+from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
 from gateway.errors import Forbidden
 from gateway.openapi import MANAGE, READ, CachePath, errors
@@ -43,11 +44,17 @@ __all__ = ["admin_router"]
         **errors(MANAGE),
     },
 )
-async def create_cache(data: JSONBody[CreatePrefixCache], access: NamedDependency[Access], state: State) -> ASGIApp:
+async def create_cache(
+    data: JSONBody[CreatePrefixCache], access: NamedDependency[Access], state: State, request: Request
+) -> ASGIApp:
     """Build a named prefix cache (prefilled between other requests' steps) and store it. With
     ``stream: true`` the answer is server-sent events: ``prefix_cache.progress`` after each prefilled chunk,
-    then the cache, then ``[DONE]``; closing the stream cancels the build."""
-    tenant = access.tenant_for(data.tenant)
+    then the cache, then ``[DONE]``. A client that leaves (closes the connection or the stream) cancels the
+    build, and nothing is stored."""
+    return await unless_client_leaves(request, _create(state, access.tenant_for(data.tenant), data))
+
+
+async def _create(state: State, tenant: str, data: CreatePrefixCache) -> ASGIApp:
     if not data.stream:
         built = await prefix_service.create(state.engine, state.config, tenant, data)
         return ASGIResponse(body=encode(built), status_code=201, media_type="application/json")

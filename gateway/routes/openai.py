@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio.to_thread
 import msgspec
-from litestar import Router, get, post
+from litestar import Request, Router, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
@@ -22,6 +22,7 @@ from adapters.base import Engine, ModelInfo, UnknownModel
 from gateway.admission import Admission, Ticket
 from gateway.auth import provide_tenant
 from gateway.config import Config, ModelConfig
+from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
 from gateway.metrics import GenerationObserver, Metrics
 from gateway.openapi import GENERATE, errors
@@ -164,6 +165,15 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     )
 
 
+async def _serve(
+    state: State, planner: Callable[..., PlannedRequest], data: ChatCompletionRequest | CompletionRequest, tenant: str
+) -> ASGIApp:
+    """Plan, then answer: the whole answer, or a stream once the request has its place (and, when it names a
+    prefix cache, once the engine admitted it). A client that leaves before then cancels this."""
+    planned, info = await plan_request(state, planner, data, tenant)
+    return await _respond(state, planned, info)
+
+
 def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
     config: Config = state.config
     model = config.model(name)
@@ -181,10 +191,9 @@ def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
     },
 )
 async def chat_completions(
-    data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State
+    data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State, request: Request
 ) -> ASGIApp:
-    planned, info = await plan_request(state, plan_chat, data, tenant)
-    return await _respond(state, planned, info)
+    return await unless_client_leaves(request, _serve(state, plan_chat, data, tenant))
 
 
 @post(
@@ -195,9 +204,10 @@ async def chat_completions(
         **errors(GENERATE),
     },
 )
-async def completions(data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State) -> ASGIApp:
-    planned, info = await plan_request(state, plan_completion, data, tenant)
-    return await _respond(state, planned, info)
+async def completions(
+    data: JSONBody[CompletionRequest], tenant: NamedDependency[str], state: State, request: Request
+) -> ASGIApp:
+    return await unless_client_leaves(request, _serve(state, plan_completion, data, tenant))
 
 
 def _model_out(info: ModelInfo) -> Model:

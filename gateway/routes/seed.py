@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from litestar import Router, delete, get, post
+from litestar import Request, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody
 
 from gateway import prefix_service
 from gateway.auth import Access, provide_access, provide_tenant
+from gateway.disconnect import unless_client_leaves
 from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
 from gateway.routes.openai import complete_planned, plan_request
@@ -20,9 +21,11 @@ __all__ = ["seed_router"]
 
 
 @post("/prefix-cache/create", status_code=201, responses=errors(MANAGE))
-async def seed_create(data: JSONBody[SeedCreate], access: NamedDependency[Access], state: State) -> PrefixCacheOut:
+async def seed_create(
+    data: JSONBody[SeedCreate], access: NamedDependency[Access], state: State, request: Request
+) -> PrefixCacheOut:
     req = CreatePrefixCache(name=data.cache_name, model=data.model, prompt=data.prefix_prompt, replace=True)
-    return await prefix_service.create(state.engine, state.config, access.tenant, req)
+    return await unless_client_leaves(request, prefix_service.create(state.engine, state.config, access.tenant, req))
 
 
 @get("/prefix-cache/list", responses=errors([400, 401, 500]))
@@ -59,15 +62,17 @@ async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: s
 
 
 @post("/generate", status_code=200, responses=errors(GENERATE))
-async def seed_generate(data: JSONBody[SeedGenerate], tenant: NamedDependency[str], state: State) -> SeedGenerated:
-    return await _generate(state, tenant, data, None)
+async def seed_generate(
+    data: JSONBody[SeedGenerate], tenant: NamedDependency[str], state: State, request: Request
+) -> SeedGenerated:
+    return await unless_client_leaves(request, _generate(state, tenant, data, None))
 
 
 @post("/generate-with-prefix", status_code=200, responses=errors(GENERATE))
 async def seed_generate_with_prefix(
-    data: JSONBody[SeedGenerateWithPrefix], tenant: NamedDependency[str], state: State
+    data: JSONBody[SeedGenerateWithPrefix], tenant: NamedDependency[str], state: State, request: Request
 ) -> SeedGenerated:
-    return await _generate(state, tenant, data, data.cache_name)
+    return await unless_client_leaves(request, _generate(state, tenant, data, data.cache_name))
 
 
 seed_router = Router(
