@@ -148,6 +148,12 @@ class Admission:
                     f"Waited {self.queue_timeout:g}s in the queue without a free place; retry shortly",
                     retry_after=self.queue_timeout,
                 ) from None
+            except asyncio.CancelledError:
+                # Its client left: a wake-up it may have taken (Python 3.11's Condition loses it) goes on to
+                # the next waiter, which would otherwise wait for another release or its timeout.
+                if self.running < self.max_running:
+                    self._freed.notify()
+                raise
             finally:
                 self.queued -= 1
                 self.queued_tokens -= tokens
