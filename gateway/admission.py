@@ -5,15 +5,22 @@ never a hang or a 5xx.
 Each tenant has its own limits beside the server's (``gateway.config.TenantLimits``): requests and prompt
 tokens in the server at once, and requests and tokens per minute (``gateway.rate_limits``). A tenant past
 its own limits gets 429 while other tenants are still admitted.
+
+The queue is fair between tenants: a freed place goes to the waiting request whose tenant holds the fewest
+running places, then to the tenant served longest ago, then first come first served; so one tenant's burst
+queued ahead of another's request does not delay it by more than the places already running.
+
+Owned by the event loop's thread: every method runs there, and none awaits while it changes state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import TenantLimits
 from gateway.errors import APIError
@@ -34,6 +41,15 @@ class RateLimited(APIError):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A queued request; its future is set when a place is given to it."""
+
+    tenant: str
+    order: int
+    granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 @dataclass
@@ -60,7 +76,11 @@ class Admission:
         self.running = 0
         self.queued = 0
         self.queued_tokens = 0
-        self._freed = asyncio.Condition()
+        self._waiters: list[_Waiter] = []
+        self._orders = itertools.count()
+        # Per tenant (None's requests count as ""): running places held, and when it was last given one.
+        self._holding: Counter[str] = Counter()
+        self._served: dict[str, int] = {}
         self.limits_of = limits_of
         self.rates = Rates(limits_of)
         # Per tenant: requests in the server (running or queued) and their prompt tokens.
@@ -83,7 +103,7 @@ class Admission:
         try:
             if tenant is not None:
                 ticket.reservation = self.rates.reserve(tenant, reserve)
-            await self._enter(tokens)
+            await self._enter(tokens, tenant or "")
         except BaseException:
             if ticket.reservation is not None:
                 self.rates.cancel(ticket.reservation)
@@ -95,9 +115,7 @@ class Admission:
             if ticket.reservation is not None:
                 self.rates.settle(ticket.reservation, ticket.used)
             self._leave_tenant(tenant, tokens)
-            async with self._freed:
-                self.running -= 1
-                self._freed.notify()
+            self._release(tenant or "")
 
     def _enter_tenant(self, tenant: str, tokens: int) -> None:
         limits = self.limits_of(tenant)
@@ -127,37 +145,57 @@ class Admission:
         if self.tenant_requests[tenant] <= 0:
             del self.tenant_requests[tenant], self.tenant_tokens[tenant]
 
-    async def _enter(self, tokens: int) -> None:
-        async with self._freed:
-            if self.running < self.max_running and self.queued == 0:
-                self.running += 1
+    async def _enter(self, tokens: int, tenant: str) -> None:
+        if self.running < self.max_running and not self._waiters:
+            self._take(tenant)
+            return
+        if self.queued >= self.max_queued or self.queued_tokens + tokens > self.max_queued_tokens:
+            raise RateLimited(
+                f"The server is at capacity ({self.running} running, {self.queued} queued); retry shortly",
+                retry_after=1,
+            )
+        waiter = _Waiter(tenant, next(self._orders))
+        self._waiters.append(waiter)
+        self.queued += 1
+        self.queued_tokens += tokens
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                await asyncio.shield(waiter.granted)
+        except TimeoutError:
+            if waiter.granted.done():  # given a place as the time ran out: keep it
                 return
-            if self.queued >= self.max_queued or self.queued_tokens + tokens > self.max_queued_tokens:
-                raise RateLimited(
-                    f"The server is at capacity ({self.running} running, {self.queued} queued); retry shortly",
-                    retry_after=1,
-                )
-            self.queued += 1
-            self.queued_tokens += tokens
-            try:
-                await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self.running < self.max_running), timeout=self.queue_timeout
-                )
-            except TimeoutError:
-                raise RateLimited(
-                    f"Waited {self.queue_timeout:g}s in the queue without a free place; retry shortly",
-                    retry_after=self.queue_timeout,
-                ) from None
-            except asyncio.CancelledError:
-                # Its client left: a wake-up it may have taken (Python 3.11's Condition loses it) goes on to
-                # the next waiter, which would otherwise wait for another release or its timeout.
-                if self.running < self.max_running:
-                    self._freed.notify()
-                raise
-            finally:
-                self.queued -= 1
-                self.queued_tokens -= tokens
-            self.running += 1
+            raise RateLimited(
+                f"Waited {self.queue_timeout:g}s in the queue without a free place; retry shortly",
+                retry_after=self.queue_timeout,
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.granted.done():  # its client left just as it was given a place: pass it on
+                self._release(tenant)
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            self.queued -= 1
+            self.queued_tokens -= tokens
+
+    def _take(self, tenant: str) -> None:
+        self.running += 1
+        self._holding[tenant] += 1
+        self._served[tenant] = next(self._orders)
+
+    def _release(self, tenant: str) -> None:
+        """A running place is free: give it (and any other free one) to the fairest waiter."""
+        self.running -= 1
+        self._holding[tenant] -= 1
+        if self._holding[tenant] <= 0:
+            del self._holding[tenant]
+        while self._waiters and self.running < self.max_running:
+            waiter = min(
+                self._waiters, key=lambda w: (self._holding[w.tenant], self._served.get(w.tenant, -1), w.order)
+            )
+            self._waiters.remove(waiter)
+            self._take(waiter.tenant)
+            waiter.granted.set_result(None)
 
     def stats(self) -> dict[str, int]:
         return {"running": self.running, "queued": self.queued, "queued_tokens": self.queued_tokens}
