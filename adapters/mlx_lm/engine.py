@@ -50,6 +50,7 @@ from adapters.mlx_lm.outbox import Outbox
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
+from adapters.mlx_lm.slot_kv import capacity_for
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
 from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse
 from adapters.stats import EngineStats
@@ -90,6 +91,9 @@ class MlxEngine:
         # Balanced mode: one continuous batch per model; uid -> (request, choice).
         self._batchers: dict[str, Batcher] = {}
         self._batched: dict[int, tuple[Request, Choice]] = {}
+        # The sequential path (strict mode, quantised or sliding-window KV): KV bytes its running requests
+        # hold, each counted at its longest; a request starts only when it fits the model's budget.
+        self._sequential_kv: dict[str, int] = {}
         # Named prefix caches, automatic reuse, cold-cache decisions; builds queue onto the turns.
         self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build))
         self.device = "unknown"
@@ -454,7 +458,11 @@ class MlxEngine:
             return
         if request.cancelled.is_set():
             logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
+            self._unreserve(request)
             self.stats.request_done(request.plan.model, "cancelled")
+            return
+        if not self._reserve(request):
+            self._active.append(request)  # it waits for KV room; the requests running free it
             return
         try:
             done = self._step(request)
@@ -471,13 +479,37 @@ class MlxEngine:
         if log:
             logger.exception("request %s failed", request.plan.request_id, exc_info=exc, extra=log_extra(request.plan))
         request.emit(Failed(EngineError(f"{type(exc).__name__}: {exc}")))
+        self._unreserve(request)
         self.stats.request_done(request.plan.model, "failed")
 
     def _finish(self, request: Request) -> None:
         plan = request.plan
         request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
+        self._unreserve(request)
         self.stats.request_done(plan.model, "completed")
         self._record_memory()
+
+    def _reserve(self, request: Request) -> bool:
+        """Whether a sequential request may run: it already holds its KV, or its choices at their longest
+        fit what the model's running requests leave of the budget (or nothing else runs)."""
+        loaded = request.model
+        if request.kv_reserved or request.batched or not loaded.kv_budget:
+            return True
+        plan = request.plan
+        final = len(plan.prompt_tokens) + plan.sampling.max_tokens + 1
+        need = plan.sampling.n * capacity_for(final) * loaded.kv_bytes_per_token
+        held = self._sequential_kv.get(loaded.spec.name, 0)
+        if held and held + need > loaded.kv_budget:
+            return False
+        request.kv_reserved = max(1, need)
+        self._sequential_kv[loaded.spec.name] = held + request.kv_reserved
+        return True
+
+    def _unreserve(self, request: Request) -> None:
+        if request.kv_reserved:
+            name = request.model.spec.name
+            self._sequential_kv[name] = self._sequential_kv.get(name, 0) - request.kv_reserved
+            request.kv_reserved = 0
 
     # ---- balanced mode: continuous batching -----------------------------------------------------
 

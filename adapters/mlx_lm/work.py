@@ -44,6 +44,8 @@ class Request:
     choices: list[Choice] = field(default_factory=list)
     completion_tokens: int = 0
     batched: bool = False
+    # Bytes of the sequential path's KV budget held while it runs (every choice at its longest).
+    kv_reserved: int = 0
     # A cold named cache recomputed because loading it was measured dearer: keep the prefix KV it makes.
     recomputing: Manifest | None = None
 

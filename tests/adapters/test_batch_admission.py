@@ -7,6 +7,8 @@ KV budget holds arrivals back until they fit, and the slots never outgrow it.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,40 @@ def test_the_kv_budget_holds_arrivals_back(loaded: LoadedModel) -> None:
     assert most == 2
     for uid, t in zip(uids, requests, strict=True):
         assert_same_greedy(alone(loaded, t, p), results[uid])
+
+
+def test_the_sequential_path_waits_for_kv_room(models_dir: Path) -> None:
+    """Strict mode decodes each request on its own caches: with a budget for one request's KV at a time, a
+    second request starts only after the first has finished, and both complete."""
+    from adapters.base import Finished, Plan, TokenEvent
+    from adapters.mlx_lm.engine import MlxEngine
+
+    budget = 600 * 1024  # tiny: 1 KiB a position; 300 + 3 positions round up to 512
+    engine = MlxEngine(
+        [ModelSpec("tiny", "tiny", models_dir=str(models_dir), isolation_mode="strict", max_running_kv_bytes=budget)]
+    )
+    engine.start()
+    try:
+        while engine.health()["models"]["tiny"]["state"] == "loading":
+            time.sleep(0.05)
+        eos = tuple((t, -100.0) for t in engine.loaded("tiny").tokenizer.eos_token_ids)
+        params = SamplingParams(max_tokens=300, temperature=0.0, logit_bias=eos)
+        timeline: list[tuple[str, str]] = []
+
+        async def one(rid: str) -> None:
+            async for event in engine.submit(Plan(rid, "tiny", "default", (10, 11, 12), params)):
+                if isinstance(event, TokenEvent):
+                    timeline.append((rid, "token"))
+                elif isinstance(event, Finished):
+                    timeline.append((rid, "finished"))
+
+        async def both() -> None:
+            await asyncio.gather(one("a"), one("b"))
+
+        asyncio.run(both())
+    finally:
+        engine.stop()
+    first_done = next(i for i, (_, kind) in enumerate(timeline) if kind == "finished")
+    first = timeline[first_done][0]
+    assert all(rid == first for rid, _ in timeline[:first_done]), "the two requests' KV was held at once"
+    assert sum(kind == "finished" for _, kind in timeline) == 2
