@@ -35,7 +35,7 @@ def switching_often() -> Iterator[None]:
         sys.setswitchinterval(interval)
 
 
-def until(stop: threading.Event, errors: list[BaseException], step: Callable[[], None]) -> Callable[[], None]:
+def until(stop: threading.Event, errors: list[BaseException], step: Callable[[], object]) -> Callable[[], None]:
     def loop() -> None:
         try:
             while not stop.is_set():
@@ -130,7 +130,7 @@ def sync_paused(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threa
 
 
 def sync_around(
-    store: PrefixCacheStore, paused: tuple[threading.Event, threading.Event], meanwhile: Callable[[], None]
+    store: PrefixCacheStore, paused: tuple[threading.Event, threading.Event], meanwhile: Callable[[], object]
 ) -> None:
     """Run ``store.sync()`` on its own thread, and ``meanwhile`` between its read of a manifest and the rest."""
     read, go = paused
