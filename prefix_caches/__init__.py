@@ -1,5 +1,9 @@
 """Named, persistent prefix caches: the KV state of a prompt prefix, built once, kept on disk and in
-memory under a byte budget, and handed to each request as its own copy."""
+memory under a byte budget, and handed to each request as its own copy.
+
+Which thread owns what (the engine thread holds the KV; other threads read snapshots or state under the
+store's lock) is set out in ``prefix_caches.store``'s docstring.
+"""
 
 from prefix_caches.errors import (
     InvalidCacheName,

@@ -2,6 +2,9 @@
 
 A rate is seconds per unit (byte read, token prefilled), an exponential moving average of what the
 engine saw; ``None`` until first measured, so the first cold hit always loads (and measures).
+
+A ``Rate`` has no lock: it belongs to the thread that adds samples to it (the engine), which publishes what
+other threads need (``PrefixCacheStore.stats`` reads a figure it copies under the store's lock).
 """
 
 from __future__ import annotations

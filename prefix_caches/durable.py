@@ -13,6 +13,10 @@ After a crash, :func:`recover` finishes step 3 for a pending file whose sha256 t
 was committed) and deletes any other pending file (it was not), every temporary file, and every KV file
 without a manifest (a delete removes the manifest first). Nothing is hashed at start-up: the pending
 file's name carries its digest.
+
+No state of its own: its functions do disk I/O, called with at most the store's ``_write_lock`` held
+(never its ``_lock``); the per-cache file locks of ``prefix_caches.sharing`` order them
+against other threads and processes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """KV arrays of a prefix: trimmed to the prefix's length, saved and loaded with mlx-lm's own
 functions, handed out as per-request views, and hashed for integrity checks.
 
-Only called on the engine thread (it touches MLX arrays).
+Only called on the engine thread (it touches MLX arrays); it holds no state of its own.
 """
 
 from __future__ import annotations

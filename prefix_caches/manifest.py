@@ -1,4 +1,9 @@
-"""The manifest we keep beside each cache file: what it was built from and for, and how it is used."""
+"""The manifest we keep beside each cache file: what it was built from and for, and how it is used.
+
+A ``Manifest`` is a plain (mutable) Struct: the engine fills one in for a save. Once the store holds it,
+nobody changes it: the store counts a hit or a sync on a copy (``msgspec.structs.replace``) that replaces
+it, so any thread may keep and read a manifest it was handed.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Cache and tenant names, and the paths they map to: nothing a client sends can leave the store."""
+"""Cache and tenant names, and the paths they map to: nothing a client sends can leave the store.
+
+Pure functions, no state: any thread may call them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""A tenant's storage quotas as the store applies them: caches, bytes on disk, bytes resident."""
+"""A tenant's storage quotas as the store applies them: caches, bytes on disk, bytes resident.
+
+``StorageQuota`` is frozen. A ``QuotaOf`` is called from any thread, by the engine's LRU and under the
+store's ``_lock``: it must answer from memory, without blocking or calling back into the store.
+"""
 
 from __future__ import annotations
 

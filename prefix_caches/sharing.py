@@ -5,6 +5,9 @@ Replicas agree through the directory only (no protocol of our own): a writer tak
 the two renames that commit a version (KV file, then manifest), so a reader holding the lock never sees a
 manifest beside another version's file, and two replicas replacing one cache leave one whole version.
 ``flock`` works across processes on one machine and, on Linux, over NFSv4 (as POSIX record locks).
+
+No in-process state: each lock is taken on a file descriptor opened for that call, and ``flock`` locks
+belong to the open file, so two threads of one process exclude each other exactly as two processes do.
 """
 
 from __future__ import annotations

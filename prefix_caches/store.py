@@ -1,9 +1,27 @@
 """The persistent store: one safetensors file and one manifest per cache, under a tenant's folder.
 
-Manifests (plain data) can be read from any thread; KV arrays are loaded, kept (LRU under a byte
-budget) and saved on the engine thread only. Every write is atomic: a temporary file in the same
-folder, fsync, ``os.replace``, fsync of the folder; a save's two files are staged so that a crash leaves
-the old or the new version (``prefix_caches.durable``).
+KV arrays are loaded, kept (LRU under a byte budget) and saved on the engine thread only. Every write is
+atomic: a temporary file in the same folder, fsync, ``os.replace``, fsync of the folder; a save's two files
+are staged so that a crash leaves the old or the new version (``prefix_caches.durable``).
+
+Threads. Three kinds call a store at once: the engine thread (``save``, ``arrays``, ``keep_recomputed``,
+``evict``, ``resident_sha256``, ``estimated_load_seconds``, ``flush``, ``record_hit``); the gateway's event
+loop and worker threads (``get``, ``status``, ``list``, ``all``, ``is_resident``, ``usage``, ``stats``,
+``record_miss``, and ``check_new`` and ``delete``, which read the disk); the sync thread of ``watch``
+(``sync``). Who owns each piece of ``PrefixCacheStore``'s state, and how the others read it:
+
+- ``root``, ``memory_budget``, ``quota_of``: fixed at construction; read directly.
+- ``_manifests``, ``_status``, ``_dirty``, ``_hit_delta``, ``_use``, ``_drop``, ``_seen``: guarded by
+  ``_lock``, read and written under it by any thread. A manifest or status in the index is never changed in
+  place (a hit or a sync replaces it), so what ``get``/``list``/``all``/``status`` return is a snapshot; a
+  manifest handed to ``save`` becomes the index's and must not be changed after. ``usage`` copies counters.
+- ``_resident`` (the KV arrays), ``_verified``, ``load_rate``, ``hash_rate``: the engine thread's alone.
+  It publishes what others need as immutable figures, replaced under ``_lock`` whenever they change:
+  ``_resident_view`` (key -> bytes, file sha256) and ``_load_per_second``.
+- ``_unreadable``: the running ``sync``'s, under ``_sync_lock`` (two syncs never interleave).
+
+Lock order: ``_sync_lock`` or ``_write_lock``, then a cache's file lock (``prefix_caches.sharing``), then
+``_lock``. ``_lock`` is held for dict operations only: never around disk I/O, hashing or MLX work.
 """
 
 from __future__ import annotations
@@ -14,9 +32,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -49,6 +68,8 @@ __all__ = ["CacheStatus", "CacheUsage", "PrefixCacheStore", "file_sha256", "toke
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (tenant, name)
+# A manifest file as last read or written here: its cache and its identity (None: deleted by this process).
+Seen = tuple[Key, FileIdentity | None]
 
 
 def tokens_sha256(tokens: list[int]) -> str:
@@ -59,7 +80,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheStatus:
     state: str = "ready"  # ready | stale | invalid | building
     reason: str | None = None
@@ -95,26 +116,38 @@ class PrefixCacheStore:
         self.root = root
         self.memory_budget = memory_budget_bytes
         self.quota_of = quota_of
+        # Guards the index and counters below (see the module's docstring); held for dict operations only.
         self._lock = threading.Lock()
         # Held around every manifest write and removal (engine thread, flushes, deletes on worker
         # threads), so that a flush of old hit counters cannot land after a save or resurrect a deleted cache.
         self._write_lock = threading.Lock()
+        # Held by sync for its whole run (it reads the disk); nothing else takes it.
+        self._sync_lock = threading.Lock()
+
+        # Under _lock. Manifests and statuses are replaced, never changed in place.
         self._manifests: dict[Key, Manifest] = {}
         self._status: dict[Key, CacheStatus] = {}
         self._dirty: set[Key] = set()
-        # Engine thread only: resident KV arrays, least recently used first.
-        self._resident: OrderedDict[Key, tuple[list[Any], int, str]] = OrderedDict()
-        self._drop: set[Key] = set()
-        self._verified: dict[Key, tuple[tuple[int, int, int], str]] = {}
+        self._drop: set[Key] = set()  # resident KV the engine must let go (a newer version, or deleted)
         # (model, tenant) -> hits, misses, loads, recomputes (the other CacheUsage fields stay 0 here).
         self._use: dict[tuple[str, str], CacheUsage] = {}
+        # Other processes may share the directory: what each manifest file looked like when last read or
+        # written here, and hits counted here since the last flush (added to the disk's count, never written
+        # over it).
+        self._seen: dict[Path, Seen] = {}
+        self._hit_delta: dict[Key, int] = {}
+
+        # Engine thread only: resident KV arrays, least recently used first; files whose checksum was checked.
+        self._resident: OrderedDict[Key, tuple[list[Any], int, str]] = OrderedDict()
+        self._verified: dict[Key, tuple[tuple[int, int, int], str]] = {}
         # Measured on this machine (engine thread): seconds per byte to read and check a file.
         self.load_rate = Rate()
         self.hash_rate = Rate()
-        # Other processes may share the directory: what each manifest file looked like when last read, and
-        # hits counted here since the last flush (added to the disk's count, never written over it).
-        self._seen: dict[Path, tuple[Key, FileIdentity]] = {}
-        self._hit_delta: dict[Key, int] = {}
+        # What the engine publishes of the above for other threads: immutable, replaced under _lock.
+        self._resident_view: Mapping[Key, tuple[int, str]] = MappingProxyType({})  # key -> (bytes, sha256)
+        self._load_per_second: float | None = None
+
+        # sync's alone (under _sync_lock): manifest files that could not be read, reported once per version.
         self._unreadable: dict[Path, FileIdentity] = {}
         self._watch_stop = threading.Event()
 
@@ -155,15 +188,24 @@ class PrefixCacheStore:
         Returns:
             How many caches were added, changed or removed.
         """
+        with self._sync_lock:
+            return self._sync()
+
+    def _sync(self) -> int:
+        # The disk is read without _lock. A save, flush or delete on another thread meanwhile records in _seen
+        # the manifest file it wrote or removed: what this sync read of that file is not adopted (it may be
+        # older); the next sync reads the file again if the disk holds another version than that record.
         changed = 0
         on_disk: dict[Path, FileIdentity] = {}
         for path in manifest_files(self.root) if self.root.exists() else []:
             identity = file_identity(path)
             if identity is not None:
                 on_disk[path] = identity
+        with self._lock:
+            seen = dict(self._seen)
         for path, identity in on_disk.items():
-            seen = self._seen.get(path)
-            if (seen is not None and seen[1] == identity) or self._unreadable.get(path) == identity:
+            before = seen.get(path)
+            if (before is not None and before[1] == identity) or self._unreadable.get(path) == identity:
                 continue
             try:
                 manifest = read_manifest(self.root, path)
@@ -173,14 +215,14 @@ class PrefixCacheStore:
                 self._unreadable[path] = identity  # reported once per version of the file
                 logger.warning("prefix cache manifest %s is unreadable and ignored: %s", path, exc)
                 continue
-            changed += self._adopt(path, identity, manifest)
-        for path, (key, _) in list(self._seen.items()):
-            if path in on_disk:
+            changed += self._adopt(path, identity, manifest, before)
+        for path, before in seen.items():
+            if path in on_disk or path.exists():
                 continue
+            key = before[0]
             with self._lock:
-                # Checked again under the lock: a save here commits its files before it takes the lock.
-                if path.exists() or self._seen.get(path, (None,))[0] != key:
-                    continue
+                if self._seen.get(path) != before:
+                    continue  # saved or deleted here since the snapshot: that record is newer than this listing
                 self._seen.pop(path, None)
                 if self._manifests.pop(key, None) is not None:
                     changed += 1
@@ -190,17 +232,22 @@ class PrefixCacheStore:
                 self._drop.add(key)
         return changed
 
-    def _adopt(self, path: Path, identity: FileIdentity, manifest: Manifest) -> int:
+    def _adopt(self, path: Path, identity: FileIdentity, manifest: Manifest, before: Seen | None) -> int:
         key = (manifest.tenant, manifest.name)
         arrays, _ = cache_paths(self.root, *key)
         status = _status_on_disk(manifest, arrays)
         with self._lock:
+            if self._seen.get(path) != before:
+                return 0  # written or deleted by this process since sync's snapshot: newer than this read
             old = self._manifests.get(key)
             self._seen[path] = (key, identity)
             if old is not None and old.file_sha256 == manifest.file_sha256 and old.version == manifest.version:
                 # Only the use counters changed (another replica flushed them): keep ours not yet written.
-                old.hits = manifest.hits + self._hit_delta.get(key, 0)
-                old.last_used_at = max(old.last_used_at or 0.0, manifest.last_used_at or 0.0) or None
+                self._manifests[key] = msgspec.structs.replace(
+                    old,
+                    hits=manifest.hits + self._hit_delta.get(key, 0),
+                    last_used_at=max(old.last_used_at or 0.0, manifest.last_used_at or 0.0) or None,
+                )
                 return 0
             self._manifests[key] = manifest
             self._status[key] = status
@@ -306,7 +353,8 @@ class PrefixCacheStore:
                 self._status.pop((tenant, name), None)
                 self._dirty.discard((tenant, name))
                 self._hit_delta.pop((tenant, name), None)
-                self._seen.pop(manifest_path, None)
+                # Not forgotten but marked deleted: a sync that read this manifest before now must not adopt it.
+                self._seen[manifest_path] = ((tenant, name), None)
                 self._drop.add((tenant, name))
             if manifest is None or (on_disk is None and not manifest_path.exists()):
                 raise PrefixCacheNotFound(name)
@@ -321,8 +369,9 @@ class PrefixCacheStore:
         with self._lock:
             manifest = self._manifests.get((tenant, name))
             if manifest is not None:
-                manifest.hits += 1
-                manifest.last_used_at = time.time()
+                self._manifests[(tenant, name)] = msgspec.structs.replace(
+                    manifest, hits=manifest.hits + 1, last_used_at=time.time()
+                )
                 self._dirty.add((tenant, name))
                 self._hit_delta[(tenant, name)] = self._hit_delta.get((tenant, name), 0) + 1
             self._usage(manifest.model if manifest else "", tenant).hits += 1
@@ -340,6 +389,7 @@ class PrefixCacheStore:
             use.recomputes += 1
 
     def _usage(self, model: str, tenant: str) -> CacheUsage:
+        """The counters of (model, tenant); called with the lock held."""
         return self._use.setdefault((model, tenant), CacheUsage())
 
     def flush(self) -> None:
@@ -374,8 +424,11 @@ class PrefixCacheStore:
                             self._hit_delta[(tenant, name)] = self._hit_delta.get((tenant, name), 0) + delta
                         continue
                     with self._lock:
-                        if mine is not None and mine.file_sha256 == sha:
-                            mine.hits = on_disk.hits + self._hit_delta.get((tenant, name), 0)
+                        current = self._manifests.get((tenant, name))
+                        if current is not None and current.file_sha256 == sha:
+                            self._manifests[(tenant, name)] = msgspec.structs.replace(
+                                current, hits=on_disk.hits + self._hit_delta.get((tenant, name), 0)
+                            )
 
     def _write_manifest(self, tenant: str, name: str, manifest: Manifest) -> None:
         _, manifest_path = cache_paths(self.root, tenant, name)
@@ -390,12 +443,13 @@ class PrefixCacheStore:
         """Per (model, tenant): caches, bytes on disk and resident, hits, misses, loads, recomputes."""
         with self._lock:
             manifests = dict(self._manifests)
+            resident = self._resident_view  # immutable: iterated after the lock
             out = {key: CacheUsage(**{f.name: getattr(u, f.name) for f in fields(u)}) for key, u in self._use.items()}
         for m in manifests.values():
             use = out.setdefault((m.model, m.tenant), CacheUsage())
             use.count += 1
             use.bytes_on_disk += m.size_bytes
-        for key, (_, size, _) in list(self._resident.items()):  # one C-level copy: safe beside the engine thread
+        for key, (size, _) in resident.items():
             manifest = manifests.get(key)
             use = out.setdefault((manifest.model if manifest else "", key[0]), CacheUsage())
             use.resident += 1
@@ -408,9 +462,11 @@ class PrefixCacheStore:
         for use in self.usage().values():
             for f in fields(use):
                 setattr(totals, f.name, getattr(totals, f.name) + getattr(use, f.name))
+        with self._lock:
+            load_per_second = self._load_per_second
         return {
             **{f.name: getattr(totals, f.name) for f in fields(totals)},
-            "load_bytes_per_second": round(self.load_rate.per_second() or 0),
+            "load_bytes_per_second": round(load_per_second or 0),
         }
 
     # ---- KV arrays (engine thread only) --------------------------------------------------------
@@ -505,7 +561,9 @@ class PrefixCacheStore:
         started = time.perf_counter()
         cache, metadata = kv.load_kv(arrays_path)
         self.load_rate.add(stat.st_size, time.perf_counter() - started)
+        load_per_second = self.load_rate.per_second()
         with self._lock:
+            self._load_per_second = load_per_second
             self._usage(manifest.model, manifest.tenant).loads += 1
         if metadata.get("mlx_gateway_tokens_sha256") != manifest.tokens_sha256:
             raise PrefixCacheUnusable("its KV file was built from other tokens")
@@ -515,9 +573,12 @@ class PrefixCacheStore:
         return cache, False
 
     def is_resident(self, manifest: Manifest) -> bool:
-        self._apply_drops()
-        entry = self._resident.get((manifest.tenant, manifest.name))
-        return entry is not None and entry[2] == manifest.file_sha256
+        """Whether ``manifest``'s version is in memory (any thread: reads what the engine published)."""
+        key = (manifest.tenant, manifest.name)
+        with self._lock:
+            entry = self._resident_view.get(key)
+            dropped = key in self._drop
+        return entry is not None and not dropped and entry[1] == manifest.file_sha256
 
     def estimated_load_seconds(self, manifest: Manifest) -> float | None:
         """What reading ``manifest``'s file would cost now, from the loads measured so far (None: unknown)."""
@@ -537,6 +598,7 @@ class PrefixCacheStore:
             self._keep((manifest.tenant, manifest.name), cache, manifest.file_sha256)
 
     def resident_sha256(self, tenant: str, name: str) -> str | None:
+        """A digest of the cache's resident KV (engine thread: it reads the arrays); None if not resident."""
         from prefix_caches import kv
 
         self._apply_drops()
@@ -544,7 +606,9 @@ class PrefixCacheStore:
         return kv.arrays_sha256(entry[0]) if entry else None
 
     def evict(self, tenant: str, name: str) -> None:
-        self._resident.pop((tenant, name), None)
+        """Let go of a cache's resident KV (engine thread; tests use it to make a cache cold)."""
+        if self._resident.pop((tenant, name), None) is not None:
+            self._publish_resident()
 
     def _keep(self, key: Key, cache: list[Any], sha: str) -> None:
         from prefix_caches import kv
@@ -553,6 +617,7 @@ class PrefixCacheStore:
         limit = self.quota_of(key[0]).max_memory_bytes
         if limit is not None and size > limit:
             self._resident.pop(key, None)  # alone over its tenant's quota: read from disk each time
+            self._publish_resident()
             logger.info("prefix cache %s not kept in memory: %d bytes, tenant quota %d", key[1], size, limit)
             return
         self._resident[key] = (cache, size, sha)
@@ -567,9 +632,16 @@ class PrefixCacheStore:
         while self._resident and sum(r[1] for r in self._resident.values()) > self.memory_budget:
             old, _ = self._resident.popitem(last=False)
             logger.info("prefix cache %s evicted from memory (budget %d bytes)", old[1], self.memory_budget)
+        self._publish_resident()
 
     def _apply_drops(self) -> None:
         with self._lock:
             drops, self._drop = self._drop, set()
-        for key in drops:
-            self._resident.pop(key, None)
+        if [key for key in drops if self._resident.pop(key, None) is not None]:
+            self._publish_resident()
+
+    def _publish_resident(self) -> None:
+        """Replace the view of ``_resident`` other threads read (after every change to it, engine thread)."""
+        view = MappingProxyType({key: (size, sha) for key, (_, size, sha) in self._resident.items()})
+        with self._lock:
+            self._resident_view = view
