@@ -316,3 +316,15 @@ def test_openapi_documents_streamed_builds_and_warming(server: Server) -> None:
     assert warm["200"]["content"]["application/json"]["schema"] == {"$ref": ref("WarmedPrefixCache")}
     assert {"400", "401", "403", "404", "409", "500", "503"} <= set(warm)
     assert "prefix_cache_over_memory_budget" in warm["409"]["description"]
+
+
+def test_a_body_nested_too_deeply_is_400(server: Server) -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    r = httpx.post(
+        f"{server.v1}/completions",
+        content=b'{"model": "tiny", "prompt": "x", "extra": ' + deep + b"}",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    err = assert_error(r, 400, "invalid_request_error", None)
+    assert err["param"] is None and "too deeply" in err["message"]
