@@ -72,6 +72,12 @@ def invalid_body(exc: msgspec.ValidationError) -> InvalidRequest:
     return cache_name_error(path, message) or InvalidRequest(f"Invalid value for '{path}': {message}", param=path)
 
 
+def _too_deep() -> InvalidRequest:
+    """A body nested deeper than the decoder goes: msgspec stops near Python's recursion limit (about a
+    thousand levels of objects and arrays, less the stack in use) with a RecursionError."""
+    return InvalidRequest("The request body nests JSON objects and arrays too deeply for this server to decode")
+
+
 class StrictBody(AbstractDTO[T]):
     """Decodes a handler's ``data`` from the body's bytes with msgspec, strictly (see the module's docstring).
 
@@ -104,12 +110,16 @@ class StrictBody(AbstractDTO[T]):
             raise invalid_body(exc) from None
         except msgspec.DecodeError as exc:
             raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _too_deep() from None
 
     def decode_builtins(self, value: dict[str, Any]) -> Any:
         try:
             return msgspec.convert(value, self._types[self.asgi_connection.route_handler.handler_id])
         except msgspec.ValidationError as exc:
             raise invalid_body(exc) from None
+        except RecursionError:
+            raise _too_deep() from None
 
     @classmethod
     def generate_field_definitions(cls, model_type: type[Any]) -> Generator[DTOFieldDefinition, None, None]:

@@ -15,13 +15,29 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 
 from adapters.base import ModelInfo, OutputConstraint, Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
+from gateway.limits import (
+    MAX_COMPLETION_LOGPROBS,
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_SCHEMA_PROPERTIES,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
+    SEED_MAX,
+    SEED_MIN,
+    check_prompt_chars,
+    check_schema,
+    engine_seed,
+)
 from gateway.schemas.openai import (
     ChatCompletionRequest,
     ChatMessage,
@@ -37,11 +53,6 @@ from prefix_caches import Manifest, PrefixCacheStore
 __all__ = ["PlannedRequest", "check_kv_budget", "plan_chat", "plan_completion"]
 
 logger = logging.getLogger(__name__)
-
-MAX_N = 128
-MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
-MAX_COMPLETION_LOGPROBS = 5
 
 
 @dataclass(frozen=True)
@@ -212,11 +223,47 @@ def _sampling_base(
         raise InvalidRequest(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequest(f"'{max_tokens_param}' must be at least 1, got {max_tokens}", param=max_tokens_param)
-    stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > MAX_STOP:
-        raise InvalidRequest(f"'stop' takes at most {MAX_STOP} strings", param="stop")
-    bias: list[tuple[int, float]] = []
-    for key, value in (req.logit_bias or {}).items():
+    if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+        raise InvalidRequest(f"'seed' must be between {SEED_MIN} and {SEED_MAX}, got {req.seed}", param="seed")
+    params = SamplingParams(
+        max_tokens=max_tokens or 1,  # resolved against the prompt length in _with_limits
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        stop=_stop_strings(req.stop),
+        seed=None if req.seed is None else engine_seed(req.seed),
+        n=n,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(req.logit_bias, tokenizer),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    return params, max_tokens
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    strings: tuple[str, ...] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(strings) > MAX_STOP:
+        raise InvalidRequest(f"'stop' takes at most {MAX_STOP} strings, got {len(strings)}", param="stop")
+    for i, text in enumerate(strings):
+        if len(text) > MAX_STOP_CHARS:
+            param = "stop" if isinstance(stop, str) else f"stop[{i}]"
+            raise InvalidRequest(
+                f"'{param}' is {len(text)} characters long; a stop string has at most {MAX_STOP_CHARS}", param=param
+            )
+    return strings
+
+
+def _logit_bias(biases: dict[str, float] | None, tokenizer: PromptTokenizer) -> tuple[tuple[int, float], ...]:
+    if biases and len(biases) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"'logit_bias' has {len(biases)} entries; at most {MAX_LOGIT_BIAS} are supported", param="logit_bias"
+        )
+    out: list[tuple[int, float]] = []
+    for key, value in (biases or {}).items():
         try:
             token = int(key)
         except ValueError:
@@ -227,24 +274,8 @@ def _sampling_base(
                 param="logit_bias",
             )
         _check_range(value, -100.0, 100.0, "logit_bias")
-        bias.append((token, float(value)))
-    params = SamplingParams(
-        max_tokens=max_tokens or 1,  # resolved against the prompt length in _with_limits
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k or 0, 0),
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        stop=stop,
-        seed=req.seed,
-        n=n,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=tuple(bias),
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
-    return params, max_tokens
+        out.append((token, float(value)))
+    return tuple(out)
 
 
 def _with_limits(
@@ -258,25 +289,32 @@ def _with_limits(
 ) -> SamplingParams:
     if prompt_len == 0:
         raise InvalidRequest("The prompt is empty", param=prompt_param)
+    _check_room(prompt_len, requested, context_length, param, prompt_param)
     room = context_length - prompt_len
     if requested is None:
-        if room < 1:
+        budget = room if model.default_max_tokens is None else min(room, model.default_max_tokens)
+    else:
+        budget = requested
+    return SamplingParams(**{**params.__dict__, "max_tokens": budget})
+
+
+def _check_room(prompt_len: int, requested: int | None, context_length: int, param: str, prompt_param: str) -> None:
+    """A 400 unless ``prompt_len`` tokens and the completion (``requested``, or at least one token) fit the
+    context. Also run on a prompt before a prefix cache lengthens it: one already too long is refused sooner."""
+    if requested is None:
+        if context_length - prompt_len < 1:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context_length} tokens. However, your prompt is "
                 f"{prompt_len} tokens, leaving no room for a completion.",
                 param=prompt_param,
             )
-        budget = room if model.default_max_tokens is None else min(room, model.default_max_tokens)
-    else:
-        if prompt_len + requested > context_length:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {context_length} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                "completion). Please reduce the prompt or the completion length.",
-                param=param,
-            )
-        budget = requested
-    return SamplingParams(**{**params.__dict__, "max_tokens": budget})
+    elif prompt_len + requested > context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+            "completion). Please reduce the prompt or the completion length.",
+            param=param,
+        )
 
 
 def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
@@ -310,13 +348,13 @@ def _tool_call_dict(i: int, j: int, call: ToolCallIn) -> dict[str, Any]:
     iterate over an object (mlx_lm.server converts them the same way)."""
     arguments = call.function.arguments
     if isinstance(arguments, str):
+        param = f"messages[{i}].tool_calls[{j}].function.arguments"
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as exc:
-            raise InvalidRequest(
-                f"Tool call arguments must be JSON text: {exc}",
-                param=f"messages[{i}].tool_calls[{j}].function.arguments",
-            ) from None
+            raise InvalidRequest(f"Tool call arguments must be JSON text: {exc}", param=param) from None
+        except RecursionError:
+            raise InvalidRequest("The tool call arguments nest too deeply to decode", param=param) from None
     out: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
     if call.id is not None:
         out["id"] = call.id
@@ -390,7 +428,8 @@ def _output_constraint(
     if fmt is None or isinstance(fmt, ResponseFormatText):
         return None
     if isinstance(fmt, ResponseFormatJSONSchema) and fmt.json_schema.schema_ is not None:
-        source, param = json.dumps(fmt.json_schema.schema_, sort_keys=True), "response_format.json_schema.schema"
+        param = "response_format.json_schema.schema"
+        source, _ = check_schema(fmt.json_schema.schema_, param)
     else:  # json_object, or a json_schema without a schema: any JSON object
         source, param = '{"type": "object"}', "response_format"
     constraint = OutputConstraint("json_schema", source)
@@ -412,6 +451,24 @@ UNSUPPORTED_CHAT = {
 }
 
 
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """The tools' count and their parameter schemas (each, and their properties together) within the limits."""
+    if not req.tools:
+        return
+    if len(req.tools) > MAX_TOOLS:
+        raise InvalidRequest(f"'tools' has {len(req.tools)} tools; at most {MAX_TOOLS} are supported", param="tools")
+    properties = 0
+    for i, tool in enumerate(req.tools):
+        if tool.function.parameters is not None:
+            properties += check_schema(tool.function.parameters, f"tools[{i}].function.parameters")[1].properties
+    if properties > MAX_SCHEMA_PROPERTIES:
+        raise InvalidRequest(
+            f"The tools' parameter schemas have {properties} object properties in all; at most "
+            f"{MAX_SCHEMA_PROPERTIES} are supported",
+            param="tools",
+        )
+
+
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     for name, why in UNSUPPORTED_CHAT.items():
         if getattr(req, name) is not None:
@@ -430,6 +487,11 @@ def plan_chat(
     request_id: str | None = None,
 ) -> PlannedRequest:
     _check_unsupported(req)
+    if len(req.messages) > MAX_MESSAGES:
+        raise InvalidRequest(
+            f"'messages' has {len(req.messages)} messages; at most {MAX_MESSAGES} are supported", param="messages"
+        )
+    _check_tools(req)
     top = req.top_logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
@@ -448,8 +510,8 @@ def plan_chat(
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
     dicts, form = _chat_with_prefix(prefix, message_dicts(req.messages))
     tools = _tool_calling(req, tokenizer)
-    params = dataclasses.replace(params, constraint=_output_constraint(req, tokenizer, tools))
     text = render_messages(tokenizer, dicts, [msgspec.to_builtins(t) for t in req.tools] if req.tools else None)
+    check_prompt_chars(text, context_length, "messages")
     cache_text = _chat_cache_text(prefix, tokenizer)
     manifest = prefix.manifest if prefix is not None and prefix.unusable is None else None
     if cache_text is not None and manifest is not None and manifest.source == "messages":
@@ -458,6 +520,8 @@ def plan_chat(
     else:
         tokens = tokenizer.encode(text)
     params = _with_limits(params, requested, len(tokens), model, context_length, max_param, "messages")
+    # After the context check: a prompt that cannot fit is refused without compiling a grammar.
+    params = dataclasses.replace(params, constraint=_output_constraint(req, tokenizer, tools))
     use, miss = _prefix_use(prefix, tokens, tenant, cache_text, text)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     plan = Plan(request_id or rid, model.name, tenant, tuple(tokens), params, use, tools)
@@ -478,31 +542,61 @@ def plan_chat(
     )
 
 
-def _prompts(req: CompletionRequest, tokenizer: PromptTokenizer) -> list[tuple[list[int], str, str | None]]:
+def _prompts(
+    req: CompletionRequest, tokenizer: PromptTokenizer, context_length: int, requested: int | None, n: int
+) -> list[tuple[list[int], str, str | None]]:
     """Each prompt's tokens, its text (for ``echo``) and the text as the client sent it (None for token
-    ids: a cache's text cannot be matched against them); OpenAI's four prompt forms."""
+    ids: a cache's text cannot be matched against them); OpenAI's four prompt forms.
+
+    Each prompt is checked against the context as soon as it is tokenised (a text far too long, before),
+    so that a batch is refused at its first prompt that cannot fit.
+    """
     p = req.prompt
     if isinstance(p, str):
-        return [(tokenizer.encode(p), p, p)]
+        return [_text_prompt(p, tokenizer, context_length, requested, "prompt")]
     if not p:
         raise InvalidRequest("'prompt' must not be empty", param="prompt")
-    if all(isinstance(x, str) for x in p):
-        return [(tokenizer.encode(x), x, x) for x in p]  # type: ignore[arg-type]
     if all(isinstance(x, int) for x in p):
-        return [(*_checked_ids(p, tokenizer, "prompt"), None)]  # type: ignore[arg-type]
-    if all(isinstance(x, list) for x in p):
-        return [(*_checked_ids(x, tokenizer, f"prompt[{i}]"), None) for i, x in enumerate(p)]  # type: ignore[arg-type]
-    raise InvalidRequest(
-        "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        param="prompt",
-    )
+        return [_ids_prompt(p, tokenizer, context_length, requested, "prompt")]  # type: ignore[arg-type]
+    if not all(isinstance(x, str) for x in p) and not all(isinstance(x, list) for x in p):
+        raise InvalidRequest(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
+            param="prompt",
+        )
+    if len(p) > MAX_N:
+        raise InvalidRequest(f"'prompt' has {len(p)} prompts; at most {MAX_N} are supported", param="prompt")
+    if len(p) * n > MAX_N:
+        raise InvalidRequest(
+            f"'n' is {n} for each of {len(p)} prompts, {len(p) * n} completions; a request makes at most {MAX_N}",
+            param="n",
+        )
+    out = []
+    for i, x in enumerate(p):
+        param = "prompt" if len(p) == 1 else f"prompt[{i}]"
+        if isinstance(x, str):
+            out.append(_text_prompt(x, tokenizer, context_length, requested, param))
+        else:
+            out.append(_ids_prompt(cast("list[int]", x), tokenizer, context_length, requested, param))
+    return out
 
 
-def _checked_ids(ids: list[int], tokenizer: PromptTokenizer, param: str) -> tuple[list[int], str]:
+def _text_prompt(
+    text: str, tokenizer: PromptTokenizer, context_length: int, requested: int | None, param: str
+) -> tuple[list[int], str, str | None]:
+    check_prompt_chars(text, context_length, param)
+    tokens = tokenizer.encode(text)
+    _check_room(len(tokens), requested, context_length, "max_tokens", param)
+    return tokens, text, text
+
+
+def _ids_prompt(
+    ids: list[int], tokenizer: PromptTokenizer, context_length: int, requested: int | None, param: str
+) -> tuple[list[int], str, str | None]:
+    _check_room(len(ids), requested, context_length, "max_tokens", param)  # before reading them
     bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
     if bad is not None:
         raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", param=param)
-    return list(ids), tokenizer.decode(ids)
+    return list(ids), tokenizer.decode(ids), None
 
 
 def plan_completion(
@@ -533,7 +627,7 @@ def plan_completion(
     )
     rid = f"cmpl-{uuid.uuid4().hex}"
     plans = []
-    prompts = _prompts(req, tokenizer)
+    prompts = _prompts(req, tokenizer, context_length, requested, params.n)
     prefix = _lookup_prefix(req.prefix_cache, store, tenant, model.name)
     miss = form = None
     for i, (tokens, _, sent) in enumerate(prompts):

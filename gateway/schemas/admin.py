@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from gateway.config import TenantLimits
+from gateway.limits import MAX_MESSAGES
 from gateway.schemas.openai import CacheName, ChatMessage, TokenId
 
 __all__ = [
@@ -31,7 +32,7 @@ class CreatePrefixCache(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     prompt: Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[TokenId], msgspec.Meta(min_length=1)] | None = (
         None
     )
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
     kv_bits: Literal[4, 8] | None = None
     kv_group_size: Literal[32, 64, 128] = 64
     replace: bool = False

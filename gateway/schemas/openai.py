@@ -11,6 +11,18 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.limits import (
+    MAX_COMPLETION_LOGPROBS,
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
+    SEED_MAX,
+    SEED_MIN,
+)
 from prefix_caches.names import NAME_PATTERN
 
 __all__ = [
@@ -55,6 +67,7 @@ __all__ = [
     "PrefixCacheRef",
     "PromptTokensDetails",
     "StopList",
+    "StopString",
     "StreamOptions",
     "Temperature",
     "TokenId",
@@ -82,7 +95,8 @@ MaxTokens = Annotated[
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2, description="0 is greedy")]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
-StopList = Annotated[list[str], msgspec.Meta(max_length=16)]
+StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP)]
 
 
 class StreamOptions(_Request, kw_only=True):
@@ -187,17 +201,21 @@ class _Sampling(_Request, kw_only=True):
     top_k: Annotated[int, msgspec.Meta(ge=-1, description="-1 or 0 is off")] | None = None
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=10, description="1 is off")] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | StopList | None = None
-    seed: int | None = None
+    stop: StopString | StopList | None = None
+    # msgspec takes no bound past int64 (SEED_MAX is 2**64 - 1): planning checks the upper one.
+    seed: Annotated[int, msgspec.Meta(ge=SEED_MIN, description=f"At most {SEED_MAX}")] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: (
-        dict[
-            Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}$", description="A token id of the vocabulary")],
-            Annotated[float, msgspec.Meta(ge=-100, le=100)],
+        Annotated[
+            dict[
+                Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}$", description="A token id of the vocabulary")],
+                Annotated[float, msgspec.Meta(ge=-100, le=100)],
+            ],
+            msgspec.Meta(max_length=MAX_LOGIT_BIAS),
         ]
         | None
     ) = None
@@ -206,11 +224,13 @@ class _Sampling(_Request, kw_only=True):
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     # At least one message, unless `prefix_cache` names a cache built from messages (they come first).
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_MESSAGES)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20, description="Needs `logprobs: true`")] | None = None
-    tools: list[ToolDef] | None = None
+    top_logprobs: (
+        Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS, description="Needs `logprobs: true`")] | None
+    ) = None
+    tools: Annotated[list[ToolDef], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
@@ -231,12 +251,13 @@ _TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "min
 PROMPT_SCHEMA: dict[str, Any] = {
     "anyOf": [
         _TEXT,
-        {"type": "array", "minItems": 1, "items": _TEXT},
+        {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": _TEXT},
         {**_TOKEN_IDS, "minItems": 1},
-        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+        {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": _TOKEN_IDS},
     ],
     "description": "A string, a list of strings, a list of token ids, or a list of token-id lists; an empty "
-    "prompt is a 400 unless `prefix_cache` names a cache (the prompt follows it)",
+    "prompt is a 400 unless `prefix_cache` names a cache (the prompt follows it). A list of prompts makes "
+    f"each prompt's `n` completions: at most {MAX_N} in all.",
 }
 
 
@@ -246,12 +267,12 @@ class CompletionRequest(_Sampling, kw_only=True):
     # states the four forms (PROMPT_SCHEMA).
     # Empty text or an empty token list is a 400 unless `prefix_cache` names a cache (the prompt follows it).
     prompt: str | Annotated[list[str | TokenId | list[TokenId]], msgspec.Meta(min_length=1)]
-    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     echo: bool | None = False
     # Not supported: only null (or absent) or an empty string.
     suffix: Annotated[str, msgspec.Meta(max_length=0)] | None = None
     # Only best_of equal to n (the default, 1) is supported.
-    best_of: Annotated[int, msgspec.Meta(ge=1, le=128, description="Must equal `n`")] | None = None
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=MAX_N, description="Must equal `n`")] | None = None
 
 
 # ---- responses ------------------------------------------------------------------------------------

@@ -316,3 +316,120 @@ def test_openapi_documents_streamed_builds_and_warming(server: Server) -> None:
     assert warm["200"]["content"]["application/json"]["schema"] == {"$ref": ref("WarmedPrefixCache")}
     assert {"400", "401", "403", "404", "409", "500", "503"} <= set(warm)
     assert "prefix_cache_over_memory_budget" in warm["409"]["description"]
+
+
+# ---- issue 19: every size a request chooses fits the server's limits or is a 400 naming it -------------
+
+
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _ref_chain(n: int) -> dict:
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(n)}
+    return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
+
+
+def test_sizes_an_abusive_client_may_choose_are_accepted(server: Server) -> None:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(99)]
+    body = {
+        **CHAT,
+        "messages": [{"role": "system", "content": "Be brief."}, *turns],
+        "stop": [f"never-{i}" for i in range(16)],
+        "logit_bias": {str(i): -1 for i in range(300)},
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
+    r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
+    schema = {"type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(40)}}
+    r = httpx.post(f"{server.v1}/chat/completions", json={**CHAT, "response_format": schema}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_seeds_are_64_bit_and_negative_ones_work(server: Server) -> None:
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 6, "temperature": 1.0, "seed": -1}
+    first, second = (httpx.post(f"{server.v1}/completions", json=body, timeout=30) for _ in range(2))
+    assert first.status_code == 200, first.text  # was a 500: mlx's random key takes no negative seed
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+    r = httpx.post(f"{server.v1}/completions", json={**body, "seed": 2**64}, timeout=30)
+    err = assert_error(r, 400, "invalid_request_error", None, "seed")
+    assert str(2**64 - 1) in err["message"]
+
+
+_TOOL = {"type": "function", "function": {"name": "f"}}
+_CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 50_000 + "]" * 50_000}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "words"),
+    [
+        ("chat/completions", {**CHAT, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "<= 300"),
+        ("chat/completions", {**CHAT, "stop": ["ok", "x" * 1025]}, "stop[1]", "<= 1024"),
+        ("chat/completions", {**CHAT, "messages": [CHAT["messages"][0]] * 10_001}, "messages", "<= 10000"),
+        (
+            "chat/completions",
+            {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}] * 129},
+            "tools",
+            "128",
+        ),
+        (
+            "chat/completions",
+            {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(70)}}},
+            "response_format.json_schema.schema",
+            "at most 124",
+        ),
+        (
+            "chat/completions",
+            {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": _nested(70)}}]},
+            "tools[0].function.parameters",
+            "at most 124",
+        ),
+        (
+            "chat/completions",
+            {**CHAT, "messages": [CHAT["messages"][0], {"role": "assistant", "tool_calls": [_CALL]}]},
+            "messages[1].tool_calls[0].function.arguments",
+            "too deeply",
+        ),
+        ("completions", {"model": "tiny", "prompt": ["a"] * 129}, "prompt", "at most 128"),
+        ("completions", {"model": "tiny", "prompt": ["a", "b", "c"], "n": 50}, "n", "150 completions"),
+    ],
+)
+def test_sizes_past_the_limits_are_400_naming_them(
+    server: Server, path: str, body: dict, param: str, words: str
+) -> None:
+    r = httpx.post(f"{server.v1}/{path}", json=body, timeout=60)
+    err = assert_error(r, 400, "invalid_request_error", None, param)
+    assert words in err["message"]
+
+
+def test_a_chain_of_schema_references_is_400_not_a_crash(server: Server) -> None:
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": _ref_chain(2000)}}
+    r = httpx.post(f"{server.v1}/chat/completions", json={**CHAT, "response_format": schema}, timeout=60)
+    err = assert_error(r, 400, "invalid_request_error", None, "response_format.json_schema.schema")
+    assert "$ref" in err["message"]
+    # It used to crash the process (llguidance recursed past the thread's stack): the server still answers.
+    assert httpx.post(f"{server.v1}/chat/completions", json=CHAT, timeout=30).status_code == 200
+
+
+def test_a_body_nested_too_deeply_is_400(server: Server) -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    r = httpx.post(
+        f"{server.v1}/completions",
+        content=b'{"model": "tiny", "prompt": "x", "extra": ' + deep + b"}",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    err = assert_error(r, 400, "invalid_request_error", None)
+    assert err["param"] is None and "too deeply" in err["message"]
+
+
+def test_a_prompt_far_past_the_context_is_refused_untokenised(server: Server) -> None:
+    # tiny-short has 64 tokens: more than 64 * 32 characters cannot fit at any tokenisation.
+    r = httpx.post(f"{server.v1}/completions", json={"model": "tiny-short", "prompt": "word " * 500}, timeout=30)
+    err = assert_error(r, 400, "invalid_request_error", "context_length_exceeded", "prompt")
+    assert "2500 characters" in err["message"] and "64 tokens" in err["message"]
