@@ -30,6 +30,7 @@ from gateway.errors import (
     QuotaExceeded,
     ServerError,
 )
+from gateway.limits import check_prompt_chars
 from gateway.planning import message_dicts
 from gateway.request_context import current_request_id
 from gateway.schemas.admin import (
@@ -88,6 +89,7 @@ def _tokens(engine: Engine, config: Config, req: CreatePrefixCache) -> tuple[lis
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequest("Give exactly one of 'prompt' and 'messages'", param="prompt")
     source: dict[str, Any]
+    context = next(m.context_length for m in engine.models() if m.id == req.model)
     if req.messages is not None:
         if not req.messages:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
@@ -96,9 +98,11 @@ def _tokens(engine: Engine, config: Config, req: CreatePrefixCache) -> tuple[lis
             text = tokenizer.render_chat(dicts, add_generation_prompt=False)
         except Exception as exc:
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc
+        check_prompt_chars(text, context, "messages")
         tokens = tokenizer.encode(text)
         source = {"source": "messages", "messages": tuple(dicts)}
     elif isinstance(req.prompt, str):
+        check_prompt_chars(req.prompt, context, "prompt")
         tokens = tokenizer.encode(req.prompt)
         source = {"source": "prompt", "prompt": req.prompt}
     else:
@@ -109,7 +113,6 @@ def _tokens(engine: Engine, config: Config, req: CreatePrefixCache) -> tuple[lis
         source = {"source": "prompt", "prompt": None}
     if not tokens:
         raise InvalidRequest("The prefix is empty", param="prompt" if req.prompt is not None else "messages")
-    context = next(m.context_length for m in engine.models() if m.id == req.model)
     if len(tokens) >= context:
         raise ContextLengthExceeded(
             f"The prefix is {len(tokens)} tokens; this model's context is {context}, and a request needs at "

@@ -118,6 +118,15 @@ def test_bad_create_requests(server: Server, body: dict, status: int, code: str 
     assert err["message"]
 
 
+def test_a_prefix_too_long_to_fit_is_refused_before_it_is_tokenised(server: Server) -> None:
+    """More characters than the context could hold at gateway.limits.MAX_CHARS_PER_TOKEN a token: refused
+    without tokenising (a 16 MiB prompt once took about a minute to tokenise first)."""
+    body = {"name": "x1", "model": "tiny-short", "prompt": "x" * (64 * 32 + 1)}
+    r = httpx.post(f"{server.url}/admin/prefix-caches", json=body, timeout=30)
+    err = assert_error(r, 400, "invalid_request_error", "context_length_exceeded")
+    assert err["param"] == "prompt" and "characters" in err["message"]
+
+
 def chat_items(r: object) -> list[tuple[str, float, list[tuple[str, float]]]]:
     content = r.choices[0].logprobs.content  # type: ignore[attr-defined]
     return [(t.token, t.logprob, [(x.token, x.logprob) for x in t.top_logprobs]) for t in content]
