@@ -46,6 +46,10 @@ def test_a_failed_model_is_not_served_and_says_why(tmp_path: Path, models_dir: P
         assert body["models"]["tiny"]["state"] == "ready"
         assert body["models"]["broken"]["state"] == "failed"
         assert "No model directory" in body["models"]["broken"]["error"]
+        log = server.log_text()
+        report = f"model broken failed to load: ModelNotFound: No model directory at {tmp_path / 'no-such-model'}\n"
+        assert f"ERROR adapters.mlx_lm.engine: {report}" in log
+        assert "Traceback" not in log, log  # the operator's mistake, not a bug: one line
 
         assert [m["id"] for m in httpx.get(f"{server.v1}/models").json()["data"]] == ["tiny"]
         one = httpx.get(f"{server.v1}/models/broken")
