@@ -1,11 +1,14 @@
-"""Running the app under uvicorn: start, drain on SIGTERM or Ctrl-C, stop the engine, exit 0."""
+"""Running the app under uvicorn: listen, start, drain on SIGTERM or Ctrl-C, stop the engine, exit 0; or exit 1
+once no configured model can serve."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -13,9 +16,48 @@ from adapters.base import Engine
 from gateway.config import Config
 from gateway.draining import Drain
 
-__all__ = ["run_server"]
+__all__ = ["listen", "run_server"]
 
 logger = logging.getLogger("gateway")
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets for ``host:port``, one per address it resolves to (as asyncio's ``create_server``
+    binds them), made before anything loads: a port in use is one line at once, not uvicorn's error after the
+    engine started.
+
+    Raises:
+        OSError: the address cannot be resolved or bound (in use, not this host's, not permitted).
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _nothing_to_serve(report: dict[str, Any]) -> str | None:
+    """Why no request can ever be served (every model failed to load, or the engine died), or None."""
+    if not report["engine_alive"]:
+        return f"the engine stopped: {report['engine_error'] or 'unknown reason'}"
+    models: dict[str, dict[str, Any]] = report["models"]
+    if not models or any(m["state"] != "failed" for m in models.values()):
+        return None
+    if len(models) == 1:
+        [(name, model)] = models.items()
+        return f"model {name} failed to load: {model['error']}"
+    return "every model failed to load (" + "; ".join(f"{n}: {m['error']}" for n, m in models.items()) + ")"
 
 
 class _DrainingServer(uvicorn.Server):
@@ -30,6 +72,8 @@ class _DrainingServer(uvicorn.Server):
         self.drain = drain
         self.grace_seconds = grace_seconds
         self._deadline = float("inf")
+        # Why nothing can be served, once no model can serve: the server then exits with status 1.
+        self.failure: str | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
@@ -51,6 +95,9 @@ class _DrainingServer(uvicorn.Server):
         )
 
     async def on_tick(self, counter: int) -> bool:
+        if not self.drain.draining and not self.should_exit and counter % 10 == 0:
+            self.failure = _nothing_to_serve(self.engine.health())
+            self.should_exit = self.failure is not None
         if self.drain.draining and not self.should_exit:
             if self.drain.in_flight == 0:
                 logger.info("drained: no request in flight")
@@ -61,8 +108,9 @@ class _DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run_server(config: Config, engine: Engine) -> int:
-    """Serve ``engine`` until a signal; the process's exit status."""
+def run_server(config: Config, engine: Engine, sockets: list[socket.socket]) -> int:
+    """Serve ``engine`` on ``sockets`` (see :func:`listen`) until a signal, or until no model can serve; the
+    process's exit status."""
     from sse_starlette.sse import AppStatus
 
     from gateway.app import create_app
@@ -84,11 +132,15 @@ def run_server(config: Config, engine: Engine) -> int:
         app.state.drain,
         config.shutdown_timeout_seconds,
     )
-    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, config.port)
+    port = sockets[0].getsockname()[1]
+    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, port)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         AppStatus.should_exit = True  # anything still streaming after the grace period ends now
         engine.stop()  # idempotent; also after a second signal, which skips the app's shutdown hooks
+    if server.failure is not None:
+        logger.error("nothing to serve: %s", server.failure)
+        return 1
     logger.info("stopped")
     return 0
