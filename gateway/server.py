@@ -20,6 +20,10 @@ __all__ = ["listen", "run_server"]
 
 logger = logging.getLogger("gateway")
 
+# After the engine is told to stop, how long its failed requests have to send their error and end before
+# uvicorn closes what is left.
+CUT_SECONDS = 3.0
+
 
 def listen(host: str, port: int) -> list[socket.socket]:
     """The listening sockets for ``host:port``, one per address it resolves to (as asyncio's ``create_server``
@@ -72,18 +76,19 @@ class _DrainingServer(uvicorn.Server):
         self.drain = drain
         self.grace_seconds = grace_seconds
         self._deadline = float("inf")
+        self._cut = False
         # Why nothing can be served, once no model can serve: the server then exits with status 1.
         self.failure: str | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
+        if self._cut:
+            logger.warning("%s again: exiting without waiting for %d requests", name, self.drain.in_flight)
+            self.should_exit = True
+            return
         if self.drain.draining or self.grace_seconds <= 0:
-            # Stop now, still in order: the engine fails what it runs (each request gets its error, each
-            # stream an error event), the streams end, then uvicorn shuts down and the engine thread is joined.
             logger.warning("%s again: stopping now (%d requests in flight are cut)", name, self.drain.in_flight)
-            self.drain.draining = True
-            self._deadline = time.monotonic() + 3
-            self.engine.stop(wait=False)
+            self._cut_requests()
             return
         self.drain.draining = True
         self._deadline = time.monotonic() + self.grace_seconds
@@ -94,6 +99,15 @@ class _DrainingServer(uvicorn.Server):
             self.grace_seconds,
         )
 
+    def _cut_requests(self) -> None:
+        """Stop now, still in order: the engine fails what it runs (each request gets its error, each stream one
+        error event), the streams end, then uvicorn shuts down and the engine thread is joined. uvicorn's own
+        end would cancel the streams instead (a CancelledError traceback each)."""
+        self.drain.draining = True
+        self._cut = True
+        self._deadline = time.monotonic() + CUT_SECONDS
+        self.engine.stop(wait=False)
+
     async def on_tick(self, counter: int) -> bool:
         if not self.drain.draining and not self.should_exit and counter % 10 == 0:
             self.failure = _nothing_to_serve(self.engine.health())
@@ -102,8 +116,11 @@ class _DrainingServer(uvicorn.Server):
             if self.drain.in_flight == 0:
                 logger.info("drained: no request in flight")
                 self.should_exit = True
-            elif time.monotonic() >= self._deadline:
+            elif time.monotonic() >= self._deadline and not self._cut:
                 logger.warning("grace period over: %d requests still in flight are cut", self.drain.in_flight)
+                self._cut_requests()
+            elif time.monotonic() >= self._deadline:
+                logger.warning("%d requests did not end after the engine stopped; closing them", self.drain.in_flight)
                 self.should_exit = True
         return await super().on_tick(counter)
 
