@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -64,6 +66,27 @@ def _nothing_to_serve(report: dict[str, Any]) -> str | None:
     return "every model failed to load (" + "; ".join(f"{n}: {m['error']}" for n, m in models.items()) + ")"
 
 
+def _await_os_exit(threads: list[threading.Thread], timeout: float = 5.0) -> None:
+    """Wait until each of ``threads`` that has finished has also left the operating system.
+
+    ``join()`` returns before a thread's C++ ``thread_local`` destructors run. mlx's per-thread random key
+    (``PyKeySequence``, set by any ``mx.random`` call: sampling, random preset weights) takes the GIL in its
+    destructor; if the interpreter is finalizing by then, Python 3.11 ends that thread with ``pthread_exit``,
+    whose unwinding through the ``noexcept`` destructor calls ``std::terminate``: ``terminate called without
+    an active exception`` and exit 134 after a clean stop (python/cpython#87135; 3.14 parks such threads).
+    """
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():  # no /proc (macOS): give the destructors the GIL for a moment
+        time.sleep(0.1)
+        return
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        if thread.is_alive() or thread.native_id is None:
+            continue
+        while (tasks / str(thread.native_id)).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains (see :mod:`gateway.draining`) instead of closing the socket,
     a second one stops at once, and no signal is re-raised after a clean stop: Ctrl-C used to end in a
@@ -79,6 +102,12 @@ class _DrainingServer(uvicorn.Server):
         self._cut = False
         # Why nothing can be served, once no model can serve: the server then exits with status 1.
         self.failure: str | None = None
+        # The threads alive once the app started (the engine's among them), to see them leave at exit.
+        self.threads: list[threading.Thread] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.threads = [t for t in threading.enumerate() if t is not threading.current_thread()]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
@@ -156,6 +185,7 @@ def run_server(config: Config, engine: Engine, sockets: list[socket.socket]) -> 
     finally:
         AppStatus.should_exit = True  # anything still streaming after the grace period ends now
         engine.stop()  # idempotent; also after a second signal, which skips the app's shutdown hooks
+        _await_os_exit(server.threads)
     if server.failure is not None:
         logger.error("nothing to serve: %s", server.failure)
         return 1
