@@ -28,6 +28,16 @@ def _redacted(config: Config) -> dict[str, object]:
     return shown
 
 
+class _Unusable(Exception):
+    """A setting the server cannot work with (the operator's to fix, not a bug): one line, exit status 1."""
+
+
+def _reason(exc: OSError) -> str:
+    if exc.strerror:
+        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def _serve(flags: dict[str, object], print_config: bool) -> int:
     try:
         config = load_config(flags)
@@ -38,11 +48,21 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
         click.echo(msgspec.json.format(msgspec.json.encode(_redacted(config)), indent=2).decode())
         return 0
     setup_logging(config.log_level, config.log_format)
-    engine = _make_engine(config)
+    from gateway.server import listen, run_server
 
-    from gateway.server import run_server
-
-    return run_server(config, engine)
+    try:
+        sockets = listen(config.host, config.port)
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, _reason(exc))
+        return 1
+    try:
+        engine = _make_engine(config)
+    except _Unusable as exc:
+        logger.error("%s", exc)
+        for sock in sockets:
+            sock.close()
+        return 1
+    return run_server(config, engine, sockets)
 
 
 def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type lives behind a lazy import
@@ -95,7 +115,10 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
         )
 
     store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes, quota_of)
-    store.scan()
+    try:
+        store.scan()
+    except OSError as exc:
+        raise _Unusable(f"cannot use the prefix-cache directory {config.cache_path}: {_reason(exc)}") from exc
     if config.prefix_cache_sync_seconds > 0:
         store.watch(config.prefix_cache_sync_seconds)
     return MlxEngine(specs, store, config.profile_path)

@@ -11,7 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -69,7 +69,7 @@ class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
 
 class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     models: tuple[ModelConfig, ...] = ()
     # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.keys).
     # Empty: auth is off and every request belongs to the default tenant.

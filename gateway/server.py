@@ -1,11 +1,16 @@
-"""Running the app under uvicorn: start, drain on SIGTERM or Ctrl-C, stop the engine, exit 0."""
+"""Running the app under uvicorn: listen, start, drain on SIGTERM or Ctrl-C, stop the engine, exit 0; or exit 1
+once no configured model can serve."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
+import threading
 import time
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -13,9 +18,73 @@ from adapters.base import Engine
 from gateway.config import Config
 from gateway.draining import Drain
 
-__all__ = ["run_server"]
+__all__ = ["listen", "run_server"]
 
 logger = logging.getLogger("gateway")
+
+# After the engine is told to stop, how long its failed requests have to send their error and end before
+# uvicorn closes what is left.
+CUT_SECONDS = 3.0
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets for ``host:port``, one per address it resolves to (as asyncio's ``create_server``
+    binds them), made before anything loads: a port in use is one line at once, not uvicorn's error after the
+    engine started.
+
+    Raises:
+        OSError: the address cannot be resolved or bound (in use, not this host's, not permitted).
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _nothing_to_serve(report: dict[str, Any]) -> str | None:
+    """Why no request can ever be served (every model failed to load, or the engine died), or None."""
+    if not report["engine_alive"]:
+        return f"the engine stopped: {report['engine_error'] or 'unknown reason'}"
+    models: dict[str, dict[str, Any]] = report["models"]
+    if not models or any(m["state"] != "failed" for m in models.values()):
+        return None
+    if len(models) == 1:
+        [(name, model)] = models.items()
+        return f"model {name} failed to load: {model['error']}"
+    return "every model failed to load (" + "; ".join(f"{n}: {m['error']}" for n, m in models.items()) + ")"
+
+
+def _await_os_exit(threads: list[threading.Thread], timeout: float = 5.0) -> None:
+    """Wait until each of ``threads`` that has finished has also left the operating system.
+
+    ``join()`` returns before a thread's C++ ``thread_local`` destructors run. mlx's per-thread random key
+    (``PyKeySequence``, set by any ``mx.random`` call: sampling, random preset weights) takes the GIL in its
+    destructor; if the interpreter is finalizing by then, Python 3.11 ends that thread with ``pthread_exit``,
+    whose unwinding through the ``noexcept`` destructor calls ``std::terminate``: ``terminate called without
+    an active exception`` and exit 134 after a clean stop (python/cpython#87135; 3.14 parks such threads).
+    """
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():  # no /proc (macOS): give the destructors the GIL for a moment
+        time.sleep(0.1)
+        return
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        if thread.is_alive() or thread.native_id is None:
+            continue
+        while (tasks / str(thread.native_id)).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -30,16 +99,25 @@ class _DrainingServer(uvicorn.Server):
         self.drain = drain
         self.grace_seconds = grace_seconds
         self._deadline = float("inf")
+        self._cut = False
+        # Why nothing can be served, once no model can serve: the server then exits with status 1.
+        self.failure: str | None = None
+        # The threads alive once the app started (the engine's among them), to see them leave at exit.
+        self.threads: list[threading.Thread] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.threads = [t for t in threading.enumerate() if t is not threading.current_thread()]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
+        if self._cut:
+            logger.warning("%s again: exiting without waiting for %d requests", name, self.drain.in_flight)
+            self.should_exit = True
+            return
         if self.drain.draining or self.grace_seconds <= 0:
-            # Stop now, still in order: the engine fails what it runs (each request gets its error, each
-            # stream an error event), the streams end, then uvicorn shuts down and the engine thread is joined.
             logger.warning("%s again: stopping now (%d requests in flight are cut)", name, self.drain.in_flight)
-            self.drain.draining = True
-            self._deadline = time.monotonic() + 3
-            self.engine.stop(wait=False)
+            self._cut_requests()
             return
         self.drain.draining = True
         self._deadline = time.monotonic() + self.grace_seconds
@@ -50,19 +128,35 @@ class _DrainingServer(uvicorn.Server):
             self.grace_seconds,
         )
 
+    def _cut_requests(self) -> None:
+        """Stop now, still in order: the engine fails what it runs (each request gets its error, each stream one
+        error event), the streams end, then uvicorn shuts down and the engine thread is joined. uvicorn's own
+        end would cancel the streams instead (a CancelledError traceback each)."""
+        self.drain.draining = True
+        self._cut = True
+        self._deadline = time.monotonic() + CUT_SECONDS
+        self.engine.stop(wait=False)
+
     async def on_tick(self, counter: int) -> bool:
+        if not self.drain.draining and not self.should_exit and counter % 10 == 0:
+            self.failure = _nothing_to_serve(self.engine.health())
+            self.should_exit = self.failure is not None
         if self.drain.draining and not self.should_exit:
             if self.drain.in_flight == 0:
                 logger.info("drained: no request in flight")
                 self.should_exit = True
-            elif time.monotonic() >= self._deadline:
+            elif time.monotonic() >= self._deadline and not self._cut:
                 logger.warning("grace period over: %d requests still in flight are cut", self.drain.in_flight)
+                self._cut_requests()
+            elif time.monotonic() >= self._deadline:
+                logger.warning("%d requests did not end after the engine stopped; closing them", self.drain.in_flight)
                 self.should_exit = True
         return await super().on_tick(counter)
 
 
-def run_server(config: Config, engine: Engine) -> int:
-    """Serve ``engine`` until a signal; the process's exit status."""
+def run_server(config: Config, engine: Engine, sockets: list[socket.socket]) -> int:
+    """Serve ``engine`` on ``sockets`` (see :func:`listen`) until a signal, or until no model can serve; the
+    process's exit status."""
     from sse_starlette.sse import AppStatus
 
     from gateway.app import create_app
@@ -84,11 +178,16 @@ def run_server(config: Config, engine: Engine) -> int:
         app.state.drain,
         config.shutdown_timeout_seconds,
     )
-    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, config.port)
+    port = sockets[0].getsockname()[1]
+    logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, port)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         AppStatus.should_exit = True  # anything still streaming after the grace period ends now
         engine.stop()  # idempotent; also after a second signal, which skips the app's shutdown hooks
+        _await_os_exit(server.threads)
+    if server.failure is not None:
+        logger.error("nothing to serve: %s", server.failure)
+        return 1
     logger.info("stopped")
     return 0

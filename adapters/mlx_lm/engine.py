@@ -45,7 +45,7 @@ from adapters.base import (
 )
 from adapters.mlx_lm.batching import Batcher
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
-from adapters.mlx_lm.models import LoadedModel, MlxTokenizer, ModelSpec, load_steps
+from adapters.mlx_lm.models import SOURCE_ERRORS, LoadedModel, MlxTokenizer, ModelSpec, load_steps
 from adapters.mlx_lm.outbox import Outbox
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
@@ -412,8 +412,11 @@ class MlxEngine:
             logger.info("model %s: ready after %.1fs", name, slot.load_seconds)
             self.prefixes.check_stored(loaded)
         except Exception as exc:  # a bad model must not take the others down
-            logger.exception("model %s failed to load", name)
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SOURCE_ERRORS):  # the operator's to fix, not a bug: one line
+                logger.error("model %s failed to load: %s", name, slot.error)
+            else:
+                logger.exception("model %s failed to load", name)
 
     def _admit(self, *, block: bool) -> None:
         try:

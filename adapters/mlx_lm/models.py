@@ -26,12 +26,12 @@ from mlx_lm.utils import dequantize_model, load
 
 from adapters.base import OutputConstraint, ToolCalling
 from adapters.mlx_lm.constraints import GrammarCompiler
-from adapters.mlx_lm.gguf import build_from_gguf
+from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
 from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 from adapters.mlx_lm.tool_calls import json_tools_grammar
 
-__all__ = ["LoadedModel", "MlxTokenizer", "ModelSpec", "load_model", "load_steps"]
+__all__ = ["SOURCE_ERRORS", "LoadedModel", "MlxTokenizer", "ModelNotFound", "ModelSpec", "load_model", "load_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,11 @@ class ModelNotFound(ValueError):
     """A model name that is neither a preset, a registry model, a GGUF file, a directory nor a usable id."""
 
 
+# A configured source that cannot give a model (missing, not a model, an unusable GGUF file): the operator's to
+# fix, not a bug, so the engine reports it in one line, without a traceback.
+SOURCE_ERRORS: tuple[type[Exception], ...] = (ModelNotFound, GGUFError)
+
+
 def _resolve(spec: ModelSpec) -> str:
     models_dir = Path(spec.models_dir) if spec.models_dir else default_models_dir()
     if spec.source in PRESETS:
@@ -227,6 +232,8 @@ def _resolve(spec: ModelSpec) -> str:
     if looks_like_path and not local.is_dir():
         raise ModelNotFound(f"No model directory at {local}")
     if local.is_dir():
+        if not (local / "config.json").is_file():  # mlx-lm reads it first; say so rather than its FileNotFoundError
+            raise ModelNotFound(f"{local} is not a model directory: it has no config.json")
         return str(local)
     # A Hugging Face id: resolved to its snapshot directory here (mlx-lm's own download, with its file
     # patterns), so that the model's fingerprint covers the snapshot's files: a stored prefix cache is
@@ -234,9 +241,16 @@ def _resolve(spec: ModelSpec) -> str:
     try:
         return str(hf_snapshot(spec.source))
     except Exception as exc:  # offline, unknown repo, gated ...: say which, not a repo-id validation error
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if "/" not in spec.source:  # a mistyped preset more likely than an id without an owner
+            names = ", ".join([*PRESETS, *REGISTRY_MODELS])
+            raise ModelNotFound(
+                f"'{spec.source}' is not a preset ({names}), a local directory, or a Hugging Face id whose "
+                f"snapshot is cached or fetchable: {why}"
+            ) from exc
         raise ModelNotFound(
             f"'{spec.source}' is not a local directory, and its Hugging Face snapshot is neither cached nor "
-            f"fetchable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"fetchable: {why}"
         ) from exc
 
 

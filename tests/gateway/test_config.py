@@ -31,6 +31,7 @@ def test_flags_over_env_over_file(tmp_path: Path) -> None:
     "text",
     [
         'port = "many"',
+        "port = 70000",  # the OS would take it modulo 65536
         '[[models]]\nname = "a"\npath = "tiny"\nunknown = 1',
         '[[models]]\nname = "a"\npath = "x"\n[[models]]\nname = "a"\npath = "y"',
         "not toml [",

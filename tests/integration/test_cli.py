@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,89 @@ def test_serve_refuses_bad_flags() -> None:
     assert bad.returncode == 2 and "'lots' is not a size" in bad.stderr
     bad = cli("serve", "--log-level", "loud")
     assert bad.returncode == 2 and "--log-level" in bad.stderr and "'loud' is not one of" in bad.stderr
+
+
+# A user's mistake ends `serve` with one line that says what is wrong and a non-zero status, without a
+# traceback, within seconds (it used to log a traceback and serve 503s for ever).
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+def serve_until_exit(tmp_path: Path, models_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``serve ARGS`` on a free port with its own cache directory, offline; must end within 60 s."""
+    cache_dir = tmp_path / "caches"
+    env = {"MLX_GATEWAY_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
+    base = ["serve", "--host", "127.0.0.1", "--port", str(free_port()), "--cache-dir", str(cache_dir)]
+    return cli(*base, *args, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("not toml [", "cannot read config file"),
+        ("bogus = 1", "invalid configuration: Object contains unknown field `bogus`"),
+        ('max_running = "many"', "invalid configuration: Expected `int`, got `str` - at `$.max_running`"),
+    ],
+    ids=["syntax", "unknown-key", "wrong-type"],
+)
+def test_a_bad_config_file_is_one_line(tmp_path: Path, models_dir: Path, text: str, reason: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text + "\n")
+    done = serve_until_exit(tmp_path, models_dir, "--config", str(f))
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("mlx-gateway: ") and reason in line, line
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path: Path, models_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve_until_exit(tmp_path, models_dir, "--model", "tiny", "--port", str(port))
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert LOG_RECORD.match(line) and " ERROR gateway: " in line, line
+    assert line.endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+def test_an_unusable_cache_directory_is_one_line(tmp_path: Path, models_dir: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = serve_until_exit(tmp_path, models_dir, "--model", "tiny", "--cache-dir", str(blocker / "caches"))
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()[-1:]
+    assert "Traceback" not in done.stderr and all(LOG_RECORD.match(x) for x in done.stderr.splitlines())
+    assert f"ERROR gateway: cannot use the prefix-cache directory {blocker / 'caches'}: " in line, line
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("{tmp}/no-such-model", "ModelNotFound: No model directory at {tmp}/no-such-model"),
+        ("{tmp}", "ModelNotFound: {tmp} is not a model directory: it has no config.json"),
+        ("{tmp}/no-such.gguf", "GGUFError: No GGUF file at {tmp}/no-such.gguf"),
+        ("tinyy", "ModelNotFound: 'tinyy' is not a preset (tiny, small, "),
+    ],
+    ids=["missing-path", "not-a-model-dir", "missing-gguf", "unknown-preset"],
+)
+def test_a_model_that_cannot_load_ends_serve_with_one_line(
+    tmp_path: Path, models_dir: Path, model: str, reason: str
+) -> None:
+    source = model.format(tmp=tmp_path / "m")
+    (tmp_path / "m").mkdir()
+    reason = reason.format(tmp=tmp_path / "m")
+    started = time.monotonic()
+    done = serve_until_exit(tmp_path, models_dir, "--model", source)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 45
+    lines = done.stderr.splitlines()
+    assert "Traceback" not in done.stderr and all(LOG_RECORD.match(x) for x in lines), done.stderr
+    # The model's own report (as with several models), then the last line: why the server stops.
+    errors = [x.split(" ", 2)[2] for x in lines if " ERROR " in x]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"ERROR adapters.mlx_lm.engine: model {source} failed to load: {reason}")
+    assert errors[1].startswith(f"ERROR gateway: nothing to serve: model {source} failed to load: {reason}")
+    assert lines[-1].endswith(errors[1])
 
 
 def test_serve_flags_configure_the_real_server(gw: Server) -> None:

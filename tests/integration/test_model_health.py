@@ -1,9 +1,12 @@
 """Health that tells the truth, on the real server: a model that fails to load is not served, requests for
-it say why and that retrying will not help (the openai SDK does not retry), and ``/health`` is 200 only
-while some model can serve."""
+it say why and that retrying will not help (the openai SDK does not retry), ``/health`` is 200 only
+while some model can serve, and a server with no model left to serve exits."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import Server, run_server
+from tests.servers import ROOT, Server, free_port, run_server
 
 
 def _config(tmp_path: Path, *models: tuple[str, str]) -> Path:
@@ -46,6 +49,10 @@ def test_a_failed_model_is_not_served_and_says_why(tmp_path: Path, models_dir: P
         assert body["models"]["tiny"]["state"] == "ready"
         assert body["models"]["broken"]["state"] == "failed"
         assert "No model directory" in body["models"]["broken"]["error"]
+        log = server.log_text()
+        report = f"model broken failed to load: ModelNotFound: No model directory at {tmp_path / 'no-such-model'}\n"
+        assert f"ERROR adapters.mlx_lm.engine: {report}" in log
+        assert "Traceback" not in log, log  # the operator's mistake, not a bug: one line
 
         assert [m["id"] for m in httpx.get(f"{server.v1}/models").json()["data"]] == ["tiny"]
         one = httpx.get(f"{server.v1}/models/broken")
@@ -68,16 +75,29 @@ def test_a_failed_model_is_not_served_and_says_why(tmp_path: Path, models_dir: P
         assert reply.choices[0].finish_reason in ("length", "stop")
 
 
-def test_health_is_503_when_no_model_can_serve(tmp_path: Path, models_dir: Path, log_dir: Path) -> None:
-    config = _config(tmp_path, ("broken", str(tmp_path / "no-such-model")))
-    with run_server(["--config", str(config)], models_dir=models_dir, log_dir=log_dir, wait_ready=False) as server:
-        health = _settled(server)
-        assert health.status_code == 503
-        assert health.json()["status"] == "unhealthy"
-        assert httpx.get(f"{server.v1}/models").json()["data"] == []
-        r = httpx.post(f"{server.v1}/completions", json={"model": "broken", "prompt": "x", "max_tokens": 1}, timeout=10)
-        assert r.status_code == 503 and r.headers["x-should-retry"] == "false"
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+def test_the_server_exits_when_no_model_can_serve(tmp_path: Path, models_dir: Path) -> None:
+    """Nothing to serve: each model's failure is one line, the last line says why the server stops, and the
+    command ends with status 1 (it used to serve 503s for ever after a traceback for each model)."""
+    missing, empty = tmp_path / "no-such-model", tmp_path / "empty"
+    empty.mkdir()
+    config = _config(tmp_path, ("broken", str(missing)), ("hollow", str(empty)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_GATEWAY_")}
+    env["MLX_GATEWAY_MODELS_DIR"] = str(models_dir)
+    args = ["serve", "--config", str(config), "--port", str(free_port()), "--cache-dir", str(tmp_path / "caches")]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line.split(" ", 2)[2] for line in done.stderr.splitlines() if " ERROR " in line]
+    assert errors == [
+        f"ERROR adapters.mlx_lm.engine: model broken failed to load: ModelNotFound: No model directory at {missing}",
+        f"ERROR adapters.mlx_lm.engine: model hollow failed to load: ModelNotFound: {empty} is not a model "
+        "directory: it has no config.json",
+        f"ERROR gateway: nothing to serve: every model failed to load (broken: ModelNotFound: No model directory at "
+        f"{missing}; hollow: ModelNotFound: {empty} is not a model directory: it has no config.json)",
+    ]
+    assert done.stderr.splitlines()[-1].endswith(errors[-1])
 
 
 def test_loading_is_logged_stage_by_stage(models_dir: Path, log_dir: Path) -> None:

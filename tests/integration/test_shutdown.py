@@ -78,3 +78,28 @@ def test_a_second_signal_stops_at_once(models_dir: Path, log_dir: Path) -> None:
         _clean_exit(server)
         assert time.monotonic() - started < 15
         assert "stopping now" in server.log_text()
+
+
+def test_the_end_of_the_grace_period_fails_open_streams_through_the_engine(models_dir: Path, log_dir: Path) -> None:
+    """As a second signal does: each open stream gets one error event and ends; uvicorn no longer cancels them
+    (which logged a CancelledError traceback per stream)."""
+    args = ["--model", "tiny", "--shutdown-timeout", "1"]
+    with run_server(args, models_dir=models_dir, log_dir=log_dir) as server:
+        with httpx.stream("POST", f"{server.v1}/completions", json={**BODY, "max_tokens": 5000}, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            server.process.send_signal(signal.SIGTERM)
+            data = [first[6:]] + [line[6:] for line in lines if line.startswith("data: ")]
+        assert data[-1] != "[DONE]"
+        error = json.loads(data[-1])["error"]
+        assert error == {
+            "message": "The engine failed on this request: The server is stopping",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        assert all("error" not in json.loads(d) for d in data[:-1])
+        _clean_exit(server)
+        log = server.log_text()
+        assert "grace period over: 1 requests still in flight are cut" in log
+        assert "CancelledError" not in log and "Cancel 1 running task" not in log, log
