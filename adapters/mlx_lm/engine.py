@@ -303,7 +303,8 @@ class MlxEngine:
         slot = self._slots.get(model)
         if slot is None:
             raise UnknownModel(model)
-        if self._crashed is not None or not self._thread.is_alive():
+        if self._crashed is not None or not self._thread.is_alive() or self._stopping.is_set():
+            # Refused once stopping: a request queued after the loop failed the rest would wait forever.
             raise ModelUnavailable(f"The engine is not running: {self._crashed or 'stopped'}")
         if slot.state == "failed":
             raise ModelUnavailable(
