@@ -438,6 +438,23 @@ def replicas(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def exit_cycles(result: dict[str, Any]) -> str:
+    lines = _head(
+        "start, serve one stream, SIGTERM",
+        result,
+        "A cycle is clean when the server exits 0 and prints nothing after `gateway: stopped`.",
+        ["cycle", "ready after s", "stream chunks", "exit status", "printed after the stop line"],
+    )
+    for r in result["rows"]:
+        after = r["after_stop"].replace("|", "/").replace("\n", " ") or "nothing"
+        lines.append(
+            f"| {r['cycle']} | {r.get('ready_seconds', '-')} | {r.get('chunks', '-')} | {r['exit']} | {after} |"
+        )
+    clean = sum(r["exit"] == 0 and not r["after_stop"] for r in result["rows"])
+    lines += ["", f"{clean} of {len(result['rows'])} cycles clean."]
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -455,6 +472,7 @@ RENDER = {
     "peer-llamacpp": peer_llamacpp,
     "cpu-paths": cpu_paths,
     "replicas": replicas,
+    "exit-cycles": exit_cycles,
 }
 
 
