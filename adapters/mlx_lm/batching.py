@@ -264,11 +264,12 @@ class Batcher:
         return self._together(group)
 
     def _queue(self) -> list[_Arrival]:
-        """Arrivals ready to prefill, in the order they are taken: a prompt already part-prefilled first,
-        then by the slots their tenant holds (fewest first), then first come first served."""
+        """Arrivals ready to prefill, in the order they are taken: by the slots their tenant holds (fewest
+        first), then first come first served. A long prompt part-prefilled keeps its place in that order, so
+        another tenant's short prompt need not wait for all of its chunks."""
         held = self.held()
         ready = [a for a in self._arrivals if a.prompt]
-        return sorted(ready, key=lambda a: (a.done == 0, held[a.tenant], a.order))
+        return sorted(ready, key=lambda a: (held[a.tenant], a.order))
 
     def _next_group(self) -> list[_Arrival]:
         """Arrivals at the head of the queue that fit the batch and go through the model together."""
