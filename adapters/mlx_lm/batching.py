@@ -38,6 +38,9 @@ the rectangle that running sequences and it could grow to (every sequence at its
 fits ``LoadedModel.kv_budget`` (``max_running_kv_bytes``); planning refuses a request that could never fit
 it alone, so waiting always ends.
 
+A batcher and everything in it (sequences, arrivals, slots) belong to the engine thread; others see only the
+counts the engine publishes in its snapshot (``running``, ``waiting``, ``preempted``).
+
 Grammars (structured output) are masked batch-wide: before a step's mask is built each constrained row's
 matcher consumes the token that row is fed, read from the device while the step's forward pass runs; all
 masks are filled in one llguidance call and applied with one ``mx.where`` (:class:`BatchMasker`).
