@@ -455,6 +455,41 @@ def exit_cycles(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def abuse(result: dict[str, Any]) -> str:
+    r = result["rows"][0]
+    lines = _head(
+        "one tenant sends the worst valid shapes while another is timed",
+        result,
+        f"{r['seconds']:.0f} s of abuse after a {r['warm_up_seconds']:.0f} s warm-up; context {r['context']}; "
+        f"`n` = {r['n']}; every request's timeout {r['timeout']:.0f} s. " + result.get("notes", ""),
+        ["measure", "value"],
+    )
+    rss = f"{r['rss_before'] / 1e6:.0f} / {r['rss_peak'] / 1e6:.0f} / {r['rss_after'] / 1e6:.0f} MB"
+    rows = [
+        ("well-behaved TTFT alone, p50 / p95", f"{r['ttft_alone_p50'] * 1e3:.0f} / {r['ttft_alone_p95'] * 1e3:.0f} ms"),
+        (
+            "well-behaved TTFT under abuse, p50 / p95",
+            f"{r['ttft_abuse_p50'] * 1e3:.0f} / {r['ttft_abuse_p95'] * 1e3:.0f} ms",
+        ),
+        ("well-behaved requests (errors)", f"{r['calm_requests']} ({len(r['calm_errors'])})"),
+        *(
+            (f"noisy `{shape}`", ", ".join(f"{n} x {status}" for status, n in sorted(outcomes.items())))
+            for shape, outcomes in r["noisy"].items()
+        ),
+        *(
+            (f"`{path}` scrapes p50 / p99 (n)", f"{s['p50'] * 1e3:.0f} / {s['p99'] * 1e3:.0f} ms ({s['n']})")
+            for path, s in r["scrapes"].items()
+        ),
+        ("scrape failures", str(r["scrape_failures"])),
+        ("time to 0 active requests after", f"{r['settle_seconds']:.2f} s ({r['active_left']} left)"),
+        ("engine steps in 5 s idle", str(r["idle_steps"])),
+        ("RSS before / peak / after", rss),
+        ("problems", "; ".join(r["problems"]) or "none"),
+    ]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -473,6 +508,7 @@ RENDER = {
     "cpu-paths": cpu_paths,
     "replicas": replicas,
     "exit-cycles": exit_cycles,
+    "abuse": abuse,
 }
 
 
