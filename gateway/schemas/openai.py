@@ -205,8 +205,9 @@ class _Sampling(_Request, kw_only=True):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: StopString | StopList | None = None
-    # msgspec takes no bound past int64 (SEED_MAX is 2**64 - 1): planning checks the upper one.
-    seed: Annotated[int, msgspec.Meta(ge=SEED_MIN, description=f"At most {SEED_MAX}")] | None = None
+    # Planning checks both bounds: msgspec takes none past int64 (SEED_MAX is 2**64 - 1), and a bound in the
+    # OpenAPI document past 2**53 reaches JavaScript clients (Swagger UI) rounded.
+    seed: Annotated[int, msgspec.Meta(description=f"From {SEED_MIN} to {SEED_MAX}")] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: (
