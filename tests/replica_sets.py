@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,10 @@ import httpx
 import pytest
 
 from tests.servers import ROOT, free_port
+
+# HAProxy's log line when a health check changes a server's state in a backend.
+_SERVER_STATE = re.compile(r"Server (\S+)/(\S+) is (UP|DOWN)")
+BACKENDS = ("by_cache", "least_connections")
 
 
 def haproxy_executable() -> str:
@@ -61,6 +66,25 @@ class ReplicaSetProcess:
 
     def replica_urls(self) -> dict[str, str]:
         return {r["id"]: r["url"] for r in self.state()["replicas"]}
+
+    def proxy_states(self) -> dict[tuple[str, str], str]:
+        """What HAProxy last logged of each (backend, replica): "UP" or "DOWN"; absent until it logs one.
+        Servers start unreachable (a replica takes seconds to load), so each goes DOWN, then UP after its
+        ``rise`` good checks: a replica answering /health is not yet one that HAProxy sends requests to."""
+        log = self.run_dir / "haproxy.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return {(m[1], m[2]): m[3] for m in _SERVER_STATE.finditer(text)}
+
+    def wait_routed(self, replica_ids: list[str], timeout: float) -> None:
+        """Until HAProxy has every one of ``replica_ids`` UP in both backends."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.proxy_states()
+            if all(states.get((b, r)) == "UP" for b in BACKENDS for r in replica_ids):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HAProxy does not route to all of {replica_ids}: {states}\n{self.logs()}")
+            time.sleep(0.05)
 
     def logs(self) -> str:
         return "\n".join(
@@ -118,6 +142,8 @@ def run_replica_set(
                 wait_healthy(url, max(deadline - time.monotonic(), 1.0), proc)
             except (RuntimeError, TimeoutError) as exc:
                 raise RuntimeError(f"{exc}:\n{replica_set.logs()}") from exc
+        # The proxy answering /health means one replica is UP there; tests of balancing need them all.
+        replica_set.wait_routed(list(replica_set.replica_urls()), max(deadline - time.monotonic(), 5.0))
         yield replica_set
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -369,16 +369,32 @@ def test_create_draws_a_progress_bar_on_a_terminal(gw: Server) -> None:
 def test_interrupting_a_streamed_create_cancels_the_build(gw: Server) -> None:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_GATEWAY_")}
     full_env.update(env_for(gw))
-    # tiny-slow prefills 16 tokens a chunk: 4,000 tokens are 250 engine turns, far more than the interrupt needs.
+    # tiny-slow prefills 16 tokens a chunk: 4,000 tokens are 250 engine turns.
     args = ["caches", "create", "interrupted", "--model", "tiny-slow", "--prompt", WORDS]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=ROOT,
+        env=full_env,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As in a terminal: SIGINT raises KeyboardInterrupt. A child inherits an ignored SIGINT (pytest started
+        # in the background by a script, or under nohup), and Python then keeps ignoring it: the CLI would
+        # build to the end and exit 0.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     first = proc.stderr.readline()
     assert first.startswith("building interrupted: 16/4000 tokens"), first
-    proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
+    # The server is stopped while the interrupt lands: however late this busy machine runs the CLI, the build
+    # cannot finish first. It resumes to a closed connection.
+    os.kill(gw.process.pid, signal.SIGSTOP)
+    try:
+        done = [int(n) for n in re.findall(r"prefix cache interrupted: (\d+)/4000 tokens", gw.log_text())]
+        assert done and max(done) < 4000, "the build finished before the interrupt could be sent"
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        os.kill(gw.process.pid, signal.SIGCONT)
     assert proc.returncode == 1 and "Aborted!" in rest
     deadline = time.monotonic() + 30
     while "prefix cache build interrupted cancelled" not in gw.log_text():

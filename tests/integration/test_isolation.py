@@ -76,6 +76,13 @@ def fingerprint(resp: dict) -> list:
     return out
 
 
+def warm(server: Server, name: str) -> None:
+    """Read the cache's file into memory now. Left cold, a request may recompute its tokens instead, when
+    reading was measured dearer than prefilling (a loaded machine's slow reads can make it so)."""
+    r = httpx.post(f"{server.url}/admin/prefix-caches/{name}/warm", timeout=60)
+    assert r.status_code == 200 and r.json()["was_resident"] is False, r.text
+
+
 def digests(server: Server, name: str) -> tuple[str, str]:
     info = httpx.get(f"{server.url}/admin/prefix-caches/{name}?verify=true", timeout=60).json()["integrity"]
     assert info["ok"], info
@@ -83,12 +90,13 @@ def digests(server: Server, name: str) -> tuple[str, str]:
 
 
 def test_strict_same_request_is_bit_identical_whatever_ran_before_or_beside(
-    fresh_strict: tuple[Server, Path],
+    fresh_strict: tuple[Server, Path], models_dir: Path, log_dir: Path
 ) -> None:
-    """strict mode's promise: tokens and logprobs bit-identical alone or beside any other traffic."""
-    server, _ = fresh_strict
+    """strict mode's promise: tokens and logprobs bit-identical alone, beside any other traffic, and after a
+    restart with the cache read from disk (on one machine: README, Isolation)."""
+    server, cache_dir = fresh_strict
     assert httpx.get(f"{server.url}/health").json()["models"]["tiny"]["isolation_mode"] == "strict"
-    create(server, "policy")
+    created = create(server, "policy")
     question = "Review this function for logging issues."
     first = fingerprint(chat(server, question, "policy"))  # the very first generation on this server
     seeded_first = chat(server, question, "policy", temperature=1.0, seed=99)["choices"][0]["message"]["content"]
@@ -113,6 +121,16 @@ def test_strict_same_request_is_bit_identical_whatever_ran_before_or_beside(
         assert fingerprint(target.result()) == first
         assert seeded.result()["choices"][0]["message"]["content"] == seeded_first
 
+    server.process.terminate()
+    server.process.wait(20)
+    env = {"MLX_GATEWAY_ISOLATION_MODE": "strict"}
+    args = ["--model", "tiny", "--cache-dir", str(cache_dir)]
+    with run_server(args, models_dir=models_dir, log_dir=log_dir, env=env) as s2:
+        warm(s2, "policy")
+        cold = chat(s2, question, "policy")
+        assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == created["num_tokens"]
+        assert fingerprint(cold) == first
+
 
 def test_no_context_leaks_into_regular_generation(fresh: tuple[Server, Path]) -> None:
     server, _ = fresh
@@ -127,9 +145,15 @@ def test_no_context_leaks_into_regular_generation(fresh: tuple[Server, Path]) ->
 
 
 def test_stored_cache_never_changes(fresh: tuple[Server, Path], models_dir: Path, log_dir: Path) -> None:
+    """The stored cache's arrays never change with use or across a restart, and a request that decodes
+    alone answers the same bits before and after the restart, its cache resident or read from disk."""
     server, cache_dir = fresh
+    # MKL's own conditions for run-to-run identical results (adapters/mlx_lm/blas.py): this server meets them.
+    if "BLAS mkl" in server.log_text():
+        assert "MKL in its reproducible mode: MKL_CBWR=" in server.log_text()
     created = create(server, "policy")
     arrays_before, file_before = digests(server, "policy")
+    first = chat(server, "final question", "policy")  # the server's first generation: a batch of its own
     for i in range(8):
         chat(server, f"question number {i}", "policy", max_tokens=30)
     stream = httpx.post(
@@ -139,7 +163,11 @@ def test_stored_cache_never_changes(fresh: tuple[Server, Path], models_dir: Path
     )
     assert stream.status_code == 200
     assert digests(server, "policy") == (arrays_before, file_before)
-    answer = chat(server, "final question", "policy")
+    # Used many times, the cache still gives the same answer. Bit for bit only once a batch drops its slots
+    # when its last sequence ends (test_a_request_alone_answers_the_same_bits_whatever_ran_before): until
+    # then this request decodes in the two rows the n=2 request left, and two rows round otherwise than one
+    # (on an Intel Xeon's MKL path; on this AMD EPYC's only from four rows on).
+    assert_same_greedy(fingerprint(first), fingerprint(chat(server, "final question", "policy")))
     server.process.terminate()
     server.process.wait(20)
     # Persistence across restarts: same file, same arrays once loaded, same answer, counted hits.
@@ -147,10 +175,29 @@ def test_stored_cache_never_changes(fresh: tuple[Server, Path], models_dir: Path
         listed = httpx.get(f"{s2.url}/admin/prefix-caches/policy", timeout=30).json()
         assert listed["status"] == "ready" and listed["num_tokens"] == created["num_tokens"]
         assert listed["hits"] >= 10  # hit counters were flushed to the manifest
+        warm(s2, "policy")
         again = chat(s2, "final question", "policy")
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == created["num_tokens"]
-        assert fingerprint(again) == fingerprint(answer)
+        assert fingerprint(again) == fingerprint(first)  # alone in a batch both times: bit for bit
         assert digests(s2, "policy") == (arrays_before, file_before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A Batcher keeps its slots after its last sequence ends: it drops them in a later step, which the "
+    "engine never takes once no request is in the batch (engine.py steps it only `if self._batched`). The next "
+    "request then decodes in the rows earlier ones grew. Batcher.step() should drop the slots (and the step "
+    "queued for ended rows) as soon as no sequence is left; remove this mark then.",
+)
+def test_a_request_alone_answers_the_same_bits_whatever_ran_before(fresh: tuple[Server, Path]) -> None:
+    """balanced mode: a request that decodes with no other sequence beside it answers the same bits as it
+    did alone before, whatever ran earlier (here a request with n=4, which needs four slots)."""
+    server, _ = fresh
+    create(server, "policy")
+    alone = fingerprint(chat(server, "final question", "policy"))
+    wide = {"model": "tiny", "prompt": "x", "max_tokens": 30, "n": 4, "temperature": 1}
+    assert httpx.post(f"{server.v1}/completions", json=wide, timeout=60).status_code == 200
+    assert fingerprint(chat(server, "final question", "policy")) == alone
 
 
 def test_cache_plus_suffix_equals_full_prompt(fresh: tuple[Server, Path]) -> None:
