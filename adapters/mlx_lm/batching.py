@@ -588,8 +588,12 @@ class Batcher:
         self._pending = launched
         if first is not None:
             out += self._read(first)
-        if self._pending is None and not self._seqs:
-            self._drop_slots()  # idle: free the KV
+        if not self._seqs:
+            # Idle: free the KV now (nobody reads the step queued for ended rows). Waiting for one more step
+            # kept the slots, since the engine steps a batch only while a request is in it: the next request
+            # decoded in rows that earlier ones grew, and its last bits depended on them.
+            self._pending = None
+            self._drop_slots()
         return out
 
     def _drop_slots(self) -> None:

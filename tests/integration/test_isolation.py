@@ -182,13 +182,6 @@ def test_stored_cache_never_changes(fresh: tuple[Server, Path], models_dir: Path
         assert digests(s2, "policy") == (arrays_before, file_before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A Batcher keeps its slots after its last sequence ends: it drops them in a later step, which the "
-    "engine never takes once no request is in the batch (engine.py steps it only `if self._batched`). The next "
-    "request then decodes in the rows earlier ones grew. Batcher.step() should drop the slots (and the step "
-    "queued for ended rows) as soon as no sequence is left; remove this mark then.",
-)
 def test_a_request_alone_answers_the_same_bits_whatever_ran_before(fresh: tuple[Server, Path]) -> None:
     """balanced mode: a request that decodes with no other sequence beside it answers the same bits as it
     did alone before, whatever ran earlier (here a request with n=4, which needs four slots)."""
