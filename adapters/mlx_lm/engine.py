@@ -45,7 +45,7 @@ from adapters.base import (
     PrefixWarmed,
     UnknownModel,
 )
-from adapters.mlx_lm.batching import Batcher
+from adapters.mlx_lm.batching import Batcher, SequenceOut
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
 from adapters.mlx_lm.models import SOURCE_ERRORS, LoadedModel, MlxTokenizer, ModelSpec, load_steps
 from adapters.mlx_lm.outbox import Outbox
@@ -604,14 +604,19 @@ class MlxEngine:
                 continue
             try:
                 started = time.perf_counter()
-                outs = batcher.step()
+
+                def early(firsts: list[SequenceOut], batcher: Batcher = batcher) -> None:
+                    self._deliver(batcher, firsts)
+                    self._outbox.flush()  # a lone request's first token leaves before the next step is built
+
+                outs = batcher.step(early)
                 for tokens, seconds in batcher.prefill_timings:
                     self.prefixes.record_prefill(batcher.loaded, tokens, seconds)
                 seconds = time.perf_counter() - started
                 if not batcher.worked:
                     continue  # every sequence waits (for slots or KV room): no step to count
                 worked = True
-                self.stats.batch_step(name, len(outs), seconds)
+                self.stats.batch_step(name, len(outs) + batcher.early_count, seconds)
                 if outs and batcher.decoded:  # the step's decode time, without the prefill chunk it carried
                     prefill = sum(s for _, s in batcher.prefill_timings)
                     self.stats.decode_step(name, "batch", max(0.0, seconds - prefill))
@@ -619,27 +624,31 @@ class MlxEngine:
                 logger.exception("batch step failed for model %s", name)
                 self._fail_batch(name, exc)
                 continue
-            for out in outs:
-                entry = self._batched.get(out.uid)
-                if entry is None:
-                    continue
-                request, choice = entry
-                if choice.done:
-                    continue
-                accept(request, choice, out.sampled)
-                if not choice.done and out.finish_reason is not None:
-                    choice.done = True  # the batch ended it (its own length/EOS bookkeeping)
-                    end_choice(request, choice, out.finish_reason)
-                if choice.done:
-                    if choice.index == 0:
-                        self.prefixes.keep_for_reuse(request, out.cache)
-                        self.prefixes.keep_recomputed(request, out.cache)
-                    self._batched.pop(out.uid, None)
-                    if out.finish_reason is None:
-                        batcher.remove([out.uid])  # a stop string: the batch would go on
-                    if all(c.done for c in request.choices):
-                        self._finish(request)
+            self._deliver(batcher, outs)
         return worked
+
+    def _deliver(self, batcher: Batcher, outs: list[SequenceOut]) -> None:
+        """Hand a batch's tokens to their requests: events, choices that end, requests that finish."""
+        for out in outs:
+            entry = self._batched.get(out.uid)
+            if entry is None:
+                continue
+            request, choice = entry
+            if choice.done:
+                continue
+            accept(request, choice, out.sampled)
+            if not choice.done and out.finish_reason is not None:
+                choice.done = True  # the batch ended it (its own length/EOS bookkeeping)
+                end_choice(request, choice, out.finish_reason)
+            if choice.done:
+                if choice.index == 0:
+                    self.prefixes.keep_for_reuse(request, out.cache)
+                    self.prefixes.keep_recomputed(request, out.cache)
+                self._batched.pop(out.uid, None)
+                if out.finish_reason is None:
+                    batcher.remove([out.uid])  # a stop string: the batch would go on
+                if all(c.done for c in request.choices):
+                    self._finish(request)
 
     @staticmethod
     def _keeps_cache(request: Request) -> bool:

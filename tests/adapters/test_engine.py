@@ -82,11 +82,11 @@ def test_a_failing_batch_fails_its_requests_only(engine: MlxEngine, monkeypatch:
     original = Batcher.step
     calls = {"n": 0}
 
-    def faulty(self):  # type: ignore[no-untyped-def]
+    def faulty(self, *args):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected batch fault")
-        return original(self)
+        return original(self, *args)
 
     monkeypatch.setattr(Batcher, "step", faulty)
     events = run(engine, plan("boom", model="tiny-batched"))
