@@ -28,6 +28,8 @@ __all__ = [
     "EngineError",
     "EngineEvent",
     "EngineNotReady",
+    "KV_STEP",
+    "kv_bytes_at_most",
     "ModelUnavailable",
     "Failed",
     "Finished",
@@ -45,6 +47,18 @@ __all__ = [
     "UnknownModel",
     "PrefixBuildRefused",
 ]
+
+
+# Positions a sequence's KV grows by at a time (the slot batch's capacity step, as mlx-lm's KVCache.step).
+KV_STEP = 256
+
+
+def kv_bytes_at_most(prompt_tokens: int, max_tokens: int, bytes_per_token: int) -> int:
+    """The KV one sequence may come to hold: its prompt, ``max_tokens`` and the position being written, in
+    whole :data:`KV_STEP` steps. What the KV budget (``max_running_kv_bytes``) counts for it, in planning and
+    in the engine alike."""
+    positions = prompt_tokens + max_tokens + 1
+    return -(-positions // KV_STEP) * KV_STEP * bytes_per_token
 
 
 class EngineError(Exception):

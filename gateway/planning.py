@@ -19,7 +19,16 @@ from typing import Any, Literal, cast
 
 import msgspec
 
-from adapters.base import ModelInfo, OutputConstraint, Plan, PrefixUse, PromptTokenizer, SamplingParams, ToolCalling
+from adapters.base import (
+    ModelInfo,
+    OutputConstraint,
+    Plan,
+    PrefixUse,
+    PromptTokenizer,
+    SamplingParams,
+    ToolCalling,
+    kv_bytes_at_most,
+)
 from gateway.config import ModelConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest
 from gateway.limits import (
@@ -655,10 +664,6 @@ def plan_completion(
     )
 
 
-# Positions a sequence's KV grows by at a time (the slot batch's capacity step, mlx-lm's KVCache.step).
-KV_STEP = 256
-
-
 def check_kv_budget(planned: PlannedRequest, info: ModelInfo) -> None:
     """A request whose running KV could never fit the server's budget (``max_running_kv_bytes``) even alone
     is a 400 naming the budget: it would wait forever. Alone means one choice in a batch's slot (choices
@@ -670,9 +675,8 @@ def check_kv_budget(planned: PlannedRequest, info: ModelInfo) -> None:
     if not info.kv_bytes_per_token or not info.kv_budget:
         return
     for plan in planned.plans:
-        final = len(plan.prompt_tokens) + plan.sampling.max_tokens + 1
         rows = 1 if info.batched else plan.sampling.n
-        need = rows * -(-final // KV_STEP) * KV_STEP * info.kv_bytes_per_token
+        need = rows * kv_bytes_at_most(len(plan.prompt_tokens), plan.sampling.max_tokens, info.kv_bytes_per_token)
         if need > info.kv_budget:
             together = "" if info.batched else f" for its {rows} choices decoded together"
             raise InvalidRequest(

@@ -59,7 +59,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from adapters.base import SamplingParams
+from adapters.base import SamplingParams, kv_bytes_at_most
 from adapters.mlx_lm.constraints import BatchMasker, GrammarMatcher
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.sampling import (
@@ -229,23 +229,23 @@ class Batcher:
             self._seqs[seq.uid] = seq
             seqs.append(seq)
         whole = mx.array(list(context))
-        size = self._part_size(final)
+        size = self._part_size(final, kv_bytes_at_most(len(context), params.max_tokens, self.loaded.kv_bytes_per_token))
         for start in range(0, len(seqs), size):
             part = seqs[start : start + size]
             own = (cache if start == 0 else _copy_cache(cache)) if cache else self.loaded.make_cache()
             self._arrivals.append(_Arrival(part, list(prompt), own, whole, tenant, next(self._orders)))
         return [s.uid for s in seqs]
 
-    def _part_size(self, final: int) -> int:
-        """The most sequences of ``final`` positions that join together: at most ``max_running``, and as many
-        as the KV budget holds in an otherwise empty batch (rows double, as ``_free_slot`` grows them).
+    def _part_size(self, final: int, row: int) -> int:
+        """The most sequences of ``final`` positions (``row`` bytes of slots each) that join together: at most
+        ``max_running``, and as many as the KV budget holds in an otherwise empty batch (rows double, as
+        ``_free_slot`` grows them).
 
         Raises:
             ValueError: not even one fits the budget (planning refuses such requests: it would wait forever).
         """
         if self.kv_budget is None:
             return self.max_running
-        row = capacity_for(final + 1) * self.loaded.kv_bytes_per_token
         if row > self.kv_budget:
             raise ValueError(
                 f"a sequence of {final} positions needs {row} bytes of KV, over the budget {self.kv_budget}"

@@ -44,6 +44,7 @@ from adapters.base import (
     PrefixBuilt,
     PrefixWarmed,
     UnknownModel,
+    kv_bytes_at_most,
 )
 from adapters.mlx_lm.batching import Batcher, SequenceOut
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
@@ -52,7 +53,6 @@ from adapters.mlx_lm.outbox import Outbox
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
-from adapters.mlx_lm.slot_kv import capacity_for
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
 from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse
 from adapters.stats import EngineStats
@@ -520,8 +520,8 @@ class MlxEngine:
         if request.kv_reserved or request.batched or not loaded.kv_budget:
             return True
         plan = request.plan
-        final = len(plan.prompt_tokens) + plan.sampling.max_tokens + 1
-        need = plan.sampling.n * capacity_for(final) * loaded.kv_bytes_per_token
+        sampling = plan.sampling
+        need = sampling.n * kv_bytes_at_most(len(plan.prompt_tokens), sampling.max_tokens, loaded.kv_bytes_per_token)
         held = self._sequential_kv.get(loaded.spec.name, 0)
         if held and held + need > loaded.kv_budget:
             return False

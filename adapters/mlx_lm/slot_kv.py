@@ -24,10 +24,12 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from adapters.base import KV_STEP
+
 __all__ = ["CAPACITY_STEP", "SlotBatch", "SlotKVCache", "capacity_for"]
 
-# Positions added to every slot when the longest sequence outgrows the batch (as mlx-lm's KVCache.step).
-CAPACITY_STEP = 256
+# Positions added to every slot when the longest sequence outgrows the batch (the step the KV budget counts in).
+CAPACITY_STEP = KV_STEP
 
 
 def capacity_for(tokens: int) -> int:
