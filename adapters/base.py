@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import msgspec
+
 from adapters.stats import EngineStats
 from prefix_caches.errors import PrefixCacheError
 from prefix_caches.manifest import Manifest
@@ -163,8 +165,7 @@ class ToolCalling:
     parallel: bool = True
 
 
-@dataclass(frozen=True)
-class ToolCallOut:
+class ToolCallOut(msgspec.Struct, frozen=True, tag=True):
     """A tool call the model made: ``arguments`` is JSON text, as OpenAI sends it."""
 
     id: str
@@ -203,8 +204,7 @@ class PrefixBuild:
     replace: bool = False
 
 
-@dataclass(frozen=True)
-class Started:
+class Started(msgspec.Struct, frozen=True, tag=True):
     """The engine admitted the request; what a named prefix cache gave it."""
 
     cached_tokens: int
@@ -214,20 +214,17 @@ class Started:
     prefix_miss_reason: str | None = None
 
 
-@dataclass(frozen=True)
-class BuildProgress:
+class BuildProgress(msgspec.Struct, frozen=True, tag=True):
     done: int
     total: int
 
 
-@dataclass(frozen=True)
-class PrefixBuilt:
+class PrefixBuilt(msgspec.Struct, frozen=True, tag=True):
     manifest: Manifest
     seconds: float
 
 
-@dataclass(frozen=True)
-class PrefixWarmed:
+class PrefixWarmed(msgspec.Struct, frozen=True, tag=True):
     """A stored cache's KV loaded into memory: whether it already was, and whether it stayed (it does not
     when it alone is larger than the store's memory budget)."""
 
@@ -237,15 +234,13 @@ class PrefixWarmed:
     bytes_in_memory: int
 
 
-@dataclass(frozen=True)
-class TopLogprob:
+class TopLogprob(msgspec.Struct, frozen=True, tag=True):
     token: str
     logprob: float
     bytes: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
+class TokenLogprob(msgspec.Struct, frozen=True, tag=True):
     token: str
     token_id: int
     logprob: float
@@ -253,8 +248,7 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
-@dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(msgspec.Struct, frozen=True, tag=True):
     """New text for one choice. ``text`` may be empty while a possible stop string is held back."""
 
     choice: int
@@ -264,22 +258,19 @@ class TokenEvent:
     tool_calls: tuple[ToolCallOut, ...] = ()
 
 
-@dataclass(frozen=True)
-class ChoiceFinished:
+class ChoiceFinished(msgspec.Struct, frozen=True, tag=True):
     choice: int
     reason: str  # "stop" | "length" | "tool_calls"
     text: str = ""  # held-back text released at the end
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True, tag=True):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
 
 
-@dataclass(frozen=True)
-class Failed:
+class Failed(msgspec.Struct, frozen=True, tag=True):
     error: EngineError
 
 
@@ -344,8 +335,18 @@ class Engine(Protocol):
         """Load a stored cache's KV into resident memory (as a request naming it would)."""
         ...
 
+    def record_miss(self, model: str, tenant: str) -> None:
+        """A request named a cache of ``tenant`` and was planned without it (counted with the cache's use)."""
+        ...
+
     @property
-    def prefix_store(self) -> PrefixCacheStore | None: ...
+    def prefix_store(self) -> PrefixCacheStore | None:
+        """The named caches' index: manifests and statuses to plan with (the KV arrays stay the engine's)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Bring ``health()`` and ``stats`` up to date (a round trip to an engine in another process)."""
+        ...
 
     def health(self) -> dict[str, object]: ...
 

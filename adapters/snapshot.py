@@ -9,9 +9,13 @@ load cannot see a dictionary change size mid-iteration. Nothing here imports mlx
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
-__all__ = ["EngineSnapshot", "MemoryUse", "ModelHealth", "ReuseUse"]
+from adapters.stats import EngineStats
+
+__all__ = ["EngineSnapshot", "MemoryUse", "ModelHealth", "ReuseUse", "health_report"]
 
 
 class ModelHealth(msgspec.Struct, kw_only=True, frozen=True):
@@ -54,3 +58,24 @@ class EngineSnapshot(msgspec.Struct, kw_only=True, frozen=True):
     automatic_reuse: ReuseUse = ReuseUse()
     memory: MemoryUse = MemoryUse()
     models: tuple[tuple[str, ModelHealth], ...] = ()
+
+
+def health_report(
+    alive: bool, error: str | None, snap: EngineSnapshot, stats: EngineStats, cache_stats: dict[str, int] | None
+) -> dict[str, Any]:
+    """What ``/health`` shows of an engine: its latest snapshot, with the counters' totals."""
+    return {
+        "engine_alive": alive,
+        "engine_error": error,
+        "device": snap.device,
+        "active_requests": snap.active_requests,
+        "batched_sequences": snap.batched_sequences,
+        "waiting_sequences": snap.waiting_sequences,
+        "preempted_sequences": snap.preempted_sequences,
+        "batch_steps": stats.batch_totals(),
+        "automatic_reuse": msgspec.structs.asdict(snap.automatic_reuse),
+        "requests": stats.request_totals(),
+        "models": {name: msgspec.structs.asdict(m) for name, m in snap.models},
+        "memory": msgspec.structs.asdict(snap.memory),
+        "prefix_caches": cache_stats,
+    }

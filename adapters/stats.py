@@ -11,7 +11,9 @@ import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-__all__ = ["CANCEL_LAG_BUCKETS", "DECODE_STEP_BUCKETS", "EngineStats", "StepTimes", "OUTCOMES"]
+import msgspec
+
+__all__ = ["CANCEL_LAG_BUCKETS", "DECODE_STEP_BUCKETS", "EngineStats", "OUTCOMES", "StatsExport", "StepTimes"]
 
 OUTCOMES = ("completed", "cancelled", "failed")
 
@@ -92,6 +94,27 @@ class EngineStats:
 
     # ---- readers (any thread) ------------------------------------------------------------------
 
+    def export(self) -> StatsExport:
+        with self._lock:
+            return StatsExport(
+                requests=[(m, o, n) for (m, o), n in self._requests.items()],
+                steps=[(m, p, t.copy()) for (m, p), t in self._steps.items()],
+                batches=[(m, list(e)) for m, e in self._batches.items()],
+                decode_steps=list(self._decode_steps.items()),
+                cancel_lags=[(m, list(c)) for m, c in self._cancel_lags.items()],
+            )
+
+    @classmethod
+    def restored(cls, export: StatsExport) -> EngineStats:
+        """Counters equal to ``export``'s (a front end's read-only copy of the engine process's)."""
+        stats = cls()
+        stats._requests.update({(m, o): n for m, o, n in export.requests})
+        stats._steps.update({(m, p): t for m, p, t in export.steps})
+        stats._batches.update({m: list(e) for m, e in export.batches})
+        stats._decode_steps.update(dict(export.decode_steps))
+        stats._cancel_lags.update({m: list(c) for m, c in export.cancel_lags})
+        return stats
+
     def requests(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._requests)
@@ -123,3 +146,13 @@ class EngineStats:
             "sequences": sum(v[1] for v in values),
             "seconds": sum(v[2] for v in values),
         }
+
+
+class StatsExport(msgspec.Struct, frozen=True, kw_only=True):
+    """Every counter of an :class:`EngineStats`, as data (what the engine process sends its front ends)."""
+
+    requests: list[tuple[str, str, int]] = []
+    steps: list[tuple[str, str, StepTimes]] = []
+    batches: list[tuple[str, list[float]]] = []
+    decode_steps: list[tuple[str, int]] = []
+    cancel_lags: list[tuple[str, list[int]]] = []

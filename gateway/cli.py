@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import click
 import msgspec
 
+from adapters.base import Engine
+from adapters.setup import EngineSetup, ModelSpec, StoreSetup
 from gateway import __version__
 from gateway.cli_caches import caches
 from gateway.cli_keys import keys
@@ -65,27 +70,25 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
     return run_server(config, engine, sockets)
 
 
-def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type lives behind a lazy import
-    # The BLAS must be chosen before anything imports mlx.
-    from adapters.mlx_lm.blas import load_optimised_blas
+def _engine_setup(config: Config) -> EngineSetup:
+    from prefix_caches import StorageQuota
 
-    blas = load_optimised_blas(config.blas)
-    import mlx.core as mx
+    def quota(tenant: str | None) -> StorageQuota:
+        limits = config.tenant_defaults if tenant is None else config.limits(tenant)
+        return StorageQuota(
+            limits.max_prefix_caches, limits.max_prefix_cache_disk_bytes, limits.max_prefix_cache_memory_bytes
+        )
 
-    from adapters.mlx_lm.engine import MlxEngine
-    from adapters.mlx_lm.models import ModelSpec
-
-    device = mx.default_device()
-    if device == mx.cpu:
-        logger.info("device cpu, BLAS %s (%s), weights as float32", blas.name, blas.path or "bundled")
-        if not blas.fast:
-            logger.warning(
-                "mlx is using its bundled reference BLAS: CPU matmul will be about 30x slower. "
-                "Install the 'cpu' extra (pip install 'mlx-gateway[cpu]') to get MKL."
-            )
-    else:
-        logger.info("device %s", device)
-    specs = [
+    store = None
+    if config.prefix_caches:
+        store = StoreSetup(
+            root=str(config.cache_path),
+            memory_budget_bytes=config.prefix_cache_memory_bytes,
+            default_quota=quota(config.default_tenant + "\0"),  # a tenant without its own table
+            quotas={tenant: quota(tenant) for tenant in config.tenants},
+            sync_seconds=config.prefix_cache_sync_seconds,
+        )
+    models = tuple(
         ModelSpec(
             name=m.name,
             source=m.path,
@@ -103,25 +106,39 @@ def _make_engine(config: Config):  # noqa: ANN202 - the concrete engine type liv
             max_running_kv_bytes=config.max_running_kv_bytes,
         )
         for m in config.models
-    ]
-    if not config.prefix_caches:
-        return MlxEngine(specs, None, config.profile_path)
-    from prefix_caches import PrefixCacheStore, StorageQuota
+    )
+    return EngineSetup(models=models, store=store, blas=config.blas, profile_path=config.profile_path)
 
-    def quota_of(tenant: str) -> StorageQuota:
-        limits = config.limits(tenant)
-        return StorageQuota(
-            limits.max_prefix_caches, limits.max_prefix_cache_disk_bytes, limits.max_prefix_cache_memory_bytes
-        )
 
-    store = PrefixCacheStore(config.cache_path, config.prefix_cache_memory_bytes, quota_of)
+def engine_layout(config: Config) -> str:
+    """``process`` or ``thread``: the configured one, or for ``auto`` the one measured faster on the installed
+    backend (README, Performance): the process on an NVIDIA GPU, the thread on a CPU."""
+    if config.engine_layout != "auto":
+        return config.engine_layout
+    cuda = any(importlib.util.find_spec(name) is not None for name in ("mlx_cuda",)) or any(
+        dist.metadata["Name"].startswith("mlx-cuda") for dist in importlib.metadata.distributions()
+    )
+    return "process" if cuda else "thread"
+
+
+def _make_engine(config: Config) -> Engine:
+    setup = _engine_setup(config)
+    if engine_layout(config) == "thread":
+        from adapters.mlx_lm.host import EngineSetupError, build_engine
+
+        try:
+            return build_engine(setup)  # type: ignore[no-any-return]
+        except EngineSetupError as exc:
+            raise _Unusable(str(exc)) from exc
+    from adapters.remote import EngineProcessError, RemoteEngine
+
+    command = [sys.executable, "-m", "gateway.engine_process", config.log_level, config.log_format]
+    engine = RemoteEngine(setup, command)
     try:
-        store.scan()
-    except OSError as exc:
-        raise _Unusable(f"cannot use the prefix-cache directory {config.cache_path}: {_reason(exc)}") from exc
-    if config.prefix_cache_sync_seconds > 0:
-        store.watch(config.prefix_cache_sync_seconds)
-    return MlxEngine(specs, store, config.profile_path)
+        engine.launch()
+    except EngineProcessError as exc:
+        raise _Unusable(str(exc)) from exc
+    return engine
 
 
 def _build_model(preset: str, seed: int, models_dir_flag: str | None) -> int:
@@ -309,6 +326,12 @@ def cli() -> None:
     metavar="PATH|none",
     help="The BLAS library for mlx on CPU (default: search for MKL; 'none': mlx's bundled reference BLAS)."
     + _env("MLX_GATEWAY_BLAS"),
+)
+@click.option(
+    "--engine-layout",
+    type=click.Choice(["auto", "process", "thread"]),
+    help="process: the engine in its own process, HTTP in this one; thread: both here; auto (default): the "
+    "faster for the installed backend." + _env("MLX_GATEWAY_ENGINE_LAYOUT"),
 )
 @click.option(
     "--print-config",

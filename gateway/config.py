@@ -120,6 +120,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     blas: str | None = None
     # Write a cProfile of the engine thread here at shutdown (diagnostics).
     profile_path: str | None = None
+    # process: the engine (mlx, models, batches, resident KV) runs in its own process, HTTP in this one, so that
+    # neither waits for the other's GIL; thread: both in this process. auto: the faster one for the installed
+    # backend, as measured (README, Performance).
+    engine_layout: Literal["auto", "process", "thread"] = "auto"
 
     @property
     def auth_enabled(self) -> bool:
@@ -190,6 +194,7 @@ _FIELD_FLAGS = (
     "replica_id",
     "max_body_bytes",
     "blas",
+    "engine_layout",
 )
 _SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes", "max_running_kv_bytes")
 _TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes")
@@ -251,6 +256,7 @@ def load_config(
         "MLX_GATEWAY_LOG_LEVEL": "log_level",
         "MLX_GATEWAY_LOG_FORMAT": "log_format",
         "MLX_GATEWAY_BLAS": "blas",
+        "MLX_GATEWAY_ENGINE_LAYOUT": "engine_layout",
         "MLX_GATEWAY_PROFILE": "profile_path",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",

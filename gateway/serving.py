@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from adapters.base import Engine, EngineEvent, Failed, Finished, Plan, Started, TokenEvent
+from adapters.base import Engine, EngineEvent, Failed, Plan, Started, TokenEvent
 from gateway.encoding import ChunkEncoder, ResponseEncoder
 from gateway.errors import ServerError
 from gateway.metrics import GenerationObserver
 from gateway.planning import PlannedRequest
 from gateway.schemas.openai import ChatCompletion, CompletionResponse
-from prefix_caches.store import PrefixCacheStore
 
 __all__ = ["Running", "collect", "count_planned_misses", "prefix_header", "stream_chunks"]
 
@@ -26,27 +25,21 @@ async def _events(engine: Engine, plans: tuple[Plan, ...]) -> AsyncIterator[tupl
     """Each plan's events tagged with its index; several plans run concurrently and interleave."""
     if len(plans) == 1:
         stream = engine.submit(plans[0])
-        ended = False
         try:
             async for event in stream:
-                ended = isinstance(event, Finished | Failed)
                 yield 0, event
         finally:
-            if not ended:
-                engine.stats.cancel_requested(plans[0].model)
             await stream.aclose()  # type: ignore[attr-defined]
         return
     merged: asyncio.Queue[tuple[int, EngineEvent] | None] = asyncio.Queue()
 
     async def pump(i: int, plan: Plan) -> None:
-        ended = False
+        stream = engine.submit(plan)
         try:
-            async for event in engine.submit(plan):
-                ended = isinstance(event, Finished | Failed)
+            async for event in stream:
                 await merged.put((i, event))
         finally:
-            if not ended:
-                engine.stats.cancel_requested(plan.model)
+            await stream.aclose()  # type: ignore[attr-defined]
             await merged.put(None)
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(plans)]
@@ -153,14 +146,14 @@ async def stream_chunks(running: Running, fingerprint: str) -> AsyncIterator[msg
         yield encoder.usage()
 
 
-def count_planned_misses(planned: PlannedRequest, store: PrefixCacheStore | None) -> None:
+def count_planned_misses(planned: PlannedRequest, engine: Engine) -> None:
     """Prompts that named a cache and were planned without it (a mismatch recomputed, a stale cache): the
-    engine never sees the cache, so the store's miss counter (``/health``, ``/metrics``) is told here."""
-    if planned.prefix_name is None or store is None:
+    engine never sees the cache, so its miss counter (``/health``, ``/metrics``) is told here."""
+    if planned.prefix_name is None:
         return
     for plan in planned.plans:
         if plan.prefix is None:
-            store.record_miss(plan.model, plan.tenant)
+            engine.record_miss(plan.model, plan.tenant)
 
 
 def prefix_header(planned: PlannedRequest, started: list[Started]) -> str | None:

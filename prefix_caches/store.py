@@ -572,6 +572,17 @@ class PrefixCacheStore:
         self._keep(key, cache, manifest.file_sha256)
         return cache, False
 
+    def resident_files(self) -> list[tuple[str, str, str]]:
+        """(tenant, name, file sha256) of each cache whose KV is in memory (any thread: the published view)."""
+        with self._lock:
+            view, dropped = self._resident_view, set(self._drop)
+        return [(t, n, sha) for (t, n), (_, sha) in view.items() if (t, n) not in dropped]
+
+    def statuses(self) -> list[tuple[str, str, CacheStatus]]:
+        """Every cache not ``ready`` and why (any thread)."""
+        with self._lock:
+            return [(t, n, st) for (t, n), st in self._status.items() if st.state != "ready"]
+
     def is_resident(self, manifest: Manifest) -> bool:
         """Whether ``manifest``'s version is in memory (any thread: reads what the engine published)."""
         key = (manifest.tenant, manifest.name)

@@ -14,6 +14,7 @@ set a request's ``cancelled`` flag, read ``stats`` (lock-guarded) and read ``_sn
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import ctypes
@@ -23,11 +24,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
-import msgspec
 from mlx_lm.models.cache import KVCache
 
 from adapters.base import (
@@ -54,7 +54,7 @@ from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
-from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse
+from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse, health_report
 from adapters.stats import EngineStats
 from prefix_caches import kv
 from prefix_caches.errors import InvalidKVSettings, PrefixCacheUnusable
@@ -85,12 +85,18 @@ class MlxEngine:
     """Implements :class:`adapters.base.Engine` on mlx-lm."""
 
     def __init__(
-        self, specs: list[ModelSpec], store: PrefixCacheStore | None = None, profile_path: str | None = None
+        self,
+        specs: list[ModelSpec],
+        store: PrefixCacheStore | None = None,
+        profile_path: str | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self._slots = {s.name: ModelSlot(s) for s in specs}
         self._store = store
         self._inbox: queue.SimpleQueue[Request | Build | Call | None] = queue.SimpleQueue()
-        self._outbox = Outbox()
+        # Where events go at the end of each turn: requests' event loops here, or the engine process's
+        # front ends (adapters.mlx_lm.host).
+        self._outbox = outbox or Outbox()
         self._active: deque[Request | Build] = deque()
         self._thread = threading.Thread(target=self._profiled_run, name="mlx-engine", daemon=True)
         self.profile_path = profile_path
@@ -158,6 +164,10 @@ class MlxEngine:
     def tokenizer(self, model: str) -> MlxTokenizer:
         return self._ready(model).tokenizer
 
+    def tokenizer_if_ready(self, model: str) -> MlxTokenizer | None:
+        slot = self._slots.get(model)
+        return slot.loaded.tokenizer if slot is not None and slot.loaded is not None else None
+
     def loaded(self, model: str) -> LoadedModel:
         return self._ready(model)
 
@@ -165,25 +175,16 @@ class MlxEngine:
     def prefix_store(self) -> PrefixCacheStore | None:
         return self._store
 
-    async def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
-        loaded = self._ready(plan.model)
-        events, emit = self._outbox.channel()
-        request = Request(plan, loaded, emit)
-        self._inbox.put(request)
-        ended = False
-        try:
-            while True:
-                event = await events.get()
-                yield event
-                if isinstance(event, Finished | Failed):
-                    ended = True
-                    return
-        finally:
-            request.cancelled.set()
-            if not ended:
-                self._inbox.put(Call(_nothing, None))  # wake the engine if it blocks: a waiting request left
+    # Commands: any thread. ``emit`` is called on the engine thread (or here, for an error at once) with
+    # each event; the outbox hands them over at the end of the turn.
 
-    async def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
+    def enqueue(self, plan: Plan, emit: Callable[[Any], None]) -> Request:
+        """Queue ``plan``; raises UnknownModel, EngineNotReady or ModelUnavailable before queueing."""
+        request = Request(plan, self._ready(plan.model), emit)
+        self._inbox.put(request)
+        return request
+
+    def enqueue_build(self, job: PrefixBuild, emit: Callable[[Any], None]) -> Build:
         loaded = self._ready(job.model)
         if self._store is None:
             raise EngineError("prefix caches are not enabled")
@@ -191,7 +192,6 @@ class MlxEngine:
             raise InvalidKVSettings(
                 f"kv_group_size {job.kv_group_size} must divide the model's head dimension ({loaded.head_dim})"
             )
-        events, emit = self._outbox.channel()
         manifest = new_manifest(
             loaded,
             job.tenant,
@@ -205,19 +205,30 @@ class MlxEngine:
         )
         build = Build(manifest, loaded, emit, request_id=job.request_id, replace=job.replace)
         self._inbox.put(build)
-        try:
-            while True:
-                event = await events.get()
-                yield event
-                if isinstance(event, PrefixBuilt | Failed):
-                    return
-        finally:
-            build.cancelled.set()
+        return build
 
-    async def verify_prefix(self, tenant: str, name: str) -> dict[str, Any]:
-        store = self._store
-        if store is None:
-            raise EngineError("prefix caches are not enabled")
+    def cancel(self, item: Request | Build) -> None:
+        """The client went away before ``item`` ended: it leaves the engine at its next turn."""
+        if item.cancelled.is_set():
+            return
+        if isinstance(item, Request):
+            self.stats.cancel_requested(item.plan.model)
+        item.cancelled.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the engine thread finish its turn (and hand over its events) if it blocks on its inbox."""
+        self._inbox.put(Call(_nothing, None))
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the engine thread (it owns every MLX array) between two turns."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._inbox.put(Call(fn, future))
+        return future
+
+    def verify(self, tenant: str, name: str) -> concurrent.futures.Future[dict[str, Any]]:
+        """Integrity of a stored cache: digests of its resident arrays and its file (on the engine thread)."""
+        store = self._enabled_store()
         manifest = store.get(tenant, name)
 
         def check() -> dict[str, Any]:
@@ -230,30 +241,68 @@ class MlxEngine:
             on_disk = file_sha256(arrays_path)
             return {"ok": on_disk == manifest.file_sha256, "arrays_sha256": resident, "file_sha256": on_disk}
 
-        return await self._call(check)
+        return self.call(check)
 
-    async def warm_prefix(self, tenant: str, name: str) -> PrefixWarmed:
-        store = self._store
-        if store is None:
-            raise EngineError("prefix caches are not enabled")
+    def warm(self, tenant: str, name: str) -> concurrent.futures.Future[PrefixWarmed]:
+        """Load a stored cache's KV into memory: the same load (checksum once per file version, then resident
+        under the LRU budget) a request naming a cold cache does."""
+        store = self._enabled_store()
         manifest = store.get(tenant, name)
 
         def load() -> PrefixWarmed:
-            # The same load (checksum once per file version, then resident under the LRU budget) a request
-            # naming a cold cache does.
             started = time.perf_counter()
             cache, was_resident = store.arrays(manifest)
             seconds = time.perf_counter() - started
             return PrefixWarmed(was_resident, store.is_resident(manifest), seconds, kv.cache_nbytes(cache))
 
-        return await self._call(load)
+        return self.call(load)
 
-    async def _call(self, fn: Any) -> Any:
-        import concurrent.futures
+    def _enabled_store(self) -> PrefixCacheStore:
+        if self._store is None:
+            raise EngineError("prefix caches are not enabled")
+        return self._store
 
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._inbox.put(Call(fn, future))
-        return await asyncio.wrap_future(future)
+    # The async interface (adapters.base.Engine), for an engine in the server's own process.
+
+    async def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
+        events, emit = self._outbox.channel()
+        request = self.enqueue(plan, emit)
+        ended = False
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, Finished | Failed):
+                    ended = True
+                    return
+        finally:
+            if not ended:
+                self.cancel(request)
+
+    async def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
+        events, emit = self._outbox.channel()
+        build = self.enqueue_build(job, emit)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, PrefixBuilt | Failed):
+                    return
+        finally:
+            build.cancelled.set()
+
+    async def verify_prefix(self, tenant: str, name: str) -> dict[str, Any]:
+        return await asyncio.wrap_future(self.verify(tenant, name))
+
+    async def warm_prefix(self, tenant: str, name: str) -> PrefixWarmed:
+        return await asyncio.wrap_future(self.warm(tenant, name))
+
+    async def refresh(self) -> None:
+        """Nothing to wait for: ``health()`` and ``stats`` read this process's own latest state."""
+
+    def record_miss(self, model: str, tenant: str) -> None:
+        if self._store is not None:
+            self._store.record_miss(model, tenant)
 
     def snapshot(self) -> EngineSnapshot:
         """The engine's state as its thread last published it (immutable; any thread)."""
@@ -263,24 +312,15 @@ class MlxEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self._crashed is None
 
+    @property
+    def crash_reason(self) -> str | None:
+        return self._crashed
+
     def health(self) -> dict[str, Any]:
         """What ``/health`` shows of the engine: the latest snapshot, with the counters' totals."""
-        snap = self._snapshot
-        return {
-            "engine_alive": self.alive,
-            "engine_error": self._crashed,
-            "device": snap.device,
-            "active_requests": snap.active_requests,
-            "batched_sequences": snap.batched_sequences,
-            "waiting_sequences": snap.waiting_sequences,
-            "preempted_sequences": snap.preempted_sequences,
-            "batch_steps": self.stats.batch_totals(),
-            "automatic_reuse": msgspec.structs.asdict(snap.automatic_reuse),
-            "requests": self.stats.request_totals(),
-            "models": {name: msgspec.structs.asdict(m) for name, m in snap.models},
-            "memory": msgspec.structs.asdict(snap.memory),
-            "prefix_caches": self._store.stats() if self._store else None,
-        }
+        return health_report(
+            self.alive, self._crashed, self._snapshot, self.stats, self._store.stats() if self._store else None
+        )
 
     def _publish(self) -> None:
         """Build and publish the snapshot (engine thread; once at construction, before the thread starts)."""

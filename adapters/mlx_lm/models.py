@@ -30,33 +30,11 @@ from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
 from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 from adapters.mlx_lm.tool_calls import json_tools_grammar
+from adapters.setup import ModelSpec
 
 __all__ = ["SOURCE_ERRORS", "LoadedModel", "MlxTokenizer", "ModelNotFound", "ModelSpec", "load_model", "load_steps"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One configured model. ``source`` is a preset name, a local directory or a Hugging Face id."""
-
-    name: str
-    source: str
-    seed: int = 0
-    max_kv_size: int | None = None
-    trust_remote_code: bool = False
-    kv_bits: int | None = None
-    kv_group_size: int = 64
-    quantized_kv_start: int = 0
-    context_length: int | None = None
-    prefill_step_size: int | None = None  # None: 512 on CPU, 2048 on a GPU
-    # strict: one sequence per forward pass, outputs independent of other traffic, bit for bit.
-    # balanced: continuous batching (outputs may differ from a solo run by float rounding only).
-    isolation_mode: str = "balanced"
-    max_running: int = 32
-    # Bytes of KV that running sequences may hold at once (None: KV_BUDGET_SHARE of mlx's memory limit).
-    max_running_kv_bytes: int | None = None
-    models_dir: str | None = None
 
 
 class MlxTokenizer:

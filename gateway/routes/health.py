@@ -47,6 +47,7 @@ async def health(request: Request, state: State) -> Response[dict[str, Any]]:
     """200 when at least one model can serve: ``ok`` (all ready), ``loading`` (others still loading) or
     ``degraded`` (some failed; each model's ``state``, ``stage`` and ``error`` say which and why). 503 when
     none can: ``loading``, ``unhealthy`` (every model failed, or the engine stopped), or ``draining``."""
+    await state.engine.refresh()
     report = state.engine.health()
     states = [m["state"] for m in report["models"].values()]
     ready = "ready" in states

@@ -35,4 +35,5 @@ async def metrics(request: Request, state: State) -> Response[bytes]:
     as a bearer token."""
     check_metrics_access(request, state.config)
     registry: Metrics = state.metrics
+    await state.engine.refresh()
     return Response(registry.exposition(), media_type=CONTENT_TYPE)

@@ -102,7 +102,7 @@ async def complete_planned(
     """Run a non-streaming request inside an admission slot."""
     admission: Admission = state.admission
     async with _slot(admission, planned) as ticket:
-        count_planned_misses(planned, state.engine.prefix_store)
+        count_planned_misses(planned, state.engine)
         running = Running(state.engine, planned, _observer(state, planned))
         try:
             return await collect(running, fingerprint)
@@ -128,7 +128,7 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
     stack = contextlib.AsyncExitStack()
     ticket = await stack.enter_async_context(_slot(admission, planned))  # 429 before any byte
     try:
-        count_planned_misses(planned, engine.prefix_store)
+        count_planned_misses(planned, engine)
         running = Running(engine, planned, _observer(state, planned))
 
         def settle() -> None:  # before the slot is given back (an exit stack unwinds last-in first)

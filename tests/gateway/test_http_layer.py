@@ -58,7 +58,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.loading = False
-        self.stats = EngineStats()  # the gateway marks requests whose client went away
+        self.stats = EngineStats()
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("fake", 0, "test", 1024, not self.loading, "fake", "abc")]
@@ -86,6 +86,10 @@ class FakeEngine:
     def health(self) -> dict[str, Any]:
         state = "loading" if self.loading else "ready"
         return {"engine_alive": True, "models": {"fake": {"state": state}}, "memory": {}}
+
+    def record_miss(self, model: str, tenant: str) -> None: ...
+
+    async def refresh(self) -> None: ...
 
     def start(self) -> None: ...
 

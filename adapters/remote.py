@@ -1,0 +1,409 @@
+"""The engine in its own process, as a front end sees it: :class:`RemoteEngine` implements
+:class:`adapters.base.Engine` with commands and events over ZMQ (:mod:`adapters.wire`). Nothing here imports mlx.
+
+Ownership in a front-end process: the event loop owns ``_waiting`` (each open request's queue), ``_report``
+(the engine's latest :class:`wire.Report`, replaced whole) and both sockets; worker threads only read the
+report and the index. The prefix-cache index (:class:`FrontIndex`) is this process's own view of the store's
+folder, as another replica's would be; what only the engine knows (resident KV, use counters, statuses it
+set) comes from the report.
+
+If the engine process dies, every open request gets one ``Failed`` event, ``health()`` says the engine is
+down, and the server exits non-zero for its supervisor (``gateway.server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+import zmq
+import zmq.asyncio
+
+from adapters import wire
+from adapters.base import (
+    BuildEvent,
+    EngineEvent,
+    EngineNotReady,
+    Failed,
+    Finished,
+    ModelInfo,
+    ModelUnavailable,
+    Plan,
+    PrefixBuild,
+    PrefixBuilt,
+    PrefixWarmed,
+    PromptTokenizer,
+    UnknownModel,
+)
+from adapters.setup import EngineSetup, StoreSetup
+from adapters.snapshot import EngineSnapshot, health_report
+from adapters.stats import EngineStats, StatsExport
+from prefix_caches.manifest import Manifest
+from prefix_caches.store import CacheStatus, CacheUsage, PrefixCacheStore
+
+__all__ = ["EngineProcessError", "FrontIndex", "RemoteEngine"]
+
+logger = logging.getLogger(__name__)
+
+# How long a front end waits for a report it asked for before answering from the last one.
+REFRESH_SECONDS = 1.0
+
+
+class EngineProcessError(Exception):
+    """The engine process could not start; the message says why (one line for the operator)."""
+
+
+def _empty_report() -> wire.Report:
+    return wire.Report(pid=0, alive=True, snapshot=EngineSnapshot(), stats=StatsExport(), models=[])
+
+
+class FrontIndex(PrefixCacheStore):
+    """The named caches as this front end plans with them: manifests and statuses read from the store's folder
+    (scanned at start, re-read by ``sync``), never KV arrays. Deletes go to the disk here and the engine is
+    told; use counters, residency and the engine's own statuses come from its latest report."""
+
+    def __init__(self, store: StoreSetup, engine: RemoteEngine) -> None:
+        super().__init__(Path(store.root), 0, store.quota_of)
+        self._engine = engine
+
+    def delete(self, tenant: str, name: str) -> Manifest:
+        manifest = super().delete(tenant, name)
+        self._engine.tell(wire.Forget(tenant, name))
+        return manifest
+
+    def status(self, tenant: str, name: str) -> CacheStatus:
+        engine_says = self._engine.report.statuses
+        for t, n, state, reason in engine_says:
+            if t == tenant and n == name:
+                return CacheStatus(state, reason)
+        return super().status(tenant, name)
+
+    def is_resident(self, manifest: Manifest) -> bool:
+        return any(
+            (t, n, sha) == (manifest.tenant, manifest.name, manifest.file_sha256)
+            for t, n, sha in self._engine.report.resident
+        )
+
+    def usage(self) -> dict[tuple[str, str], CacheUsage]:
+        return {(m, t): u for m, t, u in self._engine.report.cache_usage or []}
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._engine.report.cache_stats or {})
+
+    def record_miss(self, model: str, tenant: str) -> None:
+        self._engine.record_miss(model, tenant)
+
+
+class RemoteEngine:
+    """Implements :class:`adapters.base.Engine` on an engine process (``launch``, then ``start`` on the loop)."""
+
+    def __init__(self, setup: EngineSetup, command: list[str]) -> None:
+        self._setup = setup
+        self._command = command
+        self._folder = Path(tempfile.mkdtemp(prefix="mlx-gateway-"))  # 0700: only this user can connect
+        self._process: subprocess.Popen[bytes] | None = None
+        self._index = FrontIndex(setup.store, self) if setup.store is not None else None
+        self._specs = {m.name for m in setup.models}
+        self.report = _empty_report()
+        self._stats = EngineStats()
+        self._stats_of: StatsExport | None = None
+        self._tokenizers: dict[str, tuple[Any, PromptTokenizer]] = {}
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Queue[Any]] = {}
+        self._asked: list[asyncio.Future[None]] = []
+        self._dead: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: zmq.asyncio.Context | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.front = 0
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def launch(self, timeout: float = 600.0) -> None:
+        """Start the engine process and wait until it serves (models load after); EngineProcessError if it
+        cannot (an unusable cache folder, say: its one line)."""
+        if self._index is not None:
+            try:
+                self._index.scan()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise EngineProcessError(
+                    f"cannot use the prefix-cache directory {self._index.root}: {reason}"
+                    + (f" ({exc.filename})" if exc.filename else "")
+                ) from exc
+        self._process = subprocess.Popen(
+            [*self._command, str(self._folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(msgspec.json.encode(self._setup))
+        self._process.stdin.close()
+        line = self._process.stdout.readline()
+        self._process.stdout.close()
+        try:
+            answer = json.loads(line) if line else {"error": "the engine process exited before it served"}
+        except ValueError:
+            answer = {"error": f"the engine process said {line[:200]!r}"}
+        if answer.get("error"):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout)
+            self.close()
+            raise EngineProcessError(str(answer["error"]))
+        logger.info("engine process %d serving", self._process.pid)
+        if self._index is not None and self._setup.store is not None and self._setup.store.sync_seconds > 0:
+            self._index.watch(self._setup.store.sync_seconds)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Connect this front end (on the server's event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._context = zmq.asyncio.Context()
+        self._events = self._context.socket(zmq.PULL)
+        address = f"ipc://{self._folder}/front-{self.front}"
+        self._events.bind(address)
+        self._commands = self._context.socket(zmq.PUSH)
+        self._commands.setsockopt(zmq.LINGER, 0)
+        self._commands.connect(f"ipc://{self._folder}/engine")
+        self.tell(wire.Hello(self.front, address))
+        self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._watch())]
+
+    def stop(self, *, wait: bool = True, timeout: float = 60.0) -> None:
+        """Ask the engine process to stop (it fails what still runs, and those events arrive here); with
+        ``wait``, until it exited."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        if not wait:
+            return
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("the engine process did not stop within %.0fs; killing it", timeout)
+            process.kill()
+            process.wait()
+        self.close()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    # ---- what the engine reports --------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        return [m.info for m in self.report.models]
+
+    def tokenizer(self, model: str) -> PromptTokenizer:
+        if model not in self._specs:
+            raise UnknownModel(model)
+        facts = self._model(model)
+        cached = self._tokenizers.get(model)
+        if cached is not None and cached[0] == facts:
+            return cached[1]
+        from adapters.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer.load(facts)
+        self._tokenizers[model] = (facts, tokenizer)
+        return tokenizer
+
+    def _model(self, model: str) -> Any:
+        if self._dead is not None:
+            raise ModelUnavailable(f"The engine is not running: {self._dead}")
+        health = dict(self.report.snapshot.models).get(model)
+        if health is not None and health.state == "failed":
+            raise ModelUnavailable(
+                f"The model '{model}' failed to load ({health.error}); retrying will not help until the server's "
+                "operator fixes it and restarts the server"
+            )
+        facts = next((m.tokenizer for m in self.report.models if m.info.id == model and m.info.ready), None)
+        if facts is None:
+            stage = health.stage if health is not None else "starting"
+            raise EngineNotReady(f"The model '{model}' is still loading ({stage}); retry shortly")
+        return facts
+
+    @property
+    def prefix_store(self) -> FrontIndex | None:
+        return self._index
+
+    @property
+    def stats(self) -> EngineStats:
+        if self._stats_of is not self.report.stats:
+            self._stats, self._stats_of = EngineStats.restored(self.report.stats), self.report.stats
+        return self._stats
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self.report.alive
+
+    def health(self) -> dict[str, object]:
+        report = self.report
+        out = health_report(self.alive, self._dead or report.error, report.snapshot, self.stats, report.cache_stats)
+        out["engine_pid"] = self.pid
+        return out
+
+    async def refresh(self) -> None:
+        if self._dead is not None or self._loop is None:
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._asked.append(future)
+        self.tell(wire.ReportWanted(self.front))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(future), REFRESH_SECONDS)
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def tell(self, command: wire.Command) -> None:
+        """Send ``command`` (from the event loop, or from a worker thread through it)."""
+        loop = self._loop
+        if loop is None:
+            return
+        data = wire.encode(command)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._commands.send(data)
+        else:
+            loop.call_soon_threadsafe(self._commands.send, data)
+
+    def record_miss(self, model: str, tenant: str) -> None:
+        self.tell(wire.RecordMiss(model, tenant))
+
+    async def _events_of(self, ident: int, command: wire.Command) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._waiting[ident] = queue
+        try:
+            if self._dead is not None:
+                raise ModelUnavailable(f"The engine is not running: {self._dead}")
+            self.tell(command)
+            while True:
+                yield await queue.get()
+        finally:
+            del self._waiting[ident]
+
+    async def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
+        ident = next(self._ids)
+        ended = False
+        events = self._events_of(ident, wire.Submit(self.front, ident, plan))
+        first = True
+        try:
+            async for event in events:
+                if (
+                    first
+                    and isinstance(event, Failed)
+                    and isinstance(event.error, UnknownModel | EngineNotReady | ModelUnavailable)
+                ):
+                    ended = True
+                    raise event.error  # refused before it was queued, as an engine in this process raises
+                first = False
+                yield event
+                if isinstance(event, Finished | Failed):
+                    ended = True
+                    return
+        finally:
+            await events.aclose()
+            if not ended and self._dead is None:
+                self.tell(wire.Abort(self.front, ident))
+
+    async def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
+        ident = next(self._ids)
+        ended = False
+        events = self._events_of(ident, wire.Build(self.front, ident, job))
+        try:
+            async for event in events:
+                if isinstance(event, Failed) and isinstance(
+                    event.error, UnknownModel | EngineNotReady | ModelUnavailable
+                ):
+                    ended = True
+                    raise event.error
+                if isinstance(event, PrefixBuilt) and self._index is not None:
+                    # The engine saved it: this front end's index reads it before the client hears of it.
+                    await anyio.to_thread.run_sync(self._index.sync)
+                yield event
+                if isinstance(event, PrefixBuilt | Failed):
+                    ended = True
+                    return
+        finally:
+            await events.aclose()
+            if not ended and self._dead is None:
+                self.tell(wire.Abort(self.front, ident))
+
+    async def _ask(self, command: wire.Verify | wire.Warm) -> wire.Reply:
+        events = self._events_of(command.id, command)
+        try:
+            async for event in events:
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, wire.Reply):
+                    if event.error is not None:
+                        raise event.error
+                    return event
+        finally:
+            await events.aclose()
+        raise ModelUnavailable("The engine is not running")
+
+    async def verify_prefix(self, tenant: str, name: str) -> dict[str, object]:
+        reply = await self._ask(wire.Verify(self.front, next(self._ids), tenant, name))
+        return dict(reply.verified or {})
+
+    async def warm_prefix(self, tenant: str, name: str) -> PrefixWarmed:
+        reply = await self._ask(wire.Warm(self.front, next(self._ids), tenant, name))
+        assert reply.warmed is not None
+        return reply.warmed
+
+    # ---- the event loop's tasks -----------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            message = wire.decode_message(await self._events.recv())
+            if isinstance(message, wire.Report):
+                self.report = message
+                asked, self._asked = self._asked, []
+                for future in asked:
+                    if not future.done():
+                        future.set_result(None)
+                continue
+            for ident, event in message.events:
+                queue = self._waiting.get(ident)
+                if queue is not None:
+                    queue.put_nowait(event)
+
+    async def _watch(self) -> None:
+        """The engine process's death ends every open request at once (one Failed each)."""
+        process = self._process
+        while process is not None and process.poll() is None:
+            await asyncio.sleep(0.1)
+        if process is None:
+            return
+        code = process.returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        self._dead = f"the engine process {process.pid} ended ({how})"
+        if code != 0:
+            logger.error("%s", self._dead)
+        failure = Failed(ModelUnavailable(f"The engine stopped: {self._dead}"))
+        for queue in self._waiting.values():
+            queue.put_nowait(failure)
+        for future in self._asked:
+            if not future.done():
+                future.set_result(None)

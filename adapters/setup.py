@@ -1,0 +1,58 @@
+"""What an engine is built from: the configured models and the prefix-cache store's settings, as plain data.
+
+The gateway turns its config into an :class:`EngineSetup`; the engine is built from it in the server's process
+(the thread layout) or sent to the engine's own process (the process layout). Nothing here imports mlx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefix_caches.quotas import NO_QUOTA, StorageQuota
+
+__all__ = ["EngineSetup", "ModelSpec", "StoreSetup"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One configured model. ``source`` is a preset name, a local directory or a Hugging Face id."""
+
+    name: str
+    source: str
+    seed: int = 0
+    max_kv_size: int | None = None
+    trust_remote_code: bool = False
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    context_length: int | None = None
+    prefill_step_size: int | None = None  # None: 512 on CPU, 2048 on a GPU
+    # strict: one sequence per forward pass, outputs independent of other traffic, bit for bit.
+    # balanced: continuous batching (outputs may differ from a solo run by float rounding only).
+    isolation_mode: str = "balanced"
+    max_running: int = 32
+    # Bytes of KV that running sequences may hold at once (None: KV_BUDGET_SHARE of mlx's memory limit).
+    max_running_kv_bytes: int | None = None
+    models_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreSetup:
+    """The prefix-cache store: its folder, resident-KV budget, tenants' quotas and the disk re-read period."""
+
+    root: str
+    memory_budget_bytes: int
+    default_quota: StorageQuota = NO_QUOTA
+    quotas: dict[str, StorageQuota] = field(default_factory=dict)
+    sync_seconds: float = 0.0
+
+    def quota_of(self, tenant: str) -> StorageQuota:
+        return self.quotas.get(tenant, self.default_quota)
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    models: tuple[ModelSpec, ...]
+    store: StoreSetup | None = None
+    blas: str | None = None  # the CPU BLAS to load before mlx (adapters.mlx_lm.blas)
+    profile_path: str | None = None

@@ -1,0 +1,239 @@
+"""The messages between front-end processes and the engine process, and their one encoding (msgpack).
+
+Commands go from a front end to the engine over one ZMQ PUSH/PULL pipe (the engine's PULL fair-queues every
+front end); events come back over a PULL each front end binds: a :class:`Batch` per turn of the engine
+loop, carrying every request's new events of that turn, and a :class:`Report` (the engine's immutable
+snapshot, its counters and its prefix caches' use) at least every :data:`REPORT_SECONDS` and on request.
+Every message is a tagged msgspec Struct; the plans and events inside are :mod:`adapters.base`'s own types.
+An engine error crosses as its class name and arguments and is raised again on the other side.
+
+Why ZMQ and msgpack: ``bench/transport.py`` measured the round trip and a batch of 64 token events both ways
+against ``multiprocessing.connection`` (see bench/NOTES.md); ZMQ also gives the many-front-ends-to-one-
+engine fan-in without a connection per pair, and vLLM and SGLang use the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from adapters import base
+from adapters.base import (
+    ChoiceFinished,
+    EngineError,
+    Failed,
+    Finished,
+    ModelInfo,
+    Plan,
+    PrefixBuild,
+    PrefixBuildRefused,
+    PrefixWarmed,
+    Started,
+    TokenEvent,
+)
+from adapters.snapshot import EngineSnapshot
+from adapters.stats import StatsExport
+from prefix_caches import errors as cache_errors
+from prefix_caches.store import CacheUsage
+
+__all__ = [
+    "REPORT_SECONDS",
+    "Abort",
+    "Batch",
+    "Build",
+    "Command",
+    "Event",
+    "Hello",
+    "ModelFacts",
+    "Reply",
+    "Report",
+    "Forget",
+    "Message",
+    "RecordMiss",
+    "ReportWanted",
+    "Submit",
+    "Verify",
+    "Warm",
+    "decode_command",
+    "decode_message",
+    "encode",
+]
+
+# How often the engine process sends every front end a report unasked.
+REPORT_SECONDS = 0.5
+
+
+# ---- commands (front end -> engine) ---------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, frozen=True, tag=True):
+    """A front end joined: where its events go."""
+
+    front: int
+    address: str
+
+
+class Submit(msgspec.Struct, frozen=True, tag=True):
+    front: int
+    id: int
+    plan: Plan
+
+
+class Build(msgspec.Struct, frozen=True, tag=True):
+    front: int
+    id: int
+    job: PrefixBuild
+
+
+class Abort(msgspec.Struct, frozen=True, tag=True):
+    """The client went away: cancel request (or build) ``id`` of front end ``front``."""
+
+    front: int
+    id: int
+
+
+class Verify(msgspec.Struct, frozen=True, tag=True):
+    front: int
+    id: int
+    tenant: str
+    name: str
+
+
+class Warm(msgspec.Struct, frozen=True, tag=True):
+    front: int
+    id: int
+    tenant: str
+    name: str
+
+
+class RecordMiss(msgspec.Struct, frozen=True, tag=True):
+    """A request named a cache and was planned without it (the engine counts prefix-cache use)."""
+
+    model: str
+    tenant: str
+
+
+class Forget(msgspec.Struct, frozen=True, tag=True):
+    """A front end deleted a cache on disk: the engine re-reads the store before its next command."""
+
+    tenant: str
+    name: str
+
+
+class ReportWanted(msgspec.Struct, frozen=True, tag=True):
+    front: int
+
+
+Command = Hello | Submit | Build | Abort | Verify | Warm | RecordMiss | Forget | ReportWanted
+
+
+# ---- events (engine -> front end) -----------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, frozen=True, tag=True):
+    """The answer to a :class:`Verify` or a :class:`Warm`, or its error."""
+
+    verified: dict[str, Any] | None = None
+    warmed: PrefixWarmed | None = None
+    error: EngineError | None = None
+
+
+Event = Started | TokenEvent | ChoiceFinished | Finished | Failed | base.BuildProgress | base.PrefixBuilt | Reply
+
+
+class Batch(msgspec.Struct, frozen=True, tag=True):
+    """One turn's events for one front end, in order: (id, event) pairs."""
+
+    events: list[tuple[int, Event]]
+
+
+class ModelFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """A model as the front end needs it: what ``/v1/models`` lists, and how to load its tokenizer."""
+
+    info: ModelInfo
+    tokenizer: Any = None  # adapters.tokenizer.TokenizerFacts once the model loaded
+
+
+class Report(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """The engine's state: its snapshot, counters and prefix caches' use, as of when it was sent."""
+
+    pid: int
+    alive: bool
+    error: str | None = None
+    snapshot: EngineSnapshot
+    stats: StatsExport
+    models: list[ModelFacts]
+    cache_usage: list[tuple[str, str, CacheUsage]] | None = None
+    cache_stats: dict[str, int] | None = None
+    resident: list[tuple[str, str, str]] = []  # tenant, name, file sha256 of resident caches
+    statuses: list[tuple[str, str, str, str | None]] = []  # tenant, name, state, reason: caches not ready
+
+
+Message = Batch | Report
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+
+
+def _error_classes() -> dict[str, type[Exception]]:
+    classes: dict[str, type[Exception]] = {}
+    for module in (base, cache_errors):
+        for name in dir(module):
+            value = getattr(module, name)
+            if isinstance(value, type) and issubclass(value, Exception):
+                classes[name] = value
+    return classes
+
+
+_ERRORS = _error_classes()
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, PrefixBuildRefused):
+        return {"kind": "PrefixBuildRefused", "args": [], "refusal": _enc_hook(obj.refusal)}
+    if isinstance(obj, Exception):
+        kind = type(obj).__name__
+        if kind not in _ERRORS:  # an unexpected exception: its text survives, its class does not
+            return {"kind": "EngineError", "args": [f"{kind}: {obj}"]}
+        return {"kind": kind, "args": _error_args(obj)}
+    raise NotImplementedError(f"cannot send {type(obj).__name__}")
+
+
+def _error_args(exc: Exception) -> list[Any]:
+    if isinstance(exc, base.UnknownModel):
+        return [exc.model]
+    if isinstance(exc, cache_errors.PrefixCacheNotFound | cache_errors.PrefixCacheExists):
+        return [exc.name]
+    if isinstance(exc, cache_errors.PrefixCacheQuotaExceeded):
+        return [exc.quota, str(exc)]
+    return [a for a in exc.args if isinstance(a, str | int | float | bool | None)]
+
+
+def _dec_hook(kind: type, obj: Any) -> Any:
+    if isinstance(kind, type) and issubclass(kind, Exception) and isinstance(obj, dict):
+        cls = _ERRORS.get(str(obj.get("kind")), EngineError)
+        if cls is PrefixBuildRefused:
+            return PrefixBuildRefused(_dec_hook(Exception, obj["refusal"]))
+        try:
+            return cls(*obj.get("args", []))
+        except TypeError:
+            return EngineError(*obj.get("args", []))
+    raise NotImplementedError(f"cannot read {kind}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_commands = msgspec.msgpack.Decoder(Command, dec_hook=_dec_hook)
+_messages = msgspec.msgpack.Decoder(Message, dec_hook=_dec_hook)
+
+
+def encode(message: Command | Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_command(data: bytes) -> Command:
+    return _commands.decode(data)
+
+
+def decode_message(data: bytes) -> Message:
+    return _messages.decode(data)
