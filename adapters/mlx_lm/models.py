@@ -25,11 +25,11 @@ from mlx_lm.utils import _download as hf_snapshot  # mlx-lm's snapshot download,
 from mlx_lm.utils import dequantize_model, load
 
 from adapters.base import OutputConstraint, ToolCalling
-from adapters.mlx_lm.constraints import GrammarCompiler
+from adapters.grammar import json_tools_grammar
+from adapters.mlx_lm.constraints import MaskingGrammarCompiler
 from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
 from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
-from adapters.mlx_lm.tool_calls import json_tools_grammar
 
 __all__ = ["SOURCE_ERRORS", "LoadedModel", "MlxTokenizer", "ModelNotFound", "ModelSpec", "load_model", "load_steps"]
 
@@ -73,7 +73,7 @@ class MlxTokenizer:
             self._detokenizer.__class__ = _ExactBPEDetokenizer
         elif hasattr(self._detokenizer, "trim_space"):
             self._detokenizer.trim_space = False
-        self._grammars: GrammarCompiler | None = None
+        self._grammars: MaskingGrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
         added = getattr(self._hf, "added_tokens_decoder", {}) or {}
         # A token that strips whitespace on its left would take the boundary's newline: never split there.
@@ -84,11 +84,11 @@ class MlxTokenizer:
         self._special_texts: tuple[str, ...] = tuple(sorted((t for t in specials if t), key=len, reverse=True))
 
     @property
-    def grammars(self) -> GrammarCompiler:
+    def grammars(self) -> MaskingGrammarCompiler:
         """The model's grammar compiler, built on first use (about 0.3 s for a 32K vocabulary)."""
         with self._grammars_lock:
             if self._grammars is None:
-                self._grammars = GrammarCompiler(self.wrapper, self._vocab_size, self.eos_token_ids)
+                self._grammars = MaskingGrammarCompiler(self._hf, self._vocab_size, self.eos_token_ids)
             return self._grammars
 
     def check_constraint(self, constraint: OutputConstraint) -> None:
@@ -100,7 +100,9 @@ class MlxTokenizer:
                 f"Forcing a tool call is supported for the json_tools (Hermes) format; this model's chat "
                 f"template uses {self.tool_call_format or 'no tool-call format'}. Use tool_choice 'auto'."
             )
-        return OutputConstraint("lark", json_tools_grammar(self.wrapper, tools))
+        return OutputConstraint(
+            "lark", json_tools_grammar(tools, self.wrapper.tool_call_start, self.wrapper.tool_call_end)
+        )
 
     def detokenizer(self) -> Any:
         """A fresh streaming detokenizer whose text is exactly the tokens' decoding.
