@@ -328,7 +328,7 @@ def apply_cost(vocab: int, repeats: int = 200) -> dict[str, Any]:
 def throughput_rows(loaded: Any, prompt: mx.array, tokens: int, repeats: int) -> list[dict[str, Any]]:
     """Greedy decode tokens/s: no constraint, a sync-only processor, and the constraints module."""
     eos = loaded.tokenizer.eos_token_ids
-    compiler = MaskingGrammarCompiler(loaded.tokenizer.wrapper._tokenizer, loaded.vocab_size, eos)
+    compiler = MaskingGrammarCompiler(loaded.tokenizer.text.hf, loaded.vocab_size, eos)
     constraint = OutputConstraint("json_schema", json.dumps(THROUGHPUT_SCHEMA))
     compiler.check(constraint)
 

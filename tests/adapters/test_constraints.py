@@ -86,7 +86,7 @@ def loaded(models_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def compiler(loaded: LoadedModel) -> MaskingGrammarCompiler:
     tokenizer = loaded.tokenizer
-    return MaskingGrammarCompiler(tokenizer.wrapper._tokenizer, loaded.vocab_size, tokenizer.eos_token_ids)
+    return MaskingGrammarCompiler(tokenizer.text.hf, loaded.vocab_size, tokenizer.eos_token_ids)
 
 
 @pytest.fixture(scope="module")
