@@ -34,7 +34,8 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from mlx_lm.tokenizer_utils import _byte_decoder  # noqa: E402
 
 from adapters.base import OutputConstraint  # noqa: E402
-from adapters.mlx_lm.constraints import JSON_OPTIONS, GrammarCompiler  # noqa: E402
+from adapters.grammar import JSON_OPTIONS  # noqa: E402
+from adapters.mlx_lm.constraints import MaskingGrammarCompiler  # noqa: E402
 from adapters.mlx_lm.models import ModelSpec, load_model  # noqa: E402
 from bench.harness import DEFAULT_MODEL, RESULTS, bench_parser, summary, write_result  # noqa: E402
 
@@ -327,7 +328,7 @@ def apply_cost(vocab: int, repeats: int = 200) -> dict[str, Any]:
 def throughput_rows(loaded: Any, prompt: mx.array, tokens: int, repeats: int) -> list[dict[str, Any]]:
     """Greedy decode tokens/s: no constraint, a sync-only processor, and the constraints module."""
     eos = loaded.tokenizer.eos_token_ids
-    compiler = GrammarCompiler(loaded.tokenizer.wrapper, loaded.vocab_size, eos)
+    compiler = MaskingGrammarCompiler(loaded.tokenizer.text.hf, loaded.vocab_size, eos)
     constraint = OutputConstraint("json_schema", json.dumps(THROUGHPUT_SCHEMA))
     compiler.check(constraint)
 

@@ -1,151 +1,44 @@
 """Grammar-constrained decoding: masks that keep a sequence's tokens inside a JSON schema or Lark grammar.
 
-Built on llguidance (chosen by measurement, see ``bench/grammar_libs.py``): a grammar compiles in about a
-millisecond (its lexer is built lazily), a compiled grammar is copied per sequence in microseconds, and the
-mask for the next token is computed on the CPU in tens of microseconds straight into a preallocated
+Compiling and validating constraints is :class:`adapters.grammar.GrammarCompiler` (no MLX: planning uses it
+too); this module adds what decoding needs. A compiled grammar is copied per sequence in microseconds, and
+the mask for the next token is computed on the CPU in tens of microseconds straight into a preallocated
 bitmask. That bitmask (one bit per token id, 32 ids a word) goes to MLX once per step and is unpacked and
 applied there, so no Python loop ever runs over the vocabulary.
 
-Thread model: :meth:`GrammarCompiler.check` and :meth:`GrammarCompiler.compile` make no MLX calls and may
-run on any thread (planning calls them); :meth:`GrammarCompiler.matcher` and everything on
-:class:`GrammarMatcher` run on the engine thread.
+Thread model: compiling and checking may run on any thread (planning calls them);
+:meth:`MaskingGrammarCompiler.matcher` and everything on :class:`GrammarMatcher` run on the engine thread.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import llguidance as llg
 import mlx.core as mx
 import numpy as np
 
 from adapters.base import OutputConstraint
-
-if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from transformers import PreTrainedTokenizerFast
+from adapters.grammar import GrammarCompiler
 
 __all__ = [
     "BatchMasker",
-    "CompiledGrammar",
-    "GrammarCompiler",
     "GrammarMatcher",
-    "InvalidConstraint",
     "LogitsProcessor",
+    "MaskingGrammarCompiler",
 ]
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
-# Compiled grammars kept per compiler; each holds a lexer that grows as masks are computed (kilobytes to
-# a few megabytes), so the cache is bounded.
-CACHE_ENTRIES = 256
 
-# llguidance allows any run of whitespace between JSON tokens by default; a model that starts emitting blank
-# lines can then never leave them (seen with random weights: 96 tokens of spaces after '{'). Bounded runs
-# still fit compact, spaced and indented JSON; a schema's own "x-guidance" options take precedence.
-JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
-
-
-class InvalidConstraint(ValueError):
-    """A schema or grammar that cannot constrain output; the message says why, for the user."""
-
-
-@dataclass(frozen=True)
-class CompiledGrammar:
-    """A constraint compiled against one tokenizer; :meth:`GrammarCompiler.matcher` copies it per sequence."""
-
-    constraint: OutputConstraint
-    template: llg.LLMatcher
-
-
-class GrammarCompiler:
-    """Compiles constraints for one model's tokenizer and caches them (bounded, least recently used out)."""
-
-    def __init__(
-        self, tokenizer: TokenizerWrapper | PreTrainedTokenizerFast, vocab_size: int, eos_token_ids: Iterable[int]
-    ) -> None:
-        """Build llguidance's view of the tokenizer (about 0.3 s for a 32K vocabulary: do it once per model).
-
-        Args:
-            tokenizer: mlx-lm's TokenizerWrapper or the Hugging Face fast tokenizer inside it.
-            vocab_size: the model's vocabulary size (its logits may be wider than the tokenizer: padding).
-            eos_token_ids: the ids that end a sequence; once the grammar is complete only these are allowed.
-        """
-        hf = getattr(tokenizer, "_tokenizer", tokenizer)
-        backend = copy.copy(hf.backend_tokenizer)  # padding and truncation off, on a copy
-        backend.no_padding()
-        backend.no_truncation()
-        self._eos = sorted(set(eos_token_ids))
-        if not self._eos:
-            raise ValueError("constrained decoding needs at least one EOS token id")
-        self._tokenizer = llg.LLTokenizer(backend.to_str(), eos_token=self._eos)
-        self.vocab_size = max(vocab_size, self._tokenizer.vocab_size)
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[OutputConstraint, CompiledGrammar | InvalidConstraint] = OrderedDict()
-
-    def check(self, constraint: OutputConstraint) -> None:
-        """Raise :class:`InvalidConstraint` if ``constraint`` cannot be used. Thread-safe; no MLX calls."""
-        self.compile(constraint)
-
-    def compile(self, constraint: OutputConstraint) -> CompiledGrammar:
-        """The compiled grammar for ``constraint``, from the cache when it was compiled before.
-
-        Raises:
-            InvalidConstraint: the schema or grammar is malformed or uses something unsupported.
-        """
-        with self._lock:
-            hit = self._cache.get(constraint)
-            if hit is not None:
-                self._cache.move_to_end(constraint)
-        if hit is None:
-            # Compiled outside the lock: llguidance drops the GIL while it builds, others keep going.
-            try:
-                hit = CompiledGrammar(constraint, self._build(constraint))
-            except InvalidConstraint as exc:
-                hit = exc
-            with self._lock:
-                hit = self._cache.setdefault(constraint, hit)
-                while len(self._cache) > CACHE_ENTRIES:
-                    self._cache.popitem(last=False)
-        if isinstance(hit, InvalidConstraint):
-            raise InvalidConstraint(str(hit))
-        return hit
+class MaskingGrammarCompiler(GrammarCompiler):
+    """The model's grammar compiler (and its cache), which also hands out per-sequence matchers."""
 
     def matcher(self, constraint: OutputConstraint) -> GrammarMatcher:
         """A fresh matcher for one sequence (a copy of the cached grammar). Engine thread."""
         compiled = self.compile(constraint)
         return GrammarMatcher(compiled.template.deep_copy(), self._tokenizer.vocab_size, self.vocab_size, self._eos)
-
-    def _build(self, c: OutputConstraint) -> llg.LLMatcher:
-        if c.kind == "json_schema":
-            what = "JSON schema"
-            try:  # parsed here too, so that a syntax error points into the user's text, not llguidance's wrapper
-                schema = json.loads(c.source)
-            except ValueError as exc:
-                raise InvalidConstraint(f"The JSON schema is not valid JSON: {exc}") from None
-            if not isinstance(schema, dict):
-                raise InvalidConstraint("The JSON schema must be a JSON object")
-            grammar = llg.LLMatcher.grammar_from_json_schema(c.source, defaults=JSON_OPTIONS)
-        elif c.kind == "lark":
-            what = "grammar"
-            grammar = llg.LLMatcher.grammar_from_lark(c.source)
-        else:
-            raise InvalidConstraint(f"Unknown constraint kind {c.kind!r}")
-        template = llg.LLMatcher(self._tokenizer, grammar, log_level=0)
-        if not template.is_error():
-            # The first mask builds the lexer's start state: some errors (size limits) only show here, and
-            # every copy of the template starts warm.
-            template.compute_bitmask()
-        if template.is_error():
-            raise InvalidConstraint(f"Invalid {what}: {template.get_error().strip()}")
-        return template
 
 
 class GrammarMatcher:

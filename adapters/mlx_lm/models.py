@@ -1,4 +1,5 @@
-"""Loading a configured model through mlx-lm's normal path, and its tokenizer as planning sees it."""
+"""Loading a configured model through mlx-lm's normal path, and its tokenizer (planning's part of it is
+:class:`adapters.tokenizer.TextTokenizer`, which a process without mlx can load from :meth:`MlxTokenizer.facts`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import copy
 import dataclasses
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,12 +25,12 @@ from mlx_lm.utils import _download as hf_snapshot  # mlx-lm's snapshot download,
 from mlx_lm.utils import dequantize_model, load
 
 from adapters.base import OutputConstraint, ToolCalling
-from adapters.mlx_lm.constraints import GrammarCompiler
+from adapters.mlx_lm.constraints import MaskingGrammarCompiler
 from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
 from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
-from adapters.mlx_lm.tool_calls import json_tools_grammar
 from adapters.setup import ModelSpec
+from adapters.tokenizer import TextTokenizer, TokenizerFacts
 
 __all__ = ["SOURCE_ERRORS", "LoadedModel", "MlxTokenizer", "ModelNotFound", "ModelSpec", "load_model", "load_steps"]
 
@@ -38,12 +38,39 @@ logger = logging.getLogger(__name__)
 
 
 class MlxTokenizer:
-    """A model's tokenizer: encoding and chat rendering for planning, token text for the engine."""
+    """A model's tokenizer: planning's view (a :class:`TextTokenizer` on the same Hugging Face tokenizer),
+    plus what the engine needs: streaming detokenizers, token text for logprobs, grammars that mask logits."""
 
-    def __init__(self, wrapper: TokenizerWrapper, vocab_size: int) -> None:
+    def __init__(
+        self,
+        wrapper: TokenizerWrapper,
+        vocab_size: int,
+        *,
+        path: str | Path | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """Wrap mlx-lm's tokenizer.
+
+        Args:
+            wrapper: mlx-lm's TokenizerWrapper, as ``mlx_lm.load`` gives it.
+            vocab_size: the vocabulary size planning sees (at most the model's logits' width).
+            path: the directory it was loaded from (default: the one the Hugging Face tokenizer names).
+            trust_remote_code: how it was loaded, so that the front end loads it the same way.
+        """
         self.wrapper = wrapper
         self._hf: Any = wrapper._tokenizer
-        self._vocab_size = vocab_size
+        parser = wrapper.tool_parser
+        facts = TokenizerFacts(
+            path=str(path if path is not None else self._hf.name_or_path),
+            vocab_size=vocab_size,
+            eos_token_ids=tuple(sorted(wrapper.eos_token_ids)),
+            # mlx-lm names a format by its parser's module (mlx_lm.tool_parsers.json_tools).
+            tool_call_format=None if parser is None else str(parser.__module__).rsplit(".", 1)[-1],
+            tool_call_start=wrapper.tool_call_start,
+            tool_call_end=wrapper.tool_call_end,
+            trust_remote_code=trust_remote_code,
+        )
+        self.text = TextTokenizer(self._hf, facts, compiler=MaskingGrammarCompiler)
         self._byte_level = type(wrapper._detokenizer).__name__ == "BPEStreamingDetokenizer"
         self._id_to_piece: list[str] = self._hf.convert_ids_to_tokens(list(range(len(self._hf))))
         self._detokenizer: Any = copy.copy(wrapper._detokenizer)
@@ -51,34 +78,17 @@ class MlxTokenizer:
             self._detokenizer.__class__ = _ExactBPEDetokenizer
         elif hasattr(self._detokenizer, "trim_space"):
             self._detokenizer.trim_space = False
-        self._grammars: GrammarCompiler | None = None
-        self._grammars_lock = threading.Lock()
-        added = getattr(self._hf, "added_tokens_decoder", {}) or {}
-        # A token that strips whitespace on its left would take the boundary's newline: never split there.
-        specials = {
-            t.content for t in added.values() if getattr(t, "special", False) and not getattr(t, "lstrip", True)
-        }
-        # Longest first: str.startswith with a tuple stops at the first match, any one is enough.
-        self._special_texts: tuple[str, ...] = tuple(sorted((t for t in specials if t), key=len, reverse=True))
+
+    def facts(self) -> TokenizerFacts:
+        """What a process without mlx needs to tokenise as this model does (:meth:`TextTokenizer.load`)."""
+        return self.text.facts
 
     @property
-    def grammars(self) -> GrammarCompiler:
-        """The model's grammar compiler, built on first use (about 0.3 s for a 32K vocabulary)."""
-        with self._grammars_lock:
-            if self._grammars is None:
-                self._grammars = GrammarCompiler(self.wrapper, self._vocab_size, self.eos_token_ids)
-            return self._grammars
-
-    def check_constraint(self, constraint: OutputConstraint) -> None:
-        self.grammars.check(constraint)
-
-    def tool_call_constraint(self, tools: ToolCalling) -> OutputConstraint:
-        if self.tool_call_format != "json_tools":
-            raise ValueError(
-                f"Forcing a tool call is supported for the json_tools (Hermes) format; this model's chat "
-                f"template uses {self.tool_call_format or 'no tool-call format'}. Use tool_choice 'auto'."
-            )
-        return OutputConstraint("lark", json_tools_grammar(self.wrapper, tools))
+    def grammars(self) -> MaskingGrammarCompiler:
+        """The model's grammar compiler, shared with planning's checks, built on first use."""
+        grammars = self.text.grammars
+        assert isinstance(grammars, MaskingGrammarCompiler)  # the compiler class given to TextTokenizer
+        return grammars
 
     def detokenizer(self) -> Any:
         """A fresh streaming detokenizer whose text is exactly the tokens' decoding.
@@ -89,42 +99,39 @@ class MlxTokenizer:
         detok.reset()
         return detok
 
+    # PromptTokenizer, for planning in the engine's process: the TextTokenizer's.
+
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size
+        return self.text.vocab_size
+
+    @property
+    def tool_call_format(self) -> str | None:
+        return self.text.tool_call_format
 
     def encode(self, text: str) -> list[int]:
-        return list(self._hf.encode(text, add_special_tokens=False))
+        return self.text.encode(text)
 
     def encode_after(self, prefix_text: str, prefix_tokens: Sequence[int], text: str) -> list[int]:
-        """A chat hit resends the cached messages: only what follows them is tokenised when it begins with
-        a special token (``<|im_start|>``). The tokenizer splits its input at special tokens before
-        anything else, so the parts on either side tokenise alone and the result equals ``encode(text)``
-        (tests/adapters/test_text.py checks it); elsewhere a boundary can merge, and the whole is encoded."""
-        rest = text[len(prefix_text) :]
-        if text.startswith(prefix_text) and rest.startswith(self._special_texts):
-            return [*prefix_tokens, *self.encode(rest)]
-        return self.encode(text)
+        return self.text.encode_after(prefix_text, prefix_tokens, text)
 
     def decode(self, tokens: Sequence[int]) -> str:
-        return str(self._hf.decode(list(tokens)))
+        return self.text.decode(tokens)
 
     def render_chat(
         self, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool, tools: object = None
     ) -> str:
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
-        if tools:
-            kwargs["tools"] = tools
-        return str(self._hf.apply_chat_template(list(messages), **kwargs))
+        return self.text.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
-    @property
-    def tool_call_format(self) -> str | None:
-        parser = self.wrapper.tool_parser
-        return None if parser is None else str(parser.__module__).rsplit(".", 1)[-1]
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        self.text.check_constraint(constraint)
+
+    def tool_call_constraint(self, tools: ToolCalling) -> OutputConstraint:
+        return self.text.tool_call_constraint(tools)
 
     @property
     def eos_token_ids(self) -> set[int]:
-        return set(self.wrapper.eos_token_ids)
+        return set(self.text.facts.eos_token_ids)
 
     def token_text(self, token: int) -> tuple[str, tuple[int, ...]]:
         """A single token's text and its exact bytes (for logprobs)."""
@@ -353,7 +360,7 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
     ctx = spec.context_length or int(
         config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings") or 4096
     )
-    tokenizer = MlxTokenizer(wrapper, min(vocab, hf_vocab))
+    tokenizer = MlxTokenizer(wrapper, min(vocab, hf_vocab), path=path, trust_remote_code=spec.trust_remote_code)
     if hf_vocab < vocab:
         # Padded vocabularies (Llama-3 shapes with a smaller tokenizer, Qwen...): ids past the tokenizer
         # can never be decoded, so the logits stop there. Sampling then needs no per-sequence mask.

@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from adapters.base import SamplingParams
-from adapters.mlx_lm.constraints import GrammarCompiler, GrammarMatcher
+from adapters.mlx_lm.constraints import GrammarMatcher, MaskingGrammarCompiler
 
 __all__ = [
     "ChoiceSampler",
@@ -106,7 +106,7 @@ def logits_processors(
     params: SamplingParams,
     vocab: int,
     prompt: Sequence[int],
-    grammars: GrammarCompiler | None = None,
+    grammars: MaskingGrammarCompiler | None = None,
     matcher: GrammarMatcher | None = None,
 ) -> list[Processor]:
     """A sequence's own processors (each call of this gives fresh state): bias, then penalties, then the
@@ -231,7 +231,7 @@ class ChoiceSampler:
         vocab_size: int,
         key: mx.array,
         prompt: Sequence[int],
-        grammars: GrammarCompiler | None = None,
+        grammars: MaskingGrammarCompiler | None = None,
     ) -> None:
         self._params = params
         self._processors = logits_processors(params, vocab_size, prompt, grammars)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlx_lm.generate import TextStateMachine
@@ -20,7 +20,7 @@ from mlx_lm.generate import TextStateMachine
 from adapters.base import ToolCalling, ToolCallOut
 from adapters.mlx_lm.text import StopTextAssembler
 
-__all__ = ["ChoiceText", "json_tools_grammar", "new_call_id"]
+__all__ = ["ChoiceText", "new_call_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,31 +114,3 @@ class ChoiceText:
             self._calls.append(ToolCallOut(str(call.get("id") or new_call_id()), str(call["name"]), text))
             self.made_calls = True
         return ""
-
-
-def json_tools_grammar(wrapper: Any, tools: ToolCalling) -> str:
-    """A Lark grammar (llguidance's dialect) that admits only calls of ``tools.names`` in the Hermes
-    ``json_tools`` format, each with arguments valid for that function's parameter schema."""
-    start, end = json.dumps(wrapper.tool_call_start), json.dumps(wrapper.tool_call_end)
-    by_name = {str(t["function"]["name"]): t["function"] for t in _functions(tools.tools)}  # type: ignore[index]
-    rules = []
-    for i, name in enumerate(tools.names):
-        fn = by_name[name]
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        schema = {
-            # Compact, with the template's own separators: the form the model saw in its prompt and
-            # training, and no room for runs of blank space (a random-weight model never leaves them).
-            "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "},
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": params},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        rules.append(f"fn{i}: %json {json.dumps(schema)}")
-    alternatives = " | ".join(f"fn{i}" for i in range(len(tools.names)))
-    repeat = ' ("\\n" call)*' if tools.parallel and tools.choice == "required" else ""
-    return "\n".join([f"start: call{repeat}", f'call: {start} "\\n" body "\\n" {end}', f"body: {alternatives}", *rules])
-
-
-def _functions(tools: Sequence[Mapping[str, object]]) -> list[Mapping[str, Any]]:
-    return [t for t in tools if isinstance(t.get("function"), Mapping)]

@@ -19,7 +19,8 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from adapters.base import OutputConstraint  # noqa: E402
-from adapters.mlx_lm.constraints import GrammarCompiler, InvalidConstraint  # noqa: E402
+from adapters.grammar import InvalidConstraint  # noqa: E402
+from adapters.mlx_lm.constraints import MaskingGrammarCompiler  # noqa: E402
 from adapters.mlx_lm.models import LoadedModel, ModelSpec, load_model  # noqa: E402
 from tests.closers import closing_bias_ids  # noqa: E402
 
@@ -83,8 +84,9 @@ def loaded(models_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def compiler(loaded: LoadedModel) -> GrammarCompiler:
-    return GrammarCompiler(loaded.tokenizer.wrapper, loaded.vocab_size, loaded.tokenizer.eos_token_ids)
+def compiler(loaded: LoadedModel) -> MaskingGrammarCompiler:
+    tokenizer = loaded.tokenizer
+    return MaskingGrammarCompiler(tokenizer.text.hf, loaded.vocab_size, tokenizer.eos_token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,12 @@ def check_schema(value: Any, schema: dict[str, Any]) -> None:
 @pytest.mark.parametrize("name", list(SCHEMAS))
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, 0), (1.0, 1), (1.0, 2)])
 def test_json_schema_outputs_validate(
-    loaded: LoadedModel, compiler: GrammarCompiler, closing_bias: mx.array, name: str, temperature: float, seed: int
+    loaded: LoadedModel,
+    compiler: MaskingGrammarCompiler,
+    closing_bias: mx.array,
+    name: str,
+    temperature: float,
+    seed: int,
 ) -> None:
     schema = SCHEMAS[name]
     matcher = compiler.matcher(OutputConstraint("json_schema", json.dumps(schema)))
@@ -160,7 +167,7 @@ def test_json_schema_outputs_validate(
 
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, 0), (1.0, 1), (1.0, 2)])
 def test_tool_call_grammar(
-    loaded: LoadedModel, compiler: GrammarCompiler, closing_bias: mx.array, temperature: float, seed: int
+    loaded: LoadedModel, compiler: MaskingGrammarCompiler, closing_bias: mx.array, temperature: float, seed: int
 ) -> None:
     matcher = compiler.matcher(OutputConstraint("lark", TOOL_GRAMMAR))
     text, ended = generate(loaded, [lambda _, x: x + closing_bias, matcher.processor()], temperature, seed)
@@ -169,7 +176,7 @@ def test_tool_call_grammar(
     check_schema(json.loads(text.removeprefix("<tool_call>").removesuffix("</tool_call>")), TOOL_CALL)
 
 
-def test_greedy_without_help_stays_inside_the_grammar(loaded: LoadedModel, compiler: GrammarCompiler) -> None:
+def test_greedy_without_help_stays_inside_the_grammar(loaded: LoadedModel, compiler: MaskingGrammarCompiler) -> None:
     """No bias: the random model need not finish, but every token it wrote was allowed."""
     matcher = compiler.matcher(OutputConstraint("json_schema", json.dumps(FLAT)))
     text, _ = generate(loaded, [matcher.processor()], 0.0, 0, max_tokens=24)
@@ -177,7 +184,9 @@ def test_greedy_without_help_stays_inside_the_grammar(loaded: LoadedModel, compi
     assert matcher.error is None
 
 
-def test_sequential_apply_advance_and_only_eos_when_complete(loaded: LoadedModel, compiler: GrammarCompiler) -> None:
+def test_sequential_apply_advance_and_only_eos_when_complete(
+    loaded: LoadedModel, compiler: MaskingGrammarCompiler
+) -> None:
     matcher = compiler.matcher(OutputConstraint("json_schema", '{"type": "object"}'))
     vocab = loaded.vocab_size
     for token in loaded.tokenizer.encode('{"a": 1}'):
@@ -189,7 +198,7 @@ def test_sequential_apply_advance_and_only_eos_when_complete(loaded: LoadedModel
     assert set(allowed.tolist()) == loaded.tokenizer.eos_token_ids
 
 
-def test_mask_covers_padded_logits(loaded: LoadedModel, compiler: GrammarCompiler) -> None:
+def test_mask_covers_padded_logits(loaded: LoadedModel, compiler: MaskingGrammarCompiler) -> None:
     """Logits wider than the tokenizer (a padded vocabulary): the extra ids are never allowed."""
     matcher = compiler.matcher(OutputConstraint("json_schema", '{"type": "object"}'))
     width = loaded.vocab_size + 100
@@ -211,13 +220,13 @@ def test_mask_covers_padded_logits(loaded: LoadedModel, compiler: GrammarCompile
         ("lark", "start: undefined_rule", "Invalid grammar"),
     ],
 )
-def test_invalid_constraints_raise(compiler: GrammarCompiler, kind: Any, source: str, words: str) -> None:
+def test_invalid_constraints_raise(compiler: MaskingGrammarCompiler, kind: Any, source: str, words: str) -> None:
     for _ in range(2):  # the failure is cached too, and still raised
         with pytest.raises(InvalidConstraint, match=words):
             compiler.check(OutputConstraint(kind, source))
 
 
-def test_compile_cache_returns_the_cached_grammar(compiler: GrammarCompiler) -> None:
+def test_compile_cache_returns_the_cached_grammar(compiler: MaskingGrammarCompiler) -> None:
     constraint = OutputConstraint("json_schema", json.dumps(NESTED))
     first = compiler.compile(constraint)
     assert compiler.compile(OutputConstraint("json_schema", json.dumps(NESTED))) is first
@@ -226,11 +235,11 @@ def test_compile_cache_returns_the_cached_grammar(compiler: GrammarCompiler) -> 
     assert a._matcher is not b._matcher and not b.done  # one state per sequence
 
 
-def compiler_token(compiler: GrammarCompiler, text: str) -> int:
+def compiler_token(compiler: MaskingGrammarCompiler, text: str) -> int:
     return compiler._tokenizer.tokenize_str(text)[0]
 
 
-def test_check_from_many_threads(compiler: GrammarCompiler) -> None:
+def test_check_from_many_threads(compiler: MaskingGrammarCompiler) -> None:
     errors: list[BaseException] = []
 
     def work(i: int) -> None:

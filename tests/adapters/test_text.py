@@ -82,7 +82,7 @@ def test_encode_after_a_cached_conversation_equals_encode(
     cache_text = tok.render_chat(cached, add_generation_prompt=False)
     text = tok.render_chat(cached + following, add_generation_prompt=True)
     assert text.startswith(cache_text)
-    assert text[len(cache_text) :].startswith(tok._special_texts)  # the fast path is the one tested
+    assert text[len(cache_text) :].startswith(tok.text.special_texts)  # the fast path is the one tested
     assert tok.encode_after(cache_text, tok.encode(cache_text), text) == tok.encode(text)
 
 
