@@ -268,10 +268,17 @@ class Finished(msgspec.Struct, frozen=True, tag=True):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # The engine's clock (time.perf_counter, CLOCK_MONOTONIC: the same in every process of the machine):
+    # when the request reached the engine, its prompt was first worked on, its first token was sampled.
+    # 0: not measured.
+    queued_at: float = 0.0
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
 
 
 class Failed(msgspec.Struct, frozen=True, tag=True):
-    error: EngineError
+    # An EngineError, or (refused before it was queued) what the engine's own check raised: a PrefixCacheError.
+    error: Exception
 
 
 EngineEvent = Started | TokenEvent | ChoiceFinished | Finished | Failed

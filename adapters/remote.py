@@ -50,6 +50,8 @@ from adapters.base import (
 from adapters.setup import EngineSetup, StoreSetup
 from adapters.snapshot import EngineSnapshot, health_report
 from adapters.stats import EngineStats, StatsExport
+from adapters.tokenizer import TokenizerFacts
+from prefix_caches.errors import PrefixCacheError
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import CacheStatus, CacheUsage, PrefixCacheStore
 
@@ -75,7 +77,7 @@ class FrontIndex(PrefixCacheStore):
     told; use counters, residency and the engine's own statuses come from its latest report."""
 
     def __init__(self, store: StoreSetup, engine: RemoteEngine) -> None:
-        super().__init__(Path(store.root), 0, store.quota_of)
+        super().__init__(Path(store.root), store.memory_budget_bytes, store.quota_of)
         self._engine = engine
 
     def delete(self, tenant: str, name: str) -> Manifest:
@@ -106,6 +108,11 @@ class FrontIndex(PrefixCacheStore):
         self._engine.record_miss(model, tenant)
 
 
+def _refusal(error: Exception) -> bool:
+    """An error the engine's checks raise before queueing (an engine in this process raises it from the call)."""
+    return isinstance(error, UnknownModel | EngineNotReady | ModelUnavailable | PrefixCacheError)
+
+
 class RemoteEngine:
     """Implements :class:`adapters.base.Engine` on an engine process (``launch``, then ``start`` on the loop)."""
 
@@ -119,7 +126,9 @@ class RemoteEngine:
         self.report = _empty_report()
         self._stats = EngineStats()
         self._stats_of: StatsExport | None = None
-        self._tokenizers: dict[str, tuple[Any, PromptTokenizer]] = {}
+        self._tokenizers: dict[str, tuple[TokenizerFacts, PromptTokenizer]] = {}
+        self._loading: set[str] = set()
+        self._tokenizer_errors: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Queue[Any]] = {}
         self._asked: list[asyncio.Future[None]] = []
@@ -211,25 +220,55 @@ class RemoteEngine:
     # ---- what the engine reports --------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
-        return [m.info for m in self.report.models]
+        """A model is ready here once the engine serves it and this front end has its tokenizer."""
+        return [
+            m.info if self._has_tokenizer(m) else msgspec.structs.replace(m.info, ready=False)
+            for m in self.report.models
+        ]
+
+    def _has_tokenizer(self, m: wire.ModelFacts) -> bool:
+        cached = self._tokenizers.get(m.info.id)
+        return m.tokenizer is not None and cached is not None and cached[0] == m.tokenizer
 
     def tokenizer(self, model: str) -> PromptTokenizer:
         if model not in self._specs:
             raise UnknownModel(model)
         facts = self._model(model)
         cached = self._tokenizers.get(model)
-        if cached is not None and cached[0] == facts:
-            return cached[1]
+        if cached is None or cached[0] != facts:
+            raise EngineNotReady(f"The model '{model}' is still loading (its tokenizer, here); retry shortly")
+        return cached[1]
+
+    def _load_tokenizers(self, report: wire.Report) -> None:
+        """Load each newly ready model's tokenizer on a worker thread (it takes a second, not the event loop)."""
+        for m in report.models:
+            facts = m.tokenizer
+            if facts is None or m.info.id in self._loading:
+                continue
+            cached = self._tokenizers.get(m.info.id)
+            if cached is not None and cached[0] == facts:
+                continue
+            self._loading.add(m.info.id)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._load_tokenizer(m.info.id, facts)))
+
+    async def _load_tokenizer(self, model: str, facts: TokenizerFacts) -> None:
         from adapters.tokenizer import TextTokenizer
 
-        tokenizer = TextTokenizer.load(facts)
-        self._tokenizers[model] = (facts, tokenizer)
-        return tokenizer
+        try:
+            tokenizer = await anyio.to_thread.run_sync(TextTokenizer.load, facts)
+            self._tokenizers[model] = (facts, tokenizer)
+        except Exception:
+            logger.exception("model %s: its tokenizer could not be loaded in the HTTP process", model)
+            self._tokenizer_errors[model] = "its tokenizer could not be loaded in the HTTP process"
+        finally:
+            self._loading.discard(model)
 
     def _model(self, model: str) -> Any:
         if self._dead is not None:
             raise ModelUnavailable(f"The engine is not running: {self._dead}")
         health = dict(self.report.snapshot.models).get(model)
+        if model in self._tokenizer_errors:
+            raise ModelUnavailable(f"The model '{model}' cannot serve: {self._tokenizer_errors[model]}")
         if health is not None and health.state == "failed":
             raise ModelUnavailable(
                 f"The model '{model}' failed to load ({health.error}); retrying will not help until the server's "
@@ -259,6 +298,15 @@ class RemoteEngine:
         report = self.report
         out = health_report(self.alive, self._dead or report.error, report.snapshot, self.stats, report.cache_stats)
         out["engine_pid"] = self.pid
+        models = out["models"]
+        assert isinstance(models, dict)
+        for m in report.models:  # ready for the engine, not yet here: still loading, as a client sees it
+            shown = models.get(m.info.id)
+            if m.info.ready and not self._has_tokenizer(m) and isinstance(shown, dict):
+                if m.info.id in self._tokenizer_errors:
+                    models[m.info.id] = {**shown, "state": "failed", "error": self._tokenizer_errors[m.info.id]}
+                else:
+                    models[m.info.id] = {**shown, "state": "loading", "stage": "loading the tokenizer (HTTP process)"}
         return out
 
     async def refresh(self) -> None:
@@ -332,9 +380,7 @@ class RemoteEngine:
         events = self._events_of(ident, wire.Build(self.front, ident, job))
         try:
             async for event in events:
-                if isinstance(event, Failed) and isinstance(
-                    event.error, UnknownModel | EngineNotReady | ModelUnavailable
-                ):
+                if isinstance(event, Failed) and _refusal(event.error):
                     ended = True
                     raise event.error
                 if isinstance(event, PrefixBuilt) and self._index is not None:
@@ -379,6 +425,7 @@ class RemoteEngine:
             message = wire.decode_message(await self._events.recv())
             if isinstance(message, wire.Report):
                 self.report = message
+                self._load_tokenizers(message)
                 asked, self._asked = self._asked, []
                 for future in asked:
                     if not future.done():

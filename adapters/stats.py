@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import msgspec
@@ -52,31 +52,24 @@ class EngineStats:
         self._steps: dict[tuple[str, str], StepTimes] = {}
         # model -> [batch steps, sequences stepped, seconds]
         self._batches: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
-        # model -> decode steps (either path); the step count at each cancellation not yet seen leaving;
-        # the steps each cancelled request took to leave (counts per CANCEL_LAG_BUCKETS bound, +Inf last).
+        # model -> decode steps (either path); the steps each cancelled request took to leave
+        # (counts per CANCEL_LAG_BUCKETS bound, +Inf last).
         self._decode_steps: dict[str, int] = defaultdict(int)
-        self._cancels: dict[str, deque[int]] = defaultdict(deque)
         self._cancel_lags: dict[str, list[int]] = {}
 
-    def request_done(self, model: str, outcome: str) -> None:
-        """One request left the engine: ``completed``, ``cancelled`` or ``failed``."""
+    def request_done(self, model: str, outcome: str, lag: int | None = None) -> None:
+        """One request left the engine: ``completed``, ``cancelled`` or ``failed``; a cancelled one with its
+        ``lag``: the model's decode steps between the engine seeing the cancellation and the request leaving."""
         with self._lock:
             self._requests[(model, outcome)] += 1
-            pending = self._cancels.get(model)
-            if outcome == "cancelled" and pending:
-                lag = self._decode_steps[model] - pending.popleft()
+            if outcome == "cancelled" and lag is not None:
                 counts = self._cancel_lags.setdefault(model, [0] * (len(CANCEL_LAG_BUCKETS) + 1))
                 counts[bisect.bisect_left(CANCEL_LAG_BUCKETS, lag)] += 1
 
-    def cancel_requested(self, model: str) -> None:
-        """The client of an unfinished request went away and its cancel flag is being set now: the decode
-        steps the model takes until the request leaves (``request_done(.., "cancelled")``) are its lag.
-
-        Cancellations and departures are paired in order per model, which is exact while one cancellation
-        of a model is in flight at a time; the engine reports no request ids to pair them by.
-        """
+    def decode_steps(self, model: str) -> int:
+        """The model's decode steps so far (either path)."""
         with self._lock:
-            self._cancels[model].append(self._decode_steps[model])
+            return self._decode_steps[model]
 
     def decode_step(self, model: str, path: str, seconds: float) -> None:
         """One decode step took ``seconds``: ``path`` is ``batch`` (every running sequence of the model) or

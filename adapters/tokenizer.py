@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["TextTokenizer", "TokenizerFacts"]
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 class TokenizerFacts(msgspec.Struct, frozen=True, kw_only=True):
     """What the engine knows about a model's tokenizer that the front end cannot learn without mlx-lm.
 
@@ -87,9 +90,12 @@ class TextTokenizer:
     def load(cls, facts: TokenizerFacts) -> TextTokenizer:
         """Load the tokenizer at ``facts.path`` as the engine did (a second of transformers' import the first
         time, then about as long as mlx-lm's own load took)."""
-        from transformers import AutoTokenizer  # heavy to import: only the processes that tokenise pay for it
+        # One load at a time: transformers' lazy module gave "cannot import name 'AutoTokenizer'" to the second of
+        # two threads importing it at once (two models ready together).
+        with _LOAD_LOCK:
+            from transformers import AutoTokenizer  # heavy to import: only the processes that tokenise pay for it
 
-        hf = AutoTokenizer.from_pretrained(facts.path, trust_remote_code=facts.trust_remote_code)
+            hf = AutoTokenizer.from_pretrained(facts.path, trust_remote_code=facts.trust_remote_code)
         return cls(hf, facts)
 
     @property

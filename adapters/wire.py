@@ -34,6 +34,7 @@ from adapters.base import (
 )
 from adapters.snapshot import EngineSnapshot
 from adapters.stats import StatsExport
+from adapters.tokenizer import TokenizerFacts
 from prefix_caches import errors as cache_errors
 from prefix_caches.store import CacheUsage
 
@@ -136,7 +137,7 @@ class Reply(msgspec.Struct, frozen=True, tag=True):
 
     verified: dict[str, Any] | None = None
     warmed: PrefixWarmed | None = None
-    error: EngineError | None = None
+    error: Exception | None = None
 
 
 Event = Started | TokenEvent | ChoiceFinished | Finished | Failed | base.BuildProgress | base.PrefixBuilt | Reply
@@ -152,7 +153,7 @@ class ModelFacts(msgspec.Struct, frozen=True, kw_only=True):
     """A model as the front end needs it: what ``/v1/models`` lists, and how to load its tokenizer."""
 
     info: ModelInfo
-    tokenizer: Any = None  # adapters.tokenizer.TokenizerFacts once the model loaded
+    tokenizer: TokenizerFacts | None = None  # once the model loaded
 
 
 class Report(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -211,6 +212,8 @@ def _error_args(exc: Exception) -> list[Any]:
 
 
 def _dec_hook(kind: type, obj: Any) -> Any:
+    if kind is object:  # a tool's JSON schema, a message's content: any JSON value, as it came
+        return obj
     if isinstance(kind, type) and issubclass(kind, Exception) and isinstance(obj, dict):
         cls = _ERRORS.get(str(obj.get("kind")), EngineError)
         if cls is PrefixBuildRefused:

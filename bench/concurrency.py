@@ -287,6 +287,9 @@ def main() -> None:
     parser.add_argument("--closed-warmup", type=float, default=None, help="closed-loop ramp left out, s")
     parser.add_argument("--closed-clients", default=None, help="client counts for the closed loop (default --clients)")
     parser.add_argument("--ceiling", action="store_true", help="also measure the plain decode loop first")
+    parser.add_argument(
+        "--layouts", default="auto", help="engine layouts to measure, comma-separated: auto, process, thread"
+    )
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
     clients = [int(c) for c in (args.clients or ("1,8,32" if args.device == "cpu" else "1,8,32,64")).split(",")]
@@ -305,21 +308,27 @@ def main() -> None:
             print("plain decode loop (in process)", flush=True)
             rows += plain_loop_ceiling(args.device, model, sorted(set(clients) | set(closed)), Path(tmp))
         log = Path(tmp) / "server.log"
-        for mode in args.modes.split(","):
-            print(f"mlx-gateway ({mode})", flush=True)
-            env = {"MLX_GATEWAY_ISOLATION_MODE": mode, "MLX_GATEWAY_MAX_RUNNING": str(max(clients + closed))}
+        layouts = args.layouts.split(",")
+        for mode, layout in itertools.product(args.modes.split(","), layouts):
+            name = f"mlx-gateway {mode}" + (f" ({layout})" if len(layouts) > 1 else "")
+            print(name, flush=True)
+            env = {
+                "MLX_GATEWAY_ISOLATION_MODE": mode,
+                "MLX_GATEWAY_MAX_RUNNING": str(max(clients + closed)),
+                "MLX_GATEWAY_ENGINE_LAYOUT": layout,
+            }
             counts = clients if mode != "strict" else [int(c) for c in args.strict_clients.split(",")]
             with gateway(model, Path(tmp) / "caches", log, env=env) as gw:
                 if not args.skip_burst:
                     for r in run_all(gw.url, model, texts, counts, max_tokens):
-                        rows.append({"server": f"mlx-gateway {mode}", **r})
+                        rows.append({"server": name, **r})
                 for r in run_closed(gw.url, model, texts, closed, args.closed_duration, warmup, max_tokens):
-                    rows.append({"server": f"mlx-gateway {mode}", **r})
+                    rows.append({"server": name, **r})
                 health = httpx.get(f"{gw.url}/health").json()
                 print("  engine:", health["batch_steps"], health["memory"], flush=True)
                 if mode == "balanced" and not args.skip_shared:
                     r = shared_prefix(gw.url, model, texts, args.shared_max_tokens, "shared-4k", args.shared_clients)
-                    rows.append({"server": "mlx-gateway balanced", **r})
+                    rows.append({"server": name, **r})
         if not args.skip_mlx_lm:
             print("mlx_lm.server", flush=True)
             with mlx_lm_server(path, log) as url:

@@ -7,10 +7,16 @@ budget is 0, so every use loads the cache file from disk).
 
     python -m bench.ttft --device cpu            # model 'small'
     python -m bench.ttft --device gpu            # model 'llama-8b'
+    python -m bench.ttft --breakdown             # and where each mode's first token spent its time
+
+The breakdown is read from the server's own ``mlx_gateway_request_phase_seconds`` histograms (their sums and
+counts before and after each mode's requests): the mean of each phase, warm-up included. For the cold mode it
+also says how the cache was met: loaded from its file or recomputed (the server measures which is faster).
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -101,6 +107,33 @@ def client_for(gw: Gateway, model: str) -> openai.OpenAI:
     return client
 
 
+PHASES = ("planning", "admission", "to_engine", "engine_queue", "prefill", "first_token_out")
+_SAMPLE = re.compile(r"^(mlx_gateway_[a-z_]+)\{([^}]*)\} ([0-9.e+-]+)$")
+
+
+def scrape(url: str) -> dict[tuple[str, str], float]:
+    """(metric, labels) -> value of the phase histograms' sums and counts and the prefix-cache counters."""
+    out: dict[tuple[str, str], float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and (m.group(1).startswith("mlx_gateway_request_phase_seconds_") or "prefix_cache_" in m.group(1)):
+            out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
+def breakdown(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, Any]:
+    """Mean milliseconds per phase between two scrapes, and the cache loads and recomputes in between."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    out: dict[str, Any] = {}
+    for phase in PHASES:
+        total = sum(v for (n, lab), v in delta.items() if n.endswith("_sum") and f'phase="{phase}"' in lab)
+        count = sum(v for (n, lab), v in delta.items() if n.endswith("_count") and f'phase="{phase}"' in lab)
+        out[phase] = round(1000 * total / count, 2) if count else None
+    for counter in ("loads", "recomputes"):
+        out[counter] = int(sum(v for (n, _), v in delta.items() if n == f"mlx_gateway_prefix_cache_{counter}_total"))
+    return out
+
+
 def measure(
     client: openai.OpenAI,
     s: Scenario,
@@ -155,6 +188,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument("--breakdown", action="store_true", help="print each mode's mean phases up to the first token")
+    parser.add_argument("--engine-layout", choices=("auto", "process", "thread"), default="auto")
     parser.add_argument(
         "--scenarios",
         default=",".join(s.name for s in SCENARIOS),
@@ -171,7 +206,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir, log = Path(tmp) / "caches", Path(tmp) / "server.log"
         prefixes = {s.name: prefix_body(s, texts) for s in scenarios}
-        with gateway(model, cache_dir, log) as gw:
+        layout = {"MLX_GATEWAY_ENGINE_LAYOUT": args.engine_layout}
+        with gateway(model, cache_dir, log, env=layout) as gw:
             client = client_for(gw, model)
             for s in scenarios:
                 r = httpx.post(
@@ -181,8 +217,11 @@ def main() -> None:
                 )
                 r.raise_for_status()
                 build = r.json()
+                seen = scrape(gw.url)
                 full = measure(client, s, prefixes[s.name], texts, None, repeats, args.max_tokens)
+                full["breakdown"], seen = breakdown(seen, now := scrape(gw.url)), now
                 hot = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
+                hot["breakdown"] = breakdown(seen, scrape(gw.url))
                 rows.append(
                     {
                         "scenario": s.name,
@@ -195,10 +234,12 @@ def main() -> None:
                 )
                 print(s.name, "full", full["ttft"]["median"], "hot", hot["ttft"]["median"], flush=True)
         # Cold: a server that keeps nothing resident, so every hit reads the file.
-        with gateway(model, cache_dir, log, env={"MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "0"}) as gw:
+        with gateway(model, cache_dir, log, env={**layout, "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "0"}) as gw:
             client = client_for(gw, model)
             for row, s in zip(rows, scenarios, strict=True):
+                seen = scrape(gw.url)
                 row["cold"] = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
+                row["cold"]["breakdown"] = breakdown(seen, scrape(gw.url))
                 print(s.name, "cold", row["cold"]["ttft"]["median"], flush=True)
         if args.device == "gpu":
             print(log.read_text()[-4000:])
@@ -209,7 +250,21 @@ def main() -> None:
         f = row["full"]["ttft"]["median"]
         row["speedup_hot"] = f / row["hot"]["ttft"]["median"]
         row["speedup_cold"] = f / row["cold"]["ttft"]["median"]
+        row["engine_layout"] = args.engine_layout
+    if args.breakdown:
+        print_breakdown(rows)
     write_result("ttft", args.device, model, rows, out=args.out)
+
+
+def print_breakdown(rows: list[dict[str, Any]]) -> None:
+    """Mean ms per phase, per scenario and mode, beside the client's median TTFT."""
+    print(f"{'scenario':18} {'mode':5} {'ttft':>8} " + " ".join(f"{p:>15}" for p in PHASES) + "  cache")
+    for row in rows:
+        for mode in ("full", "hot", "cold"):
+            b = row[mode]["breakdown"]
+            cells = " ".join(f"{b[p]:>15}" if b[p] is not None else f"{'-':>15}" for p in PHASES)
+            met = f"loaded {b['loads']}, recomputed {b['recomputes']}" if mode == "cold" else ""
+            print(f"{row['scenario']:18} {mode:5} {1000 * row[mode]['ttft']['median']:8.2f} {cells}  {met}")
 
 
 if __name__ == "__main__":

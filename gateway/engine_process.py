@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import msgspec
@@ -30,8 +31,12 @@ def main() -> int:
         sys.stdout.flush()
 
     from adapters.mlx_lm.host import serve
+    from adapters.mlx_lm.threads import await_os_exit
 
-    return serve(setup, Path(folder), ready)
+    try:
+        return serve(setup, Path(folder), ready)
+    finally:
+        await_os_exit(threading.enumerate())  # the engine thread's C++ destructors, before the interpreter ends
 
 
 if __name__ == "__main__":

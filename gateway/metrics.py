@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from adapters.base import Engine, Finished, TokenEvent
+from adapters.base import Engine, Finished, Started, TokenEvent
 from adapters.stats import CANCEL_LAG_BUCKETS, DECODE_STEP_BUCKETS
 from gateway.request_context import RequestInfo
 
@@ -73,6 +73,47 @@ class Metrics:
             buckets=INTER_TOKEN_BUCKETS,
             registry=r,
         )
+        # A request's phases, named as vLLM names them (serving-architecture notes), and every phase apart for
+        # `python -m bench.ttft --breakdown`. Observed per prompt when it finishes.
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_time_seconds",
+            "Seconds from a request's plan (tokens, limits) to the engine's first work on its prompt: the "
+            "admission queue, the hop to the engine and the engine's own queue",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefill_time = Histogram(
+            f"{PREFIX}_request_prefill_time_seconds",
+            "Seconds from the engine's first work on a prompt to its first sampled token (a batch slot's wait "
+            "included)",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            f"{PREFIX}_request_decode_time_seconds",
+            "Seconds from a prompt's first sampled token to its end, as the HTTP side receives it",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Seconds from a generation request's arrival to its last prompt's end",
+            ["model", "tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.phases = Histogram(
+            f"{PREFIX}_request_phase_seconds",
+            "Each phase of a request up to its first token: planning (arrival to plan), admission (plan to a "
+            "place in the engine), to_engine (to the engine's queue), engine_queue (to its first work on the "
+            "prompt), prefill (to its first sampled token), first_token_out (to the HTTP side)",
+            ["model", "phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens of finished prompts", ["model", "tenant"], registry=r
         )
@@ -91,8 +132,8 @@ class Metrics:
         self.requests.labels(info.route, info.method, str(info.status)).inc()
         self.duration.labels(info.route, info.method).observe(info.seconds)
 
-    def observer(self, model: str, tenant: str, arrived: float) -> GenerationObserver:
-        return GenerationObserver(self, model, tenant, arrived)
+    def observer(self, model: str, tenant: str, arrived: float, planned: float) -> GenerationObserver:
+        return GenerationObserver(self, model, tenant, arrived, planned)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""
@@ -102,31 +143,61 @@ class Metrics:
 class GenerationObserver:
     """One generation request's latencies and tokens, fed with its engine events as they arrive."""
 
-    def __init__(self, metrics: Metrics, model: str, tenant: str, arrived: float) -> None:
+    def __init__(self, metrics: Metrics, model: str, tenant: str, arrived: float, planned: float) -> None:
+        self._metrics, self._model, self._tenant = metrics, model, tenant
         self._ttft = metrics.ttft.labels(model, tenant)
         self._itl = metrics.inter_token.labels(model, tenant)
         self._prompt = metrics.prompt_tokens.labels(model, tenant)
         self._completion = metrics.completion_tokens.labels(model, tenant)
         self._cached = metrics.cached_tokens.labels(model, tenant)
         self._arrived = arrived
-        self._first = True
+        self._planned = planned
+        self._admitted = time.perf_counter()  # observers are made once the request holds its place
+        self._first: dict[int, float] = {}  # prompt index -> when its first token arrived here
         self._last: dict[tuple[int, int], float] = {}  # (prompt index, choice) -> its last token's time
+        self._open = 0
 
     def event(self, index: int, event: object) -> None:
         now = time.perf_counter()
         if isinstance(event, TokenEvent) and event.token_ids:
-            if self._first:
-                self._first = False
+            if not self._first:
                 self._ttft.observe(now - self._arrived)
+            self._first.setdefault(index, now)
             key = (index, event.choice)
             last = self._last.get(key)
             if last is not None:
                 self._itl.observe(now - last)
             self._last[key] = now
+        elif isinstance(event, Started):
+            self._open += 1
         elif isinstance(event, Finished):
             self._prompt.inc(event.prompt_tokens)
             self._completion.inc(event.completion_tokens)
             self._cached.inc(event.cached_tokens)
+            self._phases(index, event, now)
+            self._open -= 1
+            if self._open <= 0:
+                self._metrics.e2e.labels(self._model, self._tenant).observe(now - self._arrived)
+
+    def _phases(self, index: int, event: Finished, now: float) -> None:
+        if not (event.queued_at and event.scheduled_at and event.first_token_at):
+            return  # an engine that does not time its requests
+        m, model, tenant = self._metrics, self._model, self._tenant
+        first_out = self._first.get(index, now)
+        m.queue_time.labels(model, tenant).observe(max(0.0, event.scheduled_at - self._planned))
+        m.prefill_time.labels(model, tenant).observe(max(0.0, event.first_token_at - event.scheduled_at))
+        m.decode_time.labels(model, tenant).observe(max(0.0, now - event.first_token_at))
+        if index:
+            return  # a request's phases up to its first token: its first prompt's
+        for phase, seconds in (
+            ("planning", self._planned - self._arrived),
+            ("admission", self._admitted - self._planned),
+            ("to_engine", event.queued_at - self._admitted),
+            ("engine_queue", event.scheduled_at - event.queued_at),
+            ("prefill", event.first_token_at - event.scheduled_at),
+            ("first_token_out", first_out - event.first_token_at),
+        ):
+            m.phases.labels(model, phase).observe(max(0.0, seconds))
 
 
 class _EngineCollector(Collector):

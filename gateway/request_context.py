@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestContext", "RequestInfo", "arrival", "current_request_id", "request_id_from"]
+__all__ = [
+    "RequestContext",
+    "RequestInfo",
+    "arrival",
+    "current_request_id",
+    "mark_planned",
+    "planned",
+    "request_id_from",
+]
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _HEADER = b"x-request-id"
@@ -25,6 +33,7 @@ _HEADER = b"x-request-id"
 # and tasks it starts (a stream's sender, planning in a worker thread) inherit it.
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 _arrived: ContextVar[float | None] = ContextVar("request_arrived", default=None)
+_planned: ContextVar[float | None] = ContextVar("request_planned", default=None)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,17 @@ def arrival() -> float:
     """``time.perf_counter()`` when the current request arrived (now, outside a request)."""
     arrived = _arrived.get()
     return time.perf_counter() if arrived is None else arrived
+
+
+def mark_planned() -> None:
+    """The current request's plan is ready (its tokens, prefix cache and limits decided)."""
+    _planned.set(time.perf_counter())
+
+
+def planned() -> float:
+    """``time.perf_counter()`` when the current request was planned (its arrival if it was not)."""
+    at = _planned.get()
+    return arrival() if at is None else at
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -8,13 +8,13 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from adapters.base import Engine
+from adapters.mlx_lm.threads import await_os_exit
 from gateway.config import Config
 from gateway.draining import Drain
 
@@ -64,27 +64,6 @@ def _nothing_to_serve(report: dict[str, Any]) -> str | None:
         [(name, model)] = models.items()
         return f"model {name} failed to load: {model['error']}"
     return "every model failed to load (" + "; ".join(f"{n}: {m['error']}" for n, m in models.items()) + ")"
-
-
-def _await_os_exit(threads: list[threading.Thread], timeout: float = 5.0) -> None:
-    """Wait until each of ``threads`` that has finished has also left the operating system.
-
-    ``join()`` returns before a thread's C++ ``thread_local`` destructors run. mlx's per-thread random key
-    (``PyKeySequence``, set by any ``mx.random`` call: sampling, random preset weights) takes the GIL in its
-    destructor; if the interpreter is finalizing by then, Python 3.11 ends that thread with ``pthread_exit``,
-    whose unwinding through the ``noexcept`` destructor calls ``std::terminate``: ``terminate called without
-    an active exception`` and exit 134 after a clean stop (python/cpython#87135; 3.14 parks such threads).
-    """
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():  # no /proc (macOS): give the destructors the GIL for a moment
-        time.sleep(0.1)
-        return
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        if thread.is_alive() or thread.native_id is None:
-            continue
-        while (tasks / str(thread.native_id)).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -185,7 +164,7 @@ def run_server(config: Config, engine: Engine, sockets: list[socket.socket]) -> 
     finally:
         AppStatus.should_exit = True  # anything still streaming after the grace period ends now
         engine.stop()  # idempotent; also after a second signal, which skips the app's shutdown hooks
-        _await_os_exit(server.threads)
+        await_os_exit(server.threads)
     if server.failure is not None:
         logger.error("nothing to serve: %s", server.failure)
         return 1

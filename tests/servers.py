@@ -52,6 +52,8 @@ def run_server(
     log = log_dir / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_GATEWAY_")}
     full_env.update({"MLX_GATEWAY_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"})
+    if os.environ.get("TEST_ENGINE_LAYOUT"):  # the whole suite on one engine layout (process or thread)
+        full_env["MLX_GATEWAY_ENGINE_LAYOUT"] = os.environ["TEST_ENGINE_LAYOUT"]
     full_env.update(env or {})
     with log.open("wb") as out:
         proc = subprocess.Popen(

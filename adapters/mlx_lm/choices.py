@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from adapters.base import ChoiceFinished, TokenEvent, TokenLogprob, TopLogprob
 from adapters.mlx_lm.models import MlxTokenizer
 from adapters.mlx_lm.sampling import SampledToken
@@ -16,6 +18,8 @@ def accept(request: Request, choice: Choice, sampled: SampledToken) -> None:
     """Take one sampled token: its event, and the choice's end when it is EOS, a stop string or the limit."""
     tokenizer = request.model.tokenizer
     params = request.plan.sampling
+    if not request.first_token_at:
+        request.first_token_at = time.perf_counter()
     choice.generated += 1
     request.completion_tokens += 1
     choice.last = sampled.token

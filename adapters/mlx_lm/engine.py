@@ -211,10 +211,19 @@ class MlxEngine:
         """The client went away before ``item`` ended: it leaves the engine at its next turn."""
         if item.cancelled.is_set():
             return
-        if isinstance(item, Request):
-            self.stats.cancel_requested(item.plan.model)
         item.cancelled.set()
-        self.wake()
+        self._inbox.put(Call(lambda: self._saw_cancel(item), None))  # also wakes the engine if it blocks
+
+    def _saw_cancel(self, item: Request | Build) -> None:
+        """Engine thread, between two turns: the decode steps from here to the request's leaving are its lag
+        (a step already running when the client left cannot be stopped, and is not counted)."""
+        if isinstance(item, Request) and item.cancel_seen is None:
+            item.cancel_seen = self.stats.decode_steps(item.plan.model)
+
+    def _cancel_lag(self, request: Request) -> int:
+        if request.cancel_seen is None:
+            return 0  # dropped before the engine thread took the cancellation from its inbox
+        return self.stats.decode_steps(request.plan.model) - request.cancel_seen
 
     def wake(self) -> None:
         """Make the engine thread finish its turn (and hand over its events) if it blocks on its inbox."""
@@ -482,7 +491,7 @@ class MlxEngine:
         self._trimmed = False
         while item is not None:
             if isinstance(item, Call) and item.future is None:
-                pass  # a wake-up
+                item.fn()  # a wake-up, or a note from another thread (a cancellation seen)
             elif isinstance(item, Call):
                 try:
                     item.future.set_result(item.fn())
@@ -523,7 +532,7 @@ class MlxEngine:
         if request.cancelled.is_set():
             logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
             self._unreserve(request)
-            self.stats.request_done(request.plan.model, "cancelled")
+            self.stats.request_done(request.plan.model, "cancelled", self._cancel_lag(request))
             return
         if not self._reserve(request):
             self._active.append(request)  # it waits for KV room; the requests running free it
@@ -548,7 +557,16 @@ class MlxEngine:
 
     def _finish(self, request: Request) -> None:
         plan = request.plan
-        request.emit(Finished(len(plan.prompt_tokens), request.completion_tokens, request.cached_tokens))
+        request.emit(
+            Finished(
+                len(plan.prompt_tokens),
+                request.completion_tokens,
+                request.cached_tokens,
+                request.queued_at,
+                request.scheduled_at,
+                request.first_token_at,
+            )
+        )
         self._unreserve(request)
         self.stats.request_done(plan.model, "completed")
         self._record_memory()
@@ -706,7 +724,7 @@ class MlxEngine:
             for uid in uids:
                 self._batched.pop(uid, None)
             logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
-            self.stats.request_done(request.plan.model, "cancelled")
+            self.stats.request_done(request.plan.model, "cancelled", self._cancel_lag(request))
         return bool(cancelled)
 
     def _fail_batch(self, name: str, exc: Exception) -> None:

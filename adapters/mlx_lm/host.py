@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from adapters import wire
-from adapters.base import EngineError, Failed
+from adapters.base import Failed
 from adapters.setup import EngineSetup
 
 __all__ = ["EngineSetupError", "Host", "WireOutbox", "build_engine", "serve"]
@@ -134,6 +134,16 @@ class Host:
 
     def serve(self) -> None:
         self.engine.start()
+        try:
+            self._loop()
+        finally:
+            self.engine.stop(wait=True)
+            self._report_all()
+            self.outbox.close()
+            for sock in [self.commands, *self.reports.values()]:
+                sock.close(linger=2000)
+
+    def _loop(self) -> None:
         last_report = 0.0
         while not self.stopping and self.engine.alive and os.getppid() == self._parent:
             if self.commands.poll(int(wire.REPORT_SECONDS * 1000 / 2)):
@@ -142,15 +152,13 @@ class Host:
                         data = self.commands.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._handle(wire.decode_command(data))
+                    try:
+                        self._handle(wire.decode_command(data))
+                    except Exception:  # a bug in one command must not take every request down with it
+                        logger.exception("engine process: a command failed")
             if time.monotonic() - last_report >= wire.REPORT_SECONDS:
                 self._report_all()
                 last_report = time.monotonic()
-        self.engine.stop(wait=True)
-        self._report_all()
-        self.outbox.close()
-        for sock in [self.commands, *self.reports.values()]:
-            sock.close(linger=2000)
 
     def _handle(self, command: wire.Command) -> None:
         engine = self.engine
@@ -161,8 +169,8 @@ class Host:
                     item = engine.enqueue(command.plan, emit)
                 else:
                     item = engine.enqueue_build(command.job, emit)
-            except Exception as exc:  # refused before it was queued: its one event says why
-                emit(Failed(exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")))
+            except Exception as exc:  # refused before it was queued: its one event says why (its class crosses)
+                emit(Failed(exc))
                 engine.wake()
                 return
             self._live[(command.front, command.id)] = item
@@ -198,8 +206,8 @@ class Host:
                 future = self.engine.verify(command.tenant, command.name)
             else:
                 future = self.engine.warm(command.tenant, command.name)
-        except Exception as exc:
-            emit(wire.Reply(error=exc if isinstance(exc, EngineError | LookupError) else EngineError(str(exc))))
+        except Exception as exc:  # an unknown cache, caches off: the error crosses with its class
+            emit(wire.Reply(error=exc))
             self.engine.wake()
             return
         verify = isinstance(command, wire.Verify)
@@ -223,7 +231,7 @@ class Host:
             facts = None
             if info.ready:
                 tokenizer = engine.tokenizer_if_ready(info.id)
-                facts = tokenizer.facts() if tokenizer is not None and hasattr(tokenizer, "facts") else None
+                facts = tokenizer.facts() if tokenizer is not None else None
             models.append(wire.ModelFacts(info=info, tokenizer=facts))
         return wire.Report(
             pid=os.getpid(),

@@ -49,6 +49,7 @@ class PrefixPath:
 
     def attach(self, request: Request) -> None:
         """Give the request its own view of its named prefix cache, or a fresh cache on a miss."""
+        request.scheduled_at = time.perf_counter()
         use, store = request.plan.prefix, self.store
         if use is None and request.model.spec.isolation_mode == "performance" and self._reuse_hit(request):
             return

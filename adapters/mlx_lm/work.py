@@ -48,6 +48,13 @@ class Request:
     kv_reserved: int = 0
     # A cold named cache recomputed because loading it was measured dearer: keep the prefix KV it makes.
     recomputing: Manifest | None = None
+    # time.perf_counter() (CLOCK_MONOTONIC, one clock for every process of the machine): the request reached
+    # the engine, its prompt was first worked on, its first token was sampled.
+    queued_at: float = field(default_factory=time.perf_counter)
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
+    # The model's decode-step count when the engine thread saw the request cancelled (None: not seen yet).
+    cancel_seen: int | None = None
 
 
 @dataclass

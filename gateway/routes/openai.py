@@ -27,7 +27,8 @@ from gateway.encoding import encode
 from gateway.metrics import GenerationObserver, Metrics
 from gateway.openapi import GENERATE, errors
 from gateway.planning import PlannedRequest, check_kv_budget, plan_chat, plan_completion
-from gateway.request_context import arrival, current_request_id
+from gateway.request_context import arrival, current_request_id, mark_planned
+from gateway.request_context import planned as planned_at
 from gateway.schemas.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -71,6 +72,7 @@ async def plan_request(
         )
     )
     check_kv_budget(planned, info)
+    mark_planned()
     return planned, info
 
 
@@ -93,7 +95,7 @@ def _slot(admission: Admission, planned: PlannedRequest) -> contextlib.AbstractA
 
 def _observer(state: State, planned: PlannedRequest) -> GenerationObserver:
     metrics: Metrics = state.metrics
-    return metrics.observer(planned.model, planned.plans[0].tenant, arrival())
+    return metrics.observer(planned.model, planned.plans[0].tenant, arrival(), planned_at())
 
 
 async def complete_planned(

@@ -65,7 +65,7 @@ def engine(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def on_engine(engine: MlxEngine, fn: Callable[[], Any]) -> Any:
-    return asyncio.run(engine._call(fn))
+    return engine.call(fn).result(timeout=600)
 
 
 def ask(engine: MlxEngine, model: str) -> tuple[Started, list[tuple[str, float, list[tuple[str, float]]]], Finished]:

@@ -14,12 +14,12 @@ from tests.servers import ROOT
 SCRIPT = """
 import threading
 import mlx.core as mx
-from gateway.server import _await_os_exit
+from adapters.mlx_lm.threads import await_os_exit
 
 thread = threading.Thread(target=lambda: mx.eval(mx.random.uniform(shape=(4,))))
 thread.start()
 thread.join()
-_await_os_exit([thread])
+await_os_exit([thread])
 """
 
 
