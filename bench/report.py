@@ -84,8 +84,57 @@ def ttft(result: dict[str, Any]) -> str:
             f"| {ms(r['hot']['ttft'])} | {ms(r['cold']['ttft'])} | {ms(r['floor'])} | {r['speedup_hot']:.1f}x "
             f"| {r['speedup_cold']:.1f}x | {r['hot_over_floor']:.2f} | {1 / r['speedup_cold']:.2f} |"
         )
+    if any("breakdown" in r["hot"] for r in result["rows"]):
+        phases = ("planning", "admission", "to_engine", "engine_queue", "prefill", "first_token_out")
+        lines += [
+            "",
+            f"Where the first token's time went (engine layout `{result['rows'][0].get('engine_layout', 'auto')}`; "
+            "mean ms per phase from the server's `mlx_gateway_request_phase_seconds`, warm-up included; the "
+            "client's TTFT also holds its own HTTP and SSE time):",
+            "",
+            "| scenario | mode | client TTFT ms | " + " | ".join(phases) + " | cold cache |",
+            "|" + " --- |" * (len(phases) + 4),
+        ]
+        for r in result["rows"]:
+            for mode in ("full", "hot", "cold"):
+                b = r[mode].get("breakdown")
+                if b is None:
+                    continue
+                cells = " | ".join("-" if b[p] is None else f"{b[p]:.2f}" for p in phases)
+                met = f"loaded {b['loads']}, recomputed {b['recomputes']}" if mode == "cold" else ""
+                lines.append(f"| {r['scenario']} | {mode} | {r[mode]['ttft']['median'] * 1e3:.1f} | {cells} | {met} |")
     if result.get("notes"):
         lines += ["", result["notes"]]
+    return "\n".join(lines)
+
+
+def layouts(result: dict[str, Any]) -> str:
+    lines = _head(
+        "Engine layouts: the engine as a thread of the server, or in its own process",
+        result,
+        f"Burst of streaming chat completions, balanced mode; {result.get('notes', '')} over interleaved rounds "
+        "(each round's figures in brackets). *before*: the server of an older commit, where the engine was "
+        "always a thread.",
+        ["variant", "clients", "tokens/s", "p95 TTFT s", "rounds tokens/s"],
+    )
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['clients']} | {r['tokens_per_s_median']:.1f} | {r['ttft_p95_median']:.3f} | "
+            + ", ".join(f"{x:.1f}" for x in r["tokens_per_s"])
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def transport(result: dict[str, Any]) -> str:
+    lines = _head(
+        "The engine process's transport",
+        result,
+        f"Between two processes, with adapters/wire.py's messages; {result.get('notes', '')}.",
+        ["transport", "round trip us (median)", "64-event batches/s"],
+    )
+    for r in result["rows"]:
+        lines.append(f"| {r['transport']} | {r['round_trip_us_median']:.1f} | {r['batches_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -509,6 +558,8 @@ RENDER = {
     "replicas": replicas,
     "exit-cycles": exit_cycles,
     "abuse": abuse,
+    "layouts": layouts,
+    "transport": transport,
 }
 
 
