@@ -89,8 +89,9 @@ def ttft(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Where the first token's time went (engine layout `{result['rows'][0].get('engine_layout', 'auto')}`; "
-            "mean ms per phase from the server's `mlx_gateway_request_phase_seconds`, warm-up included; the "
-            "client's TTFT also holds its own HTTP and SSE time):",
+            "mean ms per phase from the server's `mlx_gateway_request_phase_seconds`, warm-up "
+            f"{result['rows'][0].get('breakdown_warmup', 'included')}; the client's TTFT also holds its own HTTP "
+            "and SSE time):",
             "",
             "| scenario | mode | client TTFT ms | " + " | ".join(phases) + " | cold cache |",
             "|" + " --- |" * (len(phases) + 4),

@@ -10,8 +10,9 @@ budget is 0, so every use loads the cache file from disk).
     python -m bench.ttft --breakdown             # and where each mode's first token spent its time
 
 The breakdown is read from the server's own ``mlx_gateway_request_phase_seconds`` histograms (their sums and
-counts before and after each mode's requests): the mean of each phase, warm-up included. For the cold mode it
-also says how the cache was met: loaded from its file or recomputed (the server measures which is faster).
+counts before and after each mode's measured requests, the warm-up left out): the mean of each phase. For
+the cold mode it also says how the cache was met: loaded from its file or recomputed (the server measures which
+is faster).
 """
 
 from __future__ import annotations
@@ -142,14 +143,21 @@ def measure(
     cache: str | None,
     repeats: int,
     max_tokens: int,
+    url: str | None = None,
 ) -> dict[str, Any]:
+    """The mode's TTFTs over ``repeats`` requests after one warm-up; with ``url``, the server's own phase
+    breakdown of those requests (the warm-up left out)."""
     one(client, s, prefix, question(texts, 99), cache, max_tokens)  # warm-up
+    seen = scrape(url) if url else {}
     ttfts, totals, prompt, cached = [], [], 0, 0
     for i in range(repeats):
         t, total, prompt, cached = one(client, s, prefix, question(texts, i), cache, max_tokens)
         ttfts.append(t)
         totals.append(total)
-    return {"ttft": summary(ttfts), "total": summary(totals), "prompt_tokens": prompt, "cached_tokens": cached}
+    out = {"ttft": summary(ttfts), "total": summary(totals), "prompt_tokens": prompt, "cached_tokens": cached}
+    if url:
+        out["breakdown"] = breakdown(seen, scrape(url))
+    return out
 
 
 def suffix_floor(
@@ -217,11 +225,8 @@ def main() -> None:
                 )
                 r.raise_for_status()
                 build = r.json()
-                seen = scrape(gw.url)
-                full = measure(client, s, prefixes[s.name], texts, None, repeats, args.max_tokens)
-                full["breakdown"], seen = breakdown(seen, now := scrape(gw.url)), now
-                hot = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
-                hot["breakdown"] = breakdown(seen, scrape(gw.url))
+                full = measure(client, s, prefixes[s.name], texts, None, repeats, args.max_tokens, gw.url)
+                hot = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens, gw.url)
                 rows.append(
                     {
                         "scenario": s.name,
@@ -237,9 +242,7 @@ def main() -> None:
         with gateway(model, cache_dir, log, env={**layout, "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "0"}) as gw:
             client = client_for(gw, model)
             for row, s in zip(rows, scenarios, strict=True):
-                seen = scrape(gw.url)
-                row["cold"] = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens)
-                row["cold"]["breakdown"] = breakdown(seen, scrape(gw.url))
+                row["cold"] = measure(client, s, prefixes[s.name], texts, s.name, repeats, args.max_tokens, gw.url)
                 print(s.name, "cold", row["cold"]["ttft"]["median"], flush=True)
         if args.device == "gpu":
             print(log.read_text()[-4000:])
@@ -251,6 +254,7 @@ def main() -> None:
         row["speedup_hot"] = f / row["hot"]["ttft"]["median"]
         row["speedup_cold"] = f / row["cold"]["ttft"]["median"]
         row["engine_layout"] = args.engine_layout
+        row["breakdown_warmup"] = "excluded"
     if args.breakdown:
         print_breakdown(rows)
     write_result("ttft", args.device, model, rows, out=args.out)
