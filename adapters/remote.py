@@ -9,6 +9,11 @@ set) comes from the report.
 
 If the engine process dies, every open request gets one ``Failed`` event, ``health()`` says the engine is
 down, and the server exits non-zero for its supervisor (``gateway.server``).
+
+Two ways to get one: :meth:`RemoteEngine.launch` starts the engine process and owns it (its folder, its stop);
+:meth:`RemoteEngine.attach` joins an engine process that another process launched and owns (``--api-servers``:
+every front-end process attaches under its own ``front`` id; the launcher's :attr:`RemoteEngine.address` says
+where). An attached front end never stops the engine; it watches the engine's pid to learn of its death.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -34,6 +40,7 @@ import zmq.asyncio
 from adapters import wire
 from adapters.base import (
     BuildEvent,
+    EngineError,
     EngineEvent,
     EngineNotReady,
     Failed,
@@ -55,16 +62,25 @@ from prefix_caches.errors import PrefixCacheError
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import CacheStatus, CacheUsage, PrefixCacheStore
 
-__all__ = ["EngineProcessError", "FrontIndex", "RemoteEngine"]
+__all__ = ["EngineAddress", "EngineProcessError", "FrontIndex", "RemoteEngine"]
 
 logger = logging.getLogger(__name__)
 
 # How long a front end waits for a report it asked for before answering from the last one.
 REFRESH_SECONDS = 1.0
+# How long an attached front end's last message (its Bye) may take to leave when it closes.
+BYE_SECONDS = 0.5
 
 
 class EngineProcessError(Exception):
     """The engine process could not start; the message says why (one line for the operator)."""
+
+
+class EngineAddress(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a running engine process takes front ends: its private socket folder and its pid."""
+
+    folder: str
+    pid: int
 
 
 def _empty_report() -> wire.Report:
@@ -116,10 +132,12 @@ def _refusal(error: Exception) -> bool:
 class RemoteEngine:
     """Implements :class:`adapters.base.Engine` on an engine process (``launch``, then ``start`` on the loop)."""
 
-    def __init__(self, setup: EngineSetup, command: list[str]) -> None:
+    def __init__(self, setup: EngineSetup, command: list[str], *, attach: EngineAddress | None = None) -> None:
         self._setup = setup
         self._command = command
-        self._folder = Path(tempfile.mkdtemp(prefix="mlx-gateway-"))  # 0700: only this user can connect
+        self._attached = attach
+        # 0700: only this user can connect. An attached front end uses its launcher's folder, and leaves it.
+        self._folder = Path(attach.folder) if attach else Path(tempfile.mkdtemp(prefix="mlx-gateway-"))
         self._process: subprocess.Popen[bytes] | None = None
         self._index = FrontIndex(setup.store, self) if setup.store is not None else None
         self._specs = {m.name for m in setup.models}
@@ -140,18 +158,34 @@ class RemoteEngine:
 
     # ---- lifetime -----------------------------------------------------------------------------
 
+    @classmethod
+    def attach(cls, setup: EngineSetup, address: EngineAddress, front: int) -> RemoteEngine:
+        """A front end, numbered ``front`` (unique among the engine's front ends), of the engine process at
+        ``address``, which another process launched; then ``start`` it on the loop."""
+        engine = cls(setup, [], attach=address)
+        engine.front = front
+        engine._open_index()
+        return engine
+
+    def _open_index(self) -> None:
+        if self._index is None:
+            return
+        try:
+            self._index.scan()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise EngineProcessError(
+                f"cannot use the prefix-cache directory {self._index.root}: {reason}"
+                + (f" ({exc.filename})" if exc.filename else "")
+            ) from exc
+        if self._setup.store is not None and self._setup.store.sync_seconds > 0:
+            self._index.watch(self._setup.store.sync_seconds)
+
     def launch(self, timeout: float = 600.0) -> None:
         """Start the engine process and wait until it serves (models load after); EngineProcessError if it
         cannot (an unusable cache folder, say: its one line)."""
-        if self._index is not None:
-            try:
-                self._index.scan()
-            except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise EngineProcessError(
-                    f"cannot use the prefix-cache directory {self._index.root}: {reason}"
-                    + (f" ({exc.filename})" if exc.filename else "")
-                ) from exc
+        assert self._attached is None, "an attached front end does not launch the engine"
+        self._open_index()
         self._process = subprocess.Popen(
             [*self._command, str(self._folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -170,12 +204,22 @@ class RemoteEngine:
             self.close()
             raise EngineProcessError(str(answer["error"]))
         logger.info("engine process %d serving", self._process.pid)
-        if self._index is not None and self._setup.store is not None and self._setup.store.sync_seconds > 0:
-            self._index.watch(self._setup.store.sync_seconds)
 
     @property
     def pid(self) -> int | None:
+        if self._attached is not None:
+            return self._attached.pid
         return self._process.pid if self._process is not None else None
+
+    @property
+    def address(self) -> EngineAddress:
+        """Where other front ends attach to the engine process this one launched."""
+        assert self._process is not None, "launch() first"
+        return EngineAddress(folder=str(self._folder), pid=self._process.pid)
+
+    def exit_status(self) -> int | None:
+        """The launched engine process's exit status (reaping it), or None while it runs."""
+        return self._process.poll() if self._process is not None else None
 
     def start(self) -> None:
         """Connect this front end (on the server's event loop)."""
@@ -192,7 +236,15 @@ class RemoteEngine:
 
     def stop(self, *, wait: bool = True, timeout: float = 60.0) -> None:
         """Ask the engine process to stop (it fails what still runs, and those events arrive here); with
-        ``wait``, until it exited."""
+        ``wait``, until it exited. An attached front end fails its own open requests and aborts them in the
+        engine, which serves on for the others."""
+        if self._attached is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                # Maybe from a signal handler: the loop's state is changed on the loop, between its callbacks.
+                self._loop.call_soon_threadsafe(self._fail_open, "The server is stopping")
+            if wait:
+                self.close()
+            return
         process = self._process
         if process is None:
             return
@@ -213,9 +265,28 @@ class RemoteEngine:
         for task in self._tasks:
             task.cancel()
         if self._context is not None:
+            if self._attached is not None and self._dead is None:
+                # The engine serves on: it lets go of this front end's sockets (the linger delivers the Bye). A
+                # blocking twin of the socket: this may run after the event loop ended.
+                commands = zmq.Socket.shadow(self._commands.underlying)
+                with contextlib.suppress(zmq.ZMQError):
+                    commands.send(wire.encode(wire.Bye(self.front)), zmq.NOBLOCK)
+                commands.setsockopt(zmq.LINGER, int(BYE_SECONDS * 1000))
+                self._commands.close()
             self._context.destroy(linger=0)
             self._context = None
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._index is not None:
+            self._index.close()
+        if self._attached is None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _fail_open(self, reason: str) -> None:
+        """Every open request of this front end gets one Failed, and the engine is told to drop it."""
+        failure = Failed(EngineError(reason))
+        for ident, queue in self._waiting.items():
+            queue.put_nowait(failure)
+            if self._dead is None and self._context is not None:
+                self.tell(wire.Abort(self.front, ident))
 
     # ---- what the engine reports --------------------------------------------------------------
 
@@ -436,17 +507,31 @@ class RemoteEngine:
                 if queue is not None:
                     queue.put_nowait(event)
 
-    async def _watch(self) -> None:
-        """The engine process's death ends every open request at once (one Failed each)."""
+    def _ended(self) -> tuple[str, bool] | None:
+        """How the engine process ended and whether that was an error, or None while it runs."""
+        if self._attached is not None:
+            try:
+                os.kill(self._attached.pid, 0)  # its launcher reaps it within 0.1 s of its end (gateway.api_servers)
+            except ProcessLookupError:
+                return f"the engine process {self._attached.pid} ended", True
+            except PermissionError:  # a process of another user took its pid: gone all the same
+                return f"the engine process {self._attached.pid} ended", True
+            return None
         process = self._process
-        while process is not None and process.poll() is None:
-            await asyncio.sleep(0.1)
-        if process is None:
-            return
+        if process is None or process.poll() is None:
+            return None
         code = process.returncode
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        self._dead = f"the engine process {process.pid} ended ({how})"
-        if code != 0:
+        return f"the engine process {process.pid} ended ({how})", code != 0
+
+    async def _watch(self) -> None:
+        """The engine process's death ends every open request at once (one Failed each)."""
+        if self._process is None and self._attached is None:
+            return
+        while (ended := self._ended()) is None:
+            await asyncio.sleep(0.1)
+        self._dead, failed = ended
+        if failed:
             logger.error("%s", self._dead)
         failure = Failed(ModelUnavailable(f"The engine stopped: {self._dead}"))
         for queue in self._waiting.values():

@@ -47,6 +47,7 @@ __all__ = [
     "Abort",
     "Batch",
     "Build",
+    "Bye",
     "Command",
     "Event",
     "Hello",
@@ -77,6 +78,12 @@ class Hello(msgspec.Struct, frozen=True, tag=True):
 
     front: int
     address: str
+
+
+class Bye(msgspec.Struct, frozen=True, tag=True):
+    """A front end is leaving (one of several API servers, at its exit): nothing more is sent to it."""
+
+    front: int
 
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
@@ -130,7 +137,7 @@ class ReportWanted(msgspec.Struct, frozen=True, tag=True):
     front: int
 
 
-Command = Hello | Submit | Build | Abort | Verify | Warm | RecordMiss | Forget | ReportWanted
+Command = Hello | Bye | Submit | Build | Abort | Verify | Warm | RecordMiss | Forget | ReportWanted
 
 
 # ---- events (engine -> front end) -----------------------------------------------------------------

@@ -83,11 +83,16 @@ class WireOutbox:
         self._lock = threading.Lock()
         self._pending: dict[int, list[tuple[int, Any]]] = {}
         self._joining: list[tuple[int, str]] = []
+        self._leaving: list[int] = []
         self._sockets: dict[int, zmq.Socket[Any]] = {}  # the engine thread's
 
     def join(self, front: int, address: str) -> None:
         with self._lock:
             self._joining.append((front, address))
+
+    def leave(self, front: int) -> None:
+        with self._lock:
+            self._leaving.append(front)
 
     def emitter(self, front: int, ident: int) -> Callable[[Any], None]:
         def emit(event: Any) -> None:
@@ -103,6 +108,11 @@ class WireOutbox:
         with self._lock:
             pending, self._pending = self._pending, {}
             joining, self._joining = self._joining, []
+            leaving, self._leaving = self._leaving, []
+        for front in leaving:  # gone: what is still queued for it would hold the process's exit (its linger)
+            sock = self._sockets.pop(front, None)
+            if sock is not None:
+                sock.close(linger=0)
         for front, address in joining:
             sock = self._context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 2000)
@@ -188,6 +198,12 @@ class Host:
             self.reports[command.front] = sock
             engine.wake()
             sock.send(wire.encode(self._report()))
+        elif isinstance(command, wire.Bye):
+            self.outbox.leave(command.front)
+            engine.wake()
+            sock = self.reports.pop(command.front, None)
+            if sock is not None:
+                sock.close(linger=0)
         elif isinstance(command, wire.ReportWanted):
             sock = self.reports.get(command.front)
             if sock is not None:
