@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gateway.admission import Admission
+from gateway.admission import Places
 from gateway.config import Config
 from gateway.schemas.admin import TenantList, TenantOut, TenantUse
 from prefix_caches import PrefixCacheStore
@@ -12,8 +12,9 @@ from prefix_caches import PrefixCacheStore
 __all__ = ["tenant_report"]
 
 
-def tenant_report(config: Config, admission: Admission, store: PrefixCacheStore | None) -> TenantList:
+async def tenant_report(config: Config, admission: Places, store: PrefixCacheStore | None) -> TenantList:
     """Every tenant the config names (keys, quotas, the default) or that holds caches, by name."""
+    await admission.refresh()  # with several API servers, the counts are the coordinator's
     caches: Counter[str] = Counter()
     disk: Counter[str] = Counter()
     memory: Counter[str] = Counter()
