@@ -58,7 +58,7 @@ from adapters.setup import EngineSetup, StoreSetup
 from adapters.snapshot import EngineSnapshot, health_report
 from adapters.stats import EngineStats, StatsExport
 from adapters.tokenizer import TokenizerFacts
-from prefix_caches.errors import PrefixCacheError
+from prefix_caches.errors import PrefixCacheError, PrefixCacheNotFound
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import CacheStatus, CacheUsage, PrefixCacheStore
 
@@ -101,6 +101,18 @@ class FrontIndex(PrefixCacheStore):
         self._engine.tell(wire.Forget(tenant, name))
         return manifest
 
+    def get(self, tenant: str, name: str) -> Manifest:
+        try:
+            return super().get(tenant, name)
+        except PrefixCacheNotFound:
+            if self._engine.attached is None or _on_event_loop():
+                raise
+            # One of several front ends: another may have built it a moment ago (its word reaches this index
+            # within milliseconds). Off the event loop (planning runs in a worker thread) the folder is read once
+            # more before a 404, so a client that built a cache can use it at once whichever front end it reaches.
+            self.sync()
+            return super().get(tenant, name)
+
     def status(self, tenant: str, name: str) -> CacheStatus:
         engine_says = self._engine.report.statuses
         for t, n, state, reason in engine_says:
@@ -122,6 +134,14 @@ class FrontIndex(PrefixCacheStore):
 
     def record_miss(self, model: str, tenant: str) -> None:
         self._engine.record_miss(model, tenant)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _refusal(error: Exception) -> bool:
@@ -154,6 +174,7 @@ class RemoteEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._store_changes = 0  # the report's count of folder changes this front end's index has read
         self.front = 0
 
     # ---- lifetime -----------------------------------------------------------------------------
@@ -210,6 +231,11 @@ class RemoteEngine:
         if self._attached is not None:
             return self._attached.pid
         return self._process.pid if self._process is not None else None
+
+    @property
+    def attached(self) -> EngineAddress | None:
+        """The engine process this front end attached to (one of several), or None (it launched its own)."""
+        return self._attached
 
     @property
     def address(self) -> EngineAddress:
@@ -455,8 +481,11 @@ class RemoteEngine:
                     ended = True
                     raise event.error
                 if isinstance(event, PrefixBuilt) and self._index is not None:
-                    # The engine saved it: this front end's index reads it before the client hears of it.
+                    # The engine saved it: this front end's index reads it before the client hears of it, and the
+                    # other front ends (several API servers) are told to.
                     await anyio.to_thread.run_sync(self._index.sync)
+                    if self._attached is not None:
+                        self.tell(wire.Built(self.front))
                 yield event
                 if isinstance(event, PrefixBuilt | Failed):
                     ended = True
@@ -497,6 +526,11 @@ class RemoteEngine:
             if isinstance(message, wire.Report):
                 self.report = message
                 self._load_tokenizers(message)
+                if self._index is not None and message.store_changes != self._store_changes:
+                    self._store_changes = message.store_changes
+                    task = asyncio.get_running_loop().create_task(self._resync(self._index))
+                    self._tasks.append(task)
+                    task.add_done_callback(self._tasks.remove)
                 asked, self._asked = self._asked, []
                 for future in asked:
                     if not future.done():
@@ -523,6 +557,9 @@ class RemoteEngine:
         code = process.returncode
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         return f"the engine process {process.pid} ended ({how})", code != 0
+
+    async def _resync(self, index: FrontIndex) -> None:
+        await anyio.to_thread.run_sync(index.sync)
 
     async def _watch(self) -> None:
         """The engine process's death ends every open request at once (one Failed each)."""

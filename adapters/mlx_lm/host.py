@@ -141,6 +141,7 @@ class Host:
         self._live: weakref.WeakValueDictionary[tuple[int, int], Any] = weakref.WeakValueDictionary()
         self.stopping = False
         self._parent = os.getppid()
+        self._store_changes = 0
 
     def serve(self) -> None:
         self.engine.start()
@@ -210,10 +211,12 @@ class Host:
                 sock.send(wire.encode(self._report()))
         elif isinstance(command, wire.RecordMiss):
             engine.record_miss(command.model, command.tenant)
-        elif isinstance(command, wire.Forget):
+        elif isinstance(command, wire.Forget | wire.Built):
             store = engine.prefix_store
-            if store is not None:
+            if store is not None and isinstance(command, wire.Forget):
                 store.sync()  # the front end deleted it on disk: this store lets it go before the next command
+            self._store_changes += 1
+            self._report_all()  # every front end learns of it now
 
     def _call(self, command: wire.Verify | wire.Warm) -> None:
         emit = self.outbox.emitter(command.front, command.id)
@@ -260,6 +263,7 @@ class Host:
             cache_stats=store.stats() if store else None,
             resident=store.resident_files() if store else [],
             statuses=[(t, n, st.state, st.reason) for t, n, st in store.statuses()] if store else [],
+            store_changes=self._store_changes,
         )
 
     def _report_all(self) -> None:

@@ -226,6 +226,32 @@ def test_metrics_total_every_api_server_whichever_answers(two: Server) -> None:
     assert scrapers == {1, 2}
 
 
+def test_a_cache_built_or_deleted_through_one_api_server_is_seen_at_once_by_both(two: Server) -> None:
+    beta = {"authorization": "Bearer key-beta"}
+    for round_ in range(3):
+        name = f"shared-{round_}"
+        body = {"model": "tiny", "name": name, "prompt": "You answer tersely. " * 20}
+        built = httpx.post(f"{two.url}/admin/prefix-caches", json=body, headers=beta, timeout=60)
+        assert built.status_code == 201, built.text
+        fronts = set()
+        for i in range(6):  # at once, fresh connections: both front ends plan with it
+            rid = f"use-{name}-{i}"
+            use = {"model": "tiny", "prompt": " Go.", "max_tokens": 2, "prefix_cache": name}
+            r = httpx.post(f"{two.v1}/completions", json=use, headers={**beta, "x-request-id": rid}, timeout=60)
+            assert r.status_code == 200 and "hit=true" in r.headers["x-prefix-cache"], r.text
+            fronts.add(answered_by(two, rid))
+        gone = httpx.delete(f"{two.url}/admin/prefix-caches/{name}", headers=beta, timeout=60)
+        assert gone.status_code == 200, gone.text
+        for i in range(6):
+            rid = f"gone-{name}-{i}"
+            r = httpx.post(f"{two.v1}/completions", json=use, headers={**beta, "x-request-id": rid}, timeout=60)
+            assert_error(r, 404, "invalid_request_error", "prefix_cache_not_found", "prefix_cache")
+            fronts.add(answered_by(two, rid))
+        if fronts == {1, 2}:
+            break
+    assert fronts == {1, 2}
+
+
 # ---- the server's limits: counted once -----------------------------------------------------------
 
 
