@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 import zmq
@@ -182,7 +182,7 @@ class Coordinator:
         except RateLimited as exc:
             self._send(peer, Refused(enter.id, "server", exc.message, exc.retry_after))
         except TenantRateLimited as exc:
-            kind: Any = exc.type
+            kind = "requests" if exc.type == "requests" else "tokens"
             self._send(peer, Refused(enter.id, kind, exc.message, exc.retry_after))
         finally:
             self._tasks.pop(key, None)
@@ -203,6 +203,7 @@ class SharedAdmission:
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[Entered | Refused | Surveyed | HeadersOf]] = {}
         self._survey = _EMPTY
+        self._closed = False
 
     def _connected(self) -> zmq.asyncio.Socket:
         if self._socket is None:
@@ -221,7 +222,8 @@ class SharedAdmission:
                 future.set_result(answer)
 
     def _tell(self, ask: Enter | Leave | Survey | Headers) -> None:
-        self._connected().send(_encoder.encode(ask))
+        if not self._closed:  # a request ending after the app stopped has no place left to give back
+            self._connected().send(_encoder.encode(ask))
 
     async def _ask(self, ask: Enter | Survey | Headers, seconds: float) -> Entered | Refused | Surveyed | HeadersOf:
         future: asyncio.Future[Entered | Refused | Surveyed | HeadersOf] = asyncio.get_running_loop().create_future()
@@ -279,6 +281,7 @@ class SharedAdmission:
         return {}
 
     def close(self) -> None:
+        self._closed = True
         if self._reader is not None:
             self._reader.cancel()
         if self._context is not None:
