@@ -9,6 +9,11 @@ set) comes from the report.
 
 If the engine process dies, every open request gets one ``Failed`` event, ``health()`` says the engine is
 down, and the server exits non-zero for its supervisor (``gateway.server``).
+
+Two ways to get one: :meth:`RemoteEngine.launch` starts the engine process and owns it (its folder, its stop);
+:meth:`RemoteEngine.attach` joins an engine process that another process launched and owns (``--api-servers``:
+every front-end process attaches under its own ``front`` id; the launcher's :attr:`RemoteEngine.address` says
+where). An attached front end never stops the engine; it watches the engine's pid to learn of its death.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -34,6 +40,7 @@ import zmq.asyncio
 from adapters import wire
 from adapters.base import (
     BuildEvent,
+    EngineError,
     EngineEvent,
     EngineNotReady,
     Failed,
@@ -51,20 +58,29 @@ from adapters.setup import EngineSetup, StoreSetup
 from adapters.snapshot import EngineSnapshot, health_report
 from adapters.stats import EngineStats, StatsExport
 from adapters.tokenizer import TokenizerFacts
-from prefix_caches.errors import PrefixCacheError
+from prefix_caches.errors import PrefixCacheError, PrefixCacheNotFound
 from prefix_caches.manifest import Manifest
 from prefix_caches.store import CacheStatus, CacheUsage, PrefixCacheStore
 
-__all__ = ["EngineProcessError", "FrontIndex", "RemoteEngine"]
+__all__ = ["EngineAddress", "EngineProcessError", "FrontIndex", "RemoteEngine"]
 
 logger = logging.getLogger(__name__)
 
 # How long a front end waits for a report it asked for before answering from the last one.
 REFRESH_SECONDS = 1.0
+# How long an attached front end's last message (its Bye) may take to leave when it closes.
+BYE_SECONDS = 0.5
 
 
 class EngineProcessError(Exception):
     """The engine process could not start; the message says why (one line for the operator)."""
+
+
+class EngineAddress(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a running engine process takes front ends: its private socket folder and its pid."""
+
+    folder: str
+    pid: int
 
 
 def _empty_report() -> wire.Report:
@@ -84,6 +100,18 @@ class FrontIndex(PrefixCacheStore):
         manifest = super().delete(tenant, name)
         self._engine.tell(wire.Forget(tenant, name))
         return manifest
+
+    def get(self, tenant: str, name: str) -> Manifest:
+        try:
+            return super().get(tenant, name)
+        except PrefixCacheNotFound:
+            if self._engine.attached is None or _on_event_loop():
+                raise
+            # One of several front ends: another may have built it a moment ago (its word reaches this index
+            # within milliseconds). Off the event loop (planning runs in a worker thread) the folder is read once
+            # more before a 404, so a client that built a cache can use it at once whichever front end it reaches.
+            self.sync()
+            return super().get(tenant, name)
 
     def status(self, tenant: str, name: str) -> CacheStatus:
         engine_says = self._engine.report.statuses
@@ -108,6 +136,14 @@ class FrontIndex(PrefixCacheStore):
         self._engine.record_miss(model, tenant)
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _refusal(error: Exception) -> bool:
     """An error the engine's checks raise before queueing (an engine in this process raises it from the call)."""
     return isinstance(error, UnknownModel | EngineNotReady | ModelUnavailable | PrefixCacheError)
@@ -116,10 +152,12 @@ def _refusal(error: Exception) -> bool:
 class RemoteEngine:
     """Implements :class:`adapters.base.Engine` on an engine process (``launch``, then ``start`` on the loop)."""
 
-    def __init__(self, setup: EngineSetup, command: list[str]) -> None:
+    def __init__(self, setup: EngineSetup, command: list[str], *, attach: EngineAddress | None = None) -> None:
         self._setup = setup
         self._command = command
-        self._folder = Path(tempfile.mkdtemp(prefix="mlx-gateway-"))  # 0700: only this user can connect
+        self._attached = attach
+        # 0700: only this user can connect. An attached front end uses its launcher's folder, and leaves it.
+        self._folder = Path(attach.folder) if attach else Path(tempfile.mkdtemp(prefix="mlx-gateway-"))
         self._process: subprocess.Popen[bytes] | None = None
         self._index = FrontIndex(setup.store, self) if setup.store is not None else None
         self._specs = {m.name for m in setup.models}
@@ -136,22 +174,39 @@ class RemoteEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._store_changes = 0  # the report's count of folder changes this front end's index has read
         self.front = 0
 
     # ---- lifetime -----------------------------------------------------------------------------
 
+    @classmethod
+    def attach(cls, setup: EngineSetup, address: EngineAddress, front: int) -> RemoteEngine:
+        """A front end, numbered ``front`` (unique among the engine's front ends), of the engine process at
+        ``address``, which another process launched; then ``start`` it on the loop."""
+        engine = cls(setup, [], attach=address)
+        engine.front = front
+        engine._open_index()
+        return engine
+
+    def _open_index(self) -> None:
+        if self._index is None:
+            return
+        try:
+            self._index.scan()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise EngineProcessError(
+                f"cannot use the prefix-cache directory {self._index.root}: {reason}"
+                + (f" ({exc.filename})" if exc.filename else "")
+            ) from exc
+        if self._setup.store is not None and self._setup.store.sync_seconds > 0:
+            self._index.watch(self._setup.store.sync_seconds)
+
     def launch(self, timeout: float = 600.0) -> None:
         """Start the engine process and wait until it serves (models load after); EngineProcessError if it
         cannot (an unusable cache folder, say: its one line)."""
-        if self._index is not None:
-            try:
-                self._index.scan()
-            except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise EngineProcessError(
-                    f"cannot use the prefix-cache directory {self._index.root}: {reason}"
-                    + (f" ({exc.filename})" if exc.filename else "")
-                ) from exc
+        assert self._attached is None, "an attached front end does not launch the engine"
+        self._open_index()
         self._process = subprocess.Popen(
             [*self._command, str(self._folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -170,12 +225,27 @@ class RemoteEngine:
             self.close()
             raise EngineProcessError(str(answer["error"]))
         logger.info("engine process %d serving", self._process.pid)
-        if self._index is not None and self._setup.store is not None and self._setup.store.sync_seconds > 0:
-            self._index.watch(self._setup.store.sync_seconds)
 
     @property
     def pid(self) -> int | None:
+        if self._attached is not None:
+            return self._attached.pid
         return self._process.pid if self._process is not None else None
+
+    @property
+    def attached(self) -> EngineAddress | None:
+        """The engine process this front end attached to (one of several), or None (it launched its own)."""
+        return self._attached
+
+    @property
+    def address(self) -> EngineAddress:
+        """Where other front ends attach to the engine process this one launched."""
+        assert self._process is not None, "launch() first"
+        return EngineAddress(folder=str(self._folder), pid=self._process.pid)
+
+    def exit_status(self) -> int | None:
+        """The launched engine process's exit status (reaping it), or None while it runs."""
+        return self._process.poll() if self._process is not None else None
 
     def start(self) -> None:
         """Connect this front end (on the server's event loop)."""
@@ -192,7 +262,15 @@ class RemoteEngine:
 
     def stop(self, *, wait: bool = True, timeout: float = 60.0) -> None:
         """Ask the engine process to stop (it fails what still runs, and those events arrive here); with
-        ``wait``, until it exited."""
+        ``wait``, until it exited. An attached front end fails its own open requests and aborts them in the
+        engine, which serves on for the others."""
+        if self._attached is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                # Maybe from a signal handler: the loop's state is changed on the loop, between its callbacks.
+                self._loop.call_soon_threadsafe(self._fail_open, "The server is stopping")
+            if wait:
+                self.close()
+            return
         process = self._process
         if process is None:
             return
@@ -213,9 +291,28 @@ class RemoteEngine:
         for task in self._tasks:
             task.cancel()
         if self._context is not None:
+            if self._attached is not None and self._dead is None:
+                # The engine serves on: it lets go of this front end's sockets (the linger delivers the Bye). A
+                # blocking twin of the socket: this may run after the event loop ended.
+                commands = zmq.Socket.shadow(self._commands.underlying)
+                with contextlib.suppress(zmq.ZMQError):
+                    commands.send(wire.encode(wire.Bye(self.front)), zmq.NOBLOCK)
+                commands.setsockopt(zmq.LINGER, int(BYE_SECONDS * 1000))
+                self._commands.close()
             self._context.destroy(linger=0)
             self._context = None
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._index is not None:
+            self._index.close()
+        if self._attached is None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _fail_open(self, reason: str) -> None:
+        """Every open request of this front end gets one Failed, and the engine is told to drop it."""
+        failure = Failed(EngineError(reason))
+        for ident, queue in self._waiting.items():
+            queue.put_nowait(failure)
+            if self._dead is None and self._context is not None:
+                self.tell(wire.Abort(self.front, ident))
 
     # ---- what the engine reports --------------------------------------------------------------
 
@@ -384,8 +481,11 @@ class RemoteEngine:
                     ended = True
                     raise event.error
                 if isinstance(event, PrefixBuilt) and self._index is not None:
-                    # The engine saved it: this front end's index reads it before the client hears of it.
+                    # The engine saved it: this front end's index reads it before the client hears of it, and the
+                    # other front ends (several API servers) are told to.
                     await anyio.to_thread.run_sync(self._index.sync)
+                    if self._attached is not None:
+                        self.tell(wire.Built(self.front))
                 yield event
                 if isinstance(event, PrefixBuilt | Failed):
                     ended = True
@@ -426,6 +526,11 @@ class RemoteEngine:
             if isinstance(message, wire.Report):
                 self.report = message
                 self._load_tokenizers(message)
+                if self._index is not None and message.store_changes != self._store_changes:
+                    self._store_changes = message.store_changes
+                    task = asyncio.get_running_loop().create_task(self._resync(self._index))
+                    self._tasks.append(task)
+                    task.add_done_callback(self._tasks.remove)
                 asked, self._asked = self._asked, []
                 for future in asked:
                     if not future.done():
@@ -436,17 +541,34 @@ class RemoteEngine:
                 if queue is not None:
                     queue.put_nowait(event)
 
-    async def _watch(self) -> None:
-        """The engine process's death ends every open request at once (one Failed each)."""
+    def _ended(self) -> tuple[str, bool] | None:
+        """How the engine process ended and whether that was an error, or None while it runs."""
+        if self._attached is not None:
+            try:
+                os.kill(self._attached.pid, 0)  # its launcher reaps it within 0.1 s of its end (gateway.api_servers)
+            except ProcessLookupError:
+                return f"the engine process {self._attached.pid} ended", True
+            except PermissionError:  # a process of another user took its pid: gone all the same
+                return f"the engine process {self._attached.pid} ended", True
+            return None
         process = self._process
-        while process is not None and process.poll() is None:
-            await asyncio.sleep(0.1)
-        if process is None:
-            return
+        if process is None or process.poll() is None:
+            return None
         code = process.returncode
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        self._dead = f"the engine process {process.pid} ended ({how})"
-        if code != 0:
+        return f"the engine process {process.pid} ended ({how})", code != 0
+
+    async def _resync(self, index: FrontIndex) -> None:
+        await anyio.to_thread.run_sync(index.sync)
+
+    async def _watch(self) -> None:
+        """The engine process's death ends every open request at once (one Failed each)."""
+        if self._process is None and self._attached is None:
+            return
+        while (ended := self._ended()) is None:
+            await asyncio.sleep(0.1)
+        self._dead, failed = ended
+        if failed:
             logger.error("%s", self._dead)
         failure = Failed(ModelUnavailable(f"The engine stopped: {self._dead}"))
         for queue in self._waiting.values():

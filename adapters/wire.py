@@ -47,6 +47,8 @@ __all__ = [
     "Abort",
     "Batch",
     "Build",
+    "Built",
+    "Bye",
     "Command",
     "Event",
     "Hello",
@@ -77,6 +79,12 @@ class Hello(msgspec.Struct, frozen=True, tag=True):
 
     front: int
     address: str
+
+
+class Bye(msgspec.Struct, frozen=True, tag=True):
+    """A front end is leaving (one of several API servers, at its exit): nothing more is sent to it."""
+
+    front: int
 
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
@@ -126,11 +134,17 @@ class Forget(msgspec.Struct, frozen=True, tag=True):
     name: str
 
 
+class Built(msgspec.Struct, frozen=True, tag=True):
+    """A front end saw a build finish (the engine saved the cache): the other front ends re-read the folder."""
+
+    front: int
+
+
 class ReportWanted(msgspec.Struct, frozen=True, tag=True):
     front: int
 
 
-Command = Hello | Submit | Build | Abort | Verify | Warm | RecordMiss | Forget | ReportWanted
+Command = Hello | Bye | Submit | Build | Built | Abort | Verify | Warm | RecordMiss | Forget | ReportWanted
 
 
 # ---- events (engine -> front end) -----------------------------------------------------------------
@@ -173,6 +187,9 @@ class Report(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     cache_stats: dict[str, int] | None = None
     resident: list[tuple[str, str, str]] = []  # tenant, name, file sha256 of resident caches
     statuses: list[tuple[str, str, str, str | None]] = []  # tenant, name, state, reason: caches not ready
+    # Counts the front ends' changes to the store's folder (Forget, Built): a front end that sees it move re-reads
+    # the folder at once, so a cache another front end built or deleted is seen in milliseconds, not a sync later.
+    store_changes: int = 0
 
 
 Message = Batch | Report

@@ -4,6 +4,8 @@ started by this benchmark on the same model and machine, in the same run.
     python -m bench.concurrency --device cpu                 # small; 1, 8, 32 clients
     python -m bench.concurrency --device gpu                 # llama-8b; 1, 8, 32, 64 clients
     python -m bench.concurrency --device gpu --clients 1,8,32,64,128 --closed-duration 30 --ceiling
+    python -m bench.concurrency --device gpu --clients 128 --closed-duration 30 --modes balanced \
+        --layouts process --api-servers 1,2,4 --skip-mlx-lm --skip-shared      # HTTP front ends: 1 vs 2 vs 4
 
 Two ways of loading a server, both reported:
 
@@ -250,6 +252,15 @@ def run_all(base: str, model: str, texts: Texts, clients: list[int], max_tokens:
     return rows
 
 
+def every_front_ready(base: str, in_a_row: int = 40) -> None:
+    """Until ``in_a_row`` health checks on fresh connections answer 200: with several API servers each loads its
+    tokenizer once the model is ready, and the first 200 came from one of them only."""
+    ok = 0
+    while ok < in_a_row:
+        ok = ok + 1 if httpx.get(f"{base}/health", timeout=10).status_code == 200 else 0
+        time.sleep(0.01 if ok else 0.25)
+
+
 SHARED_CLIENTS = 16
 
 
@@ -290,6 +301,11 @@ def main() -> None:
     parser.add_argument(
         "--layouts", default="auto", help="engine layouts to measure, comma-separated: auto, process, thread"
     )
+    parser.add_argument(
+        "--api-servers",
+        default="1",
+        help="API server counts to measure, comma-separated (e.g. 1,2,4; more than 1 runs the process layout only)",
+    )
     args = parser.parse_args()
     model = args.model or DEFAULT_MODEL[args.device]
     clients = [int(c) for c in (args.clients or ("1,8,32" if args.device == "cpu" else "1,8,32,64")).split(",")]
@@ -309,16 +325,23 @@ def main() -> None:
             rows += plain_loop_ceiling(args.device, model, sorted(set(clients) | set(closed)), Path(tmp))
         log = Path(tmp) / "server.log"
         layouts = args.layouts.split(",")
-        for mode, layout in itertools.product(args.modes.split(","), layouts):
+        api_servers = [int(n) for n in args.api_servers.split(",")]
+        for mode, layout, fronts in itertools.product(args.modes.split(","), layouts, api_servers):
+            if fronts > 1 and layout == "thread":
+                continue  # several API servers feed one engine process
             name = f"mlx-gateway {mode}" + (f" ({layout})" if len(layouts) > 1 else "")
+            name += f" [{fronts} API server{'s' if fronts > 1 else ''}]" if len(api_servers) > 1 else ""
             print(name, flush=True)
             env = {
                 "MLX_GATEWAY_ISOLATION_MODE": mode,
                 "MLX_GATEWAY_MAX_RUNNING": str(max(clients + closed)),
                 "MLX_GATEWAY_ENGINE_LAYOUT": layout,
+                "MLX_GATEWAY_API_SERVERS": str(fronts),
             }
             counts = clients if mode != "strict" else [int(c) for c in args.strict_clients.split(",")]
             with gateway(model, Path(tmp) / "caches", log, env=env) as gw:
+                if fronts > 1:
+                    every_front_ready(gw.url)
                 if not args.skip_burst:
                     for r in run_all(gw.url, model, texts, counts, max_tokens):
                         rows.append({"server": name, **r})

@@ -10,7 +10,9 @@ The queue is fair between tenants: a freed place goes to the waiting request who
 running places, then to the tenant served longest ago, then first come first served; so one tenant's burst
 queued ahead of another's request does not delay it by more than the places already running.
 
-Owned by the event loop's thread: every method runs there, and none awaits while it changes state.
+Owned by the event loop's thread: every method runs there, and none awaits while it changes state. With
+several API servers (``--api-servers``) one :class:`Admission` runs in the supervising process
+(``gateway.coordinator``) and each front end reaches it through the same :class:`Places` interface.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from gateway.config import TenantLimits
+from gateway.config import Config, TenantLimits
 from gateway.errors import APIError
 from gateway.rate_limits import Rates, Reservation, TenantRateLimited
 
-__all__ = ["Admission", "RateLimited", "Ticket"]
+__all__ = ["Admission", "Places", "RateLimited", "Ticket"]
 
 
 class RateLimited(APIError):
@@ -60,6 +63,33 @@ class Ticket:
     used: int = 0
 
 
+class Places(Protocol):
+    """What the HTTP side asks of admission: this process's :class:`Admission`, or one shared by every front end
+    (``gateway.coordinator.SharedAdmission``)."""
+
+    def slot(
+        self, tokens: int, tenant: str | None = None, reserve: int = 0
+    ) -> contextlib.AbstractAsyncContextManager[Ticket]:
+        """Hold one running place for the body of the ``async with`` (see :meth:`Admission.slot`)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Bring what :meth:`stats` and :meth:`tenant_use` say up to date."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Running and queued requests, and the queued prompt tokens."""
+        ...
+
+    def tenant_use(self, tenant: str) -> dict[str, int]:
+        """What ``tenant`` holds now (see :meth:`Admission.tenant_use`)."""
+        ...
+
+    async def rate_headers(self, tenant: str) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of ``tenant``'s windows as they stand now."""
+        ...
+
+
 class Admission:
     def __init__(
         self,
@@ -86,6 +116,13 @@ class Admission:
         # Per tenant: requests in the server (running or queued) and their prompt tokens.
         self.tenant_requests: Counter[str] = Counter()
         self.tenant_tokens: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, config: Config) -> Admission:
+        """The server's admission, as ``config`` sets its limits."""
+        return cls(
+            config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds, config.limits
+        )
 
     @contextlib.asynccontextmanager
     async def slot(self, tokens: int, tenant: str | None = None, reserve: int = 0) -> AsyncIterator[Ticket]:
@@ -197,8 +234,14 @@ class Admission:
             self._take(waiter.tenant)
             waiter.granted.set_result(None)
 
+    async def refresh(self) -> None:
+        """Nothing to fetch: this object is the count."""
+
     def stats(self) -> dict[str, int]:
         return {"running": self.running, "queued": self.queued, "queued_tokens": self.queued_tokens}
+
+    async def rate_headers(self, tenant: str) -> dict[str, str]:
+        return self.rates.headers(tenant)
 
     def tenant_use(self, tenant: str) -> dict[str, int]:
         """What ``tenant`` holds now: requests in progress, their prompt tokens, the last minute's spend."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
@@ -12,7 +13,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.routes import HTTPRoute
 
 from adapters.base import Engine, EngineError, EngineNotReady, ModelUnavailable, UnknownModel
-from gateway.admission import Admission
+from gateway.admission import Admission, Places
 from gateway.body import StrictBody, cache_name_error
 from gateway.browsers import cors_config, docs_assets_router, playground_router
 from gateway.config import Config
@@ -151,13 +152,19 @@ def _answer_options(request: Request) -> Response[None] | None:
     return None
 
 
-def create_app(config: Config, engine: Engine) -> Litestar:
-    """The app serving ``engine``. The engine starts with the app and stops with it."""
+def create_app(
+    config: Config, engine: Engine, places: Places | None = None, metrics_dir: Path | None = None
+) -> Litestar:
+    """The app serving ``engine``. The engine starts with the app and stops with it.
+
+    Args:
+        places: admission shared with other front ends (``--api-servers``); None: this process's own.
+        metrics_dir: where every front end's HTTP-side metrics are kept together (prometheus_client's
+            multiprocess mode); None: this app's own registry.
+    """
     drain = Drain()
-    admission = Admission(
-        config.max_running, config.max_queued, config.max_queued_tokens, config.queue_timeout_seconds, config.limits
-    )
-    registry = Metrics(engine, admission)
+    admission = places or Admission.of(config)
+    registry = Metrics(engine, admission, metrics_dir)
     app = Litestar(
         route_handlers=[
             openai_router,
@@ -192,5 +199,7 @@ def create_app(config: Config, engine: Engine) -> Litestar:
         logging_config=None,
     )
     # Outside routing (as Litestar wraps its own CORS middleware), so 404s and 405s get an id and are counted.
-    app.asgi_handler = RequestContext(RateLimitHeaders(app.asgi_handler, admission.rates), registry.request_finished)
+    app.asgi_handler = RequestContext(
+        RateLimitHeaders(app.asgi_handler, admission.rate_headers), registry.request_finished
+    )
     return app

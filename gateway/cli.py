@@ -60,13 +60,20 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", config.host, config.port, _reason(exc))
         return 1
+    setup = _engine_setup(config)
     try:
-        engine = _make_engine(config)
+        engine = _make_engine(config, setup)
     except _Unusable as exc:
         logger.error("%s", exc)
         for sock in sockets:
             sock.close()
         return 1
+    if config.api_servers > 1:
+        from adapters.remote import RemoteEngine
+        from gateway.api_servers import serve_api_servers
+
+        assert isinstance(engine, RemoteEngine)  # several API servers imply the process layout
+        return serve_api_servers(config, setup, engine, sockets)
     return run_server(config, engine, sockets)
 
 
@@ -112,17 +119,19 @@ def _engine_setup(config: Config) -> EngineSetup:
 
 def engine_layout(config: Config) -> str:
     """``process`` or ``thread``: the configured one, or for ``auto`` the one measured faster on the installed
-    backend (README, Performance): the process on an NVIDIA GPU, the thread on a CPU."""
+    backend (README, Performance): the process on an NVIDIA GPU, the thread on a CPU. Several API servers need
+    the process (the config refuses them with ``thread``)."""
     if config.engine_layout != "auto":
         return config.engine_layout
+    if config.api_servers > 1:
+        return "process"
     cuda = any(importlib.util.find_spec(name) is not None for name in ("mlx_cuda",)) or any(
         dist.metadata["Name"].startswith("mlx-cuda") for dist in importlib.metadata.distributions()
     )
     return "process" if cuda else "thread"
 
 
-def _make_engine(config: Config) -> Engine:
-    setup = _engine_setup(config)
+def _make_engine(config: Config, setup: EngineSetup) -> Engine:
     if engine_layout(config) == "thread":
         from adapters.mlx_lm.host import EngineSetupError, build_engine
 
@@ -332,6 +341,14 @@ def cli() -> None:
     type=click.Choice(["auto", "process", "thread"]),
     help="process: the engine in its own process, HTTP in this one; thread: both here; auto (default): the "
     "faster for the installed backend." + _env("MLX_GATEWAY_ENGINE_LAYOUT"),
+)
+@click.option(
+    "--api-servers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="HTTP front-end processes on the one port, feeding one engine process (default 1). More than 1 "
+    "implies --engine-layout process; admission and tenants' limits are counted once for all of them."
+    + _env("MLX_GATEWAY_API_SERVERS"),
 )
 @click.option(
     "--print-config",

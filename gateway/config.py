@@ -17,7 +17,15 @@ import msgspec
 
 from gateway.keys import HASHED_PREFIX, is_hashed
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "TenantLimits", "load_config", "parse_size"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "TenantLimits",
+    "child_environment",
+    "load_config",
+    "parse_size",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -124,6 +132,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     # neither waits for the other's GIL; thread: both in this process. auto: the faster one for the installed
     # backend, as measured (README, Performance).
     engine_layout: Literal["auto", "process", "thread"] = "auto"
+    # HTTP front-end processes on the one port, all feeding one engine process (more than 1 implies the process
+    # layout): for when HTTP and JSON, not the engine, are the limit. Admission and tenants' limits are counted
+    # once for all of them (gateway.coordinator).
+    api_servers: Annotated[int, msgspec.Meta(ge=1)] = 1
 
     @property
     def auth_enabled(self) -> bool:
@@ -195,6 +207,7 @@ _FIELD_FLAGS = (
     "max_body_bytes",
     "blas",
     "engine_layout",
+    "api_servers",
 )
 _SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes", "max_running_kv_bytes")
 _TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes")
@@ -257,6 +270,7 @@ def load_config(
         "MLX_GATEWAY_LOG_FORMAT": "log_format",
         "MLX_GATEWAY_BLAS": "blas",
         "MLX_GATEWAY_ENGINE_LAYOUT": "engine_layout",
+        "MLX_GATEWAY_API_SERVERS": "api_servers",
         "MLX_GATEWAY_PROFILE": "profile_path",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
@@ -309,4 +323,15 @@ def load_config(
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique: {names}")
     _check_keys(config)
+    if config.api_servers > 1 and config.engine_layout == "thread":
+        raise ConfigError(
+            "api_servers > 1 runs the engine in a process of its own, which engine_layout 'thread' rules out "
+            "(use 'process' or 'auto')"
+        )
     return config
+
+
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with ``extra`` added, for a child process (a library that is configured
+    only through the environment, such as prometheus_client's multiprocess mode, is set up this way)."""
+    return {**os.environ, **extra}

@@ -31,21 +31,28 @@ class RequestIdFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """``time LEVEL logger [request id]: message`` (the bracket only within a request)."""
+    """``time LEVEL logger [request id]: message`` (the bracket only within a request); with an ``origin``
+    (one of several API servers), ``time LEVEL logger (origin, pid N) [request id]: message``."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s")
+    def __init__(self, origin: str | None = None) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(origin)s%(rid)s: %(message)s")
+        self.origin = origin
 
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
+        record.origin = f" ({self.origin}, pid {record.process})" if self.origin else ""
         return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``, and when
-    present ``request_id``, ``exception`` (the traceback's text) and, on uvicorn's access lines,
-    ``client``, ``method``, ``path``, ``http_version``, ``status``."""
+    present ``origin`` and ``pid`` (one of several API servers), ``request_id``, ``exception`` (the traceback's
+    text) and, on uvicorn's access lines, ``client``, ``method``, ``path``, ``http_version``, ``status``."""
+
+    def __init__(self, origin: str | None = None) -> None:
+        super().__init__()
+        self.origin = origin
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -54,6 +61,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.origin:
+            out.update(origin=self.origin, pid=record.process)
         rid = getattr(record, "request_id", None)
         if rid:
             out["request_id"] = rid
@@ -69,13 +78,14 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(out).decode()
 
 
-def setup_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
-    """Send every logger's records (uvicorn's included) to stderr in ``fmt``, at ``level`` and above.
+def setup_logging(level: str, fmt: Literal["text", "json"] = "text", origin: str | None = None) -> None:
+    """Send every logger's records (uvicorn's included) to stderr in ``fmt``, at ``level`` and above; with
+    ``origin`` (which of several API servers this process is), each line names it and this process's pid.
 
     Replaces the root logger's handlers, so calling it again (tests, a second app) does not double lines.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(origin) if fmt == "json" else TextFormatter(origin))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -5,16 +5,24 @@ template and status, time to first token, inter-token latency, tokens. What the 
 count is read at scrape time from the very objects ``/health`` reports (:class:`adapters.stats.EngineStats`,
 ``PrefixCacheStore.usage()``, ``Admission.stats()``, ``Engine.health()``), so the two never disagree.
 Labels are bounded: route templates (never raw paths), model names, tenant names (never keys).
+
+With several API servers (``--api-servers``) each front-end process counts its own HTTP side into one shared
+folder (prometheus_client's multiprocess mode: the supervising process makes a fresh private folder per run and
+sets ``PROMETHEUS_MULTIPROC_DIR`` for its front ends), and a scrape of any of them reads every front end's
+files: totals over all of them. The engine's figures come from the engine's report as with one front end,
+the admission gauges from the one shared admission (``gateway.coordinator``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from adapters.base import Engine, Finished, Started, TokenEvent
@@ -22,7 +30,7 @@ from adapters.stats import CANCEL_LAG_BUCKETS, DECODE_STEP_BUCKETS
 from gateway.request_context import RequestInfo
 
 if TYPE_CHECKING:
-    from gateway.admission import Admission
+    from gateway.admission import Places
 
 __all__ = ["CONTENT_TYPE", "GenerationObserver", "Metrics"]
 
@@ -41,11 +49,20 @@ INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 
 
 class Metrics:
-    """The app's registry: HTTP-side metrics, and a collector reading the engine's counters on scrape."""
+    """The app's registry: HTTP-side metrics, and a collector reading the engine's counters on scrape.
 
-    def __init__(self, engine: Engine, admission: Admission) -> None:
+    Args:
+        shared_dir: the folder of every front end's HTTP-side metrics (multiprocess mode; this process must
+            have been started with ``PROMETHEUS_MULTIPROC_DIR`` set to it); None: this app's own.
+    """
+
+    def __init__(self, engine: Engine, admission: Places, shared_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        # Where this process's HTTP-side metrics live: the exposed registry, or (shared) a registry never read,
+        # whose values prometheus_client writes to this process's files in the shared folder.
+        r = self.registry if shared_dir is None else CollectorRegistry()
+        if shared_dir is not None:
+            MultiProcessCollector(self.registry, path=str(shared_dir))
         self.requests = Counter(
             f"{PREFIX}_http_requests",
             "HTTP requests by route template, method and status",
@@ -126,7 +143,7 @@ class Metrics:
             ["model", "tenant"],
             registry=r,
         )
-        r.register(_EngineCollector(engine, admission))
+        self.registry.register(_EngineCollector(engine, admission))
 
     def request_finished(self, info: RequestInfo) -> None:
         self.requests.labels(info.route, info.method, str(info.status)).inc()
@@ -203,7 +220,7 @@ class GenerationObserver:
 class _EngineCollector(Collector):
     """Reads the engine's, the prefix-cache store's and admission's counters at scrape time."""
 
-    def __init__(self, engine: Engine, admission: Admission) -> None:
+    def __init__(self, engine: Engine, admission: Places) -> None:
         self.engine = engine
         self.admission = admission
 

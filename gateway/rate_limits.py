@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -167,6 +167,10 @@ class Rates:
             out[f"x-ratelimit-reset-{kind}"] = duration(window.reset(now))
         return out
 
+    def tenants(self) -> set[str]:
+        """Every tenant with a window (spent something since it was first seen)."""
+        return set(self._requests) | set(self._tokens)
+
     def usage(self, tenant: str) -> dict[str, int]:
         now = self.clock()
         return {
@@ -185,11 +189,12 @@ def set_tenant(scope: Scope, tenant: str) -> None:
 
 class RateLimitHeaders:
     """ASGI middleware around the app: every response of an authenticated request (errors and streams too)
-    gets its tenant's ``x-ratelimit-*`` headers, as they stand when the response starts."""
+    gets its tenant's ``x-ratelimit-*`` headers, as they stand when the response starts (``headers_of``: from
+    this process's :class:`Rates`, or from the coordinator's with several API servers)."""
 
-    def __init__(self, app: ASGIApp, rates: Rates) -> None:
+    def __init__(self, app: ASGIApp, headers_of: Callable[[str], Awaitable[dict[str, str]]]) -> None:
         self.app = app
-        self.rates = rates
+        self.headers_of = headers_of
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -199,7 +204,7 @@ class RateLimitHeaders:
         async def send_with_limits(message: Message) -> None:
             tenant = scope.get("state", {}).get(_TENANT)
             if message["type"] == "http.response.start" and tenant is not None:
-                extra = [(k.encode(), v.encode()) for k, v in self.rates.headers(tenant).items()]
+                extra = [(k.encode(), v.encode()) for k, v in (await self.headers_of(tenant)).items()]
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}  # type: ignore[typeddict-item]
             await send(message)
 

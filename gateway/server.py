@@ -1,13 +1,16 @@
 """Running the app under uvicorn: listen, start, drain on SIGTERM or Ctrl-C, stop the engine, exit 0; or exit 1
-once no configured model can serve."""
+once no configured model can serve. One of several API servers (``gateway.front_process``) runs the same way,
+and also exits 1 once the process that supervises it is gone."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -15,6 +18,7 @@ import uvicorn
 
 from adapters.base import Engine
 from adapters.mlx_lm.threads import await_os_exit
+from gateway.admission import Places
 from gateway.config import Config
 from gateway.draining import Drain
 
@@ -72,11 +76,15 @@ class _DrainingServer(uvicorn.Server):
     KeyboardInterrupt traceback and, during interpreter teardown, ``terminate called without an active
     exception`` (exit 134) from MLX's threads."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, drain: Drain, grace_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, engine: Engine, drain: Drain, grace_seconds: float, parent: int | None
+    ) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain = drain
         self.grace_seconds = grace_seconds
+        # The supervising process's pid (one of several API servers): this one stops once it is gone.
+        self.parent = parent
         self._deadline = float("inf")
         self._cut = False
         # Why nothing can be served, once no model can serve: the server then exits with status 1.
@@ -120,6 +128,10 @@ class _DrainingServer(uvicorn.Server):
         if not self.drain.draining and not self.should_exit and counter % 10 == 0:
             self.failure = _nothing_to_serve(self.engine.health())
             self.should_exit = self.failure is not None
+        if self.parent is not None and os.getppid() != self.parent and not self._cut:
+            self.failure = f"the supervising process {self.parent} is gone"
+            logger.error("%s: stopping now (%d requests in flight are cut)", self.failure, self.drain.in_flight)
+            self._cut_requests()
         if self.drain.draining and not self.should_exit:
             if self.drain.in_flight == 0:
                 logger.info("drained: no request in flight")
@@ -133,14 +145,27 @@ class _DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run_server(config: Config, engine: Engine, sockets: list[socket.socket]) -> int:
+def run_server(
+    config: Config,
+    engine: Engine,
+    sockets: list[socket.socket],
+    *,
+    places: Places | None = None,
+    metrics_dir: Path | None = None,
+    parent: int | None = None,
+) -> int:
     """Serve ``engine`` on ``sockets`` (see :func:`listen`) until a signal, or until no model can serve; the
-    process's exit status."""
+    process's exit status.
+
+    Args:
+        places, metrics_dir: admission and metrics shared with other front ends (see :func:`create_app`).
+        parent: the supervising process of several front ends, whose end ends this one too.
+    """
     from sse_starlette.sse import AppStatus
 
     from gateway.app import create_app
 
-    app = create_app(config, engine)
+    app = create_app(config, engine, places, metrics_dir)
     # sse-starlette would end every stream on SIGTERM; running streams finish instead (gateway.draining).
     AppStatus.disable_automatic_graceful_drain()
     server = _DrainingServer(
@@ -156,6 +181,7 @@ def run_server(config: Config, engine: Engine, sockets: list[socket.socket]) -> 
         engine,
         app.state.drain,
         config.shutdown_timeout_seconds,
+        parent,
     )
     port = sockets[0].getsockname()[1]
     logger.info("serving %s on http://%s:%d/v1", ", ".join(m.name for m in config.models), config.host, port)

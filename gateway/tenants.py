@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gateway.admission import Admission
+from adapters.base import Engine
+from gateway.admission import Places
 from gateway.config import Config
 from gateway.schemas.admin import TenantList, TenantOut, TenantUse
-from prefix_caches import PrefixCacheStore
 
 __all__ = ["tenant_report"]
 
 
-def tenant_report(config: Config, admission: Admission, store: PrefixCacheStore | None) -> TenantList:
-    """Every tenant the config names (keys, quotas, the default) or that holds caches, by name."""
+async def tenant_report(config: Config, admission: Places, engine: Engine) -> TenantList:
+    """Every tenant the config names (keys, quotas, the default) or that holds caches, by name: as they stand
+    now (an engine in its own process reports its caches' use every half second unasked, and admission shared by
+    several API servers is the coordinator's)."""
+    await engine.refresh()
+    await admission.refresh()
+    store = engine.prefix_store
     caches: Counter[str] = Counter()
     disk: Counter[str] = Counter()
     memory: Counter[str] = Counter()

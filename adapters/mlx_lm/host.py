@@ -83,11 +83,16 @@ class WireOutbox:
         self._lock = threading.Lock()
         self._pending: dict[int, list[tuple[int, Any]]] = {}
         self._joining: list[tuple[int, str]] = []
+        self._leaving: list[int] = []
         self._sockets: dict[int, zmq.Socket[Any]] = {}  # the engine thread's
 
     def join(self, front: int, address: str) -> None:
         with self._lock:
             self._joining.append((front, address))
+
+    def leave(self, front: int) -> None:
+        with self._lock:
+            self._leaving.append(front)
 
     def emitter(self, front: int, ident: int) -> Callable[[Any], None]:
         def emit(event: Any) -> None:
@@ -103,6 +108,11 @@ class WireOutbox:
         with self._lock:
             pending, self._pending = self._pending, {}
             joining, self._joining = self._joining, []
+            leaving, self._leaving = self._leaving, []
+        for front in leaving:  # gone: what is still queued for it would hold the process's exit (its linger)
+            sock = self._sockets.pop(front, None)
+            if sock is not None:
+                sock.close(linger=0)
         for front, address in joining:
             sock = self._context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 2000)
@@ -131,6 +141,7 @@ class Host:
         self._live: weakref.WeakValueDictionary[tuple[int, int], Any] = weakref.WeakValueDictionary()
         self.stopping = False
         self._parent = os.getppid()
+        self._store_changes = 0
 
     def serve(self) -> None:
         self.engine.start()
@@ -188,16 +199,24 @@ class Host:
             self.reports[command.front] = sock
             engine.wake()
             sock.send(wire.encode(self._report()))
+        elif isinstance(command, wire.Bye):
+            self.outbox.leave(command.front)
+            engine.wake()
+            sock = self.reports.pop(command.front, None)
+            if sock is not None:
+                sock.close(linger=0)
         elif isinstance(command, wire.ReportWanted):
             sock = self.reports.get(command.front)
             if sock is not None:
                 sock.send(wire.encode(self._report()))
         elif isinstance(command, wire.RecordMiss):
             engine.record_miss(command.model, command.tenant)
-        elif isinstance(command, wire.Forget):
+        elif isinstance(command, wire.Forget | wire.Built):
             store = engine.prefix_store
-            if store is not None:
+            if store is not None and isinstance(command, wire.Forget):
                 store.sync()  # the front end deleted it on disk: this store lets it go before the next command
+            self._store_changes += 1
+            self._report_all()  # every front end learns of it now
 
     def _call(self, command: wire.Verify | wire.Warm) -> None:
         emit = self.outbox.emitter(command.front, command.id)
@@ -244,6 +263,7 @@ class Host:
             cache_stats=store.stats() if store else None,
             resident=store.resident_files() if store else [],
             statuses=[(t, n, st.state, st.reason) for t, n, st in store.statuses()] if store else [],
+            store_changes=self._store_changes,
         )
 
     def _report_all(self) -> None:

@@ -108,7 +108,7 @@ async def list_tenants(access: NamedDependency[Access], state: State) -> TenantL
     """Every tenant's quotas and its use of them now (the admin key only: it names every tenant)."""
     if not access.is_admin:
         raise Forbidden("Only the admin key can read every tenant's quotas")
-    return tenant_report(state.config, state.admission, state.engine.prefix_store)
+    return await tenant_report(state.config, state.admission, state.engine)
 
 
 admin_router = Router(

@@ -69,7 +69,7 @@ async def health(request: Request, state: State) -> Response[dict[str, Any]]:
     body = {"status": status, "version": __version__, "replica": replica, "isolation_enabled": True, **report}
     if is_admin_request(request, state.config):
         # Every tenant's quotas and use, as GET /admin/tenants lists them: only the admin sees them.
-        tenants = tenant_report(state.config, state.admission, state.engine.prefix_store)
+        tenants = await tenant_report(state.config, state.admission, state.engine)
         body["tenants"] = msgspec.to_builtins(tenants.data)
     return Response(body, status_code=200 if serving else 503)
 

@@ -36,4 +36,5 @@ async def metrics(request: Request, state: State) -> Response[bytes]:
     check_metrics_access(request, state.config)
     registry: Metrics = state.metrics
     await state.engine.refresh()
+    await state.admission.refresh()
     return Response(registry.exposition(), media_type=CONTENT_TYPE)

@@ -58,6 +58,8 @@ PLAN = Plan(
     "command",
     [
         wire.Hello(0, "ipc:///tmp/x/front-0"),
+        wire.Bye(2),
+        wire.Built(1),
         wire.Submit(0, 1, PLAN),
         wire.Build(
             1,
@@ -130,7 +132,8 @@ def test_an_unexpected_error_keeps_its_text() -> None:
 
 def test_the_front_end_modules_import_no_mlx() -> None:
     code = (
-        "import sys, gateway.cli, gateway.app, gateway.server, adapters.remote, adapters.wire, adapters.tokenizer;"
+        "import sys, gateway.cli, gateway.app, gateway.server, adapters.remote, adapters.wire, adapters.tokenizer,"
+        " gateway.api_servers, gateway.front_process, gateway.coordinator;"
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -137,3 +137,17 @@ def test_sizes_are_read_from_flags_env_and_file(tmp_path: Path, text: str, size:
 def test_bad_sizes_are_a_clear_error(text: str) -> None:
     with pytest.raises(ConfigError, match="not a size"):
         load_config({"prefix_cache_memory_bytes": text}, environ={})
+
+
+def test_api_servers_from_flag_env_and_file_and_not_with_the_thread_layout(tmp_path: Path) -> None:
+    assert load_config(environ={}).api_servers == 1
+    assert load_config({"api_servers": 4}, environ={}).api_servers == 4
+    assert load_config(environ={"MLX_GATEWAY_API_SERVERS": "2"}).api_servers == 2
+    f = tmp_path / "c.toml"
+    f.write_text("api_servers = 3\n")
+    assert load_config({"config": str(f)}, environ={}).api_servers == 3
+    with pytest.raises(ConfigError, match="api_servers"):
+        load_config({"api_servers": 0}, environ={})
+    with pytest.raises(ConfigError, match="engine_layout 'thread'"):
+        load_config({"api_servers": 2, "engine_layout": "thread"}, environ={})
+    assert load_config({"api_servers": 2, "engine_layout": "auto"}, environ={}).engine_layout == "auto"

@@ -73,6 +73,28 @@ def test_a_client_that_leaves_is_cancelled_in_the_engine_process(process_server:
     assert health["active_requests"] == 0
 
 
+def kill_9_mid_stream(server: Server, engine: int) -> None:
+    """Kill the engine process (``engine``) with SIGKILL while a stream runs: the stream ends with one error event
+    within 2 s."""
+    body = {"model": "tiny", "prompt": "count", "max_tokens": 4000, "stream": True}
+    events: list[str] = []
+    with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if '"text"' in line:
+                    break
+        os.kill(engine, signal.SIGKILL)
+        killed = time.monotonic()
+        events += [line[6:] for line in lines if line.startswith("data: ")]
+        ended = time.monotonic() - killed
+    assert ended < 2.0, f"the stream took {ended:.2f}s to end after the engine died"
+    errors = [e for e in events if e.startswith("{") and "error" in json.loads(e)]
+    assert len(errors) == 1 and events[-1] == errors[0], events[-3:]
+    assert "engine" in json.loads(errors[0])["error"]["message"]
+
+
 @pytest.mark.timeout(180)
 def test_kill_9_of_the_engine_process(models_dir: Path, log_dir: Path, tmp_path: Path) -> None:
     caches = tmp_path / "caches"
@@ -84,26 +106,7 @@ def test_kill_9_of_the_engine_process(models_dir: Path, log_dir: Path, tmp_path:
             timeout=60,
         )
         assert built.status_code == 201, built.text
-        engine = _engine_pid(server)
-        body = {"model": "tiny", "prompt": "count", "max_tokens": 4000, "stream": True}
-        events: list[str] = []
-        with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            for line in lines:
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if '"text"' in line:
-                        break
-            os.kill(engine, signal.SIGKILL)
-            killed = time.monotonic()
-            for line in lines:
-                if line.startswith("data: "):
-                    events.append(line[6:])
-            ended = time.monotonic() - killed
-        assert ended < 2.0, f"the stream took {ended:.2f}s to end after the engine died"
-        errors = [e for e in events if e.startswith("{") and "error" in json.loads(e)]
-        assert len(errors) == 1 and events[-1] == errors[0], events[-3:]
-        assert "engine" in json.loads(errors[0])["error"]["message"]
+        kill_9_mid_stream(server, _engine_pid(server))
         health = httpx.get(f"{server.url}/health", timeout=5)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy", health.text
         assert server.process.wait(timeout=30) != 0, "the server must exit non-zero for its supervisor"
