@@ -449,46 +449,34 @@ class RemoteEngine:
 
     async def submit(self, plan: Plan) -> AsyncIterator[EngineEvent]:
         ident = next(self._ids)
-        ended = False
-        events = self._events_of(ident, wire.Submit(self.front, ident, plan))
-        first = True
-        try:
-            async for event in events:
-                if (
-                    first
-                    and isinstance(event, Failed)
-                    and isinstance(event.error, UnknownModel | EngineNotReady | ModelUnavailable)
-                ):
-                    ended = True
-                    raise event.error  # refused before it was queued, as an engine in this process raises
-                first = False
-                yield event
-                if isinstance(event, Finished | Failed):
-                    ended = True
-                    return
-        finally:
-            await events.aclose()
-            if not ended and self._dead is None:
-                self.tell(wire.Abort(self.front, ident))
+        async for event in self._run(ident, wire.Submit(self.front, ident, plan), Finished | Failed):
+            yield event
 
     async def build_prefix(self, job: PrefixBuild) -> AsyncIterator[BuildEvent]:
         ident = next(self._ids)
-        ended = False
-        events = self._events_of(ident, wire.Build(self.front, ident, job))
+        async for event in self._run(ident, wire.Build(self.front, ident, job), PrefixBuilt | Failed):
+            if isinstance(event, PrefixBuilt) and self._index is not None:
+                # The engine saved it: this front end's index reads it before the client hears of it, and the
+                # other front ends (several API servers) are told to.
+                await anyio.to_thread.run_sync(self._index.sync)
+                if self._attached is not None:
+                    self.tell(wire.Built(self.front))
+            yield event
+
+    async def _run(self, ident: int, command: wire.Submit | wire.Build, last: Any) -> AsyncIterator[Any]:
+        """``command``'s events up to the one of type ``last``. A refusal before queueing (the first event) is
+        raised, as an engine in this process raises it; a caller that stops early aborts the work in the engine."""
+        ended, first = False, True
+        events = self._events_of(ident, command)
         try:
             async for event in events:
-                if isinstance(event, Failed) and _refusal(event.error):
+                if first and isinstance(event, Failed) and _refusal(event.error):
                     ended = True
                     raise event.error
-                if isinstance(event, PrefixBuilt) and self._index is not None:
-                    # The engine saved it: this front end's index reads it before the client hears of it, and the
-                    # other front ends (several API servers) are told to.
-                    await anyio.to_thread.run_sync(self._index.sync)
-                    if self._attached is not None:
-                        self.tell(wire.Built(self.front))
+                first = False
+                ended = isinstance(event, last)
                 yield event
-                if isinstance(event, PrefixBuilt | Failed):
-                    ended = True
+                if ended:
                     return
         finally:
             await events.aclose()
