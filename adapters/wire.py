@@ -8,8 +8,8 @@ Every message is a tagged msgspec Struct; the plans and events inside are :mod:`
 An engine error crosses as its class name and arguments and is raised again on the other side.
 
 Why ZMQ: ``bench/transport.py`` measured both candidates with these messages. The stdlib's
-``multiprocessing.connection`` was faster (a round trip of about 17 us against 54 us on our 2-core CPU, under
-load), but either costs well under 1% of a decode step (10 ms for an 8B model on an H100) and moves tens of
+``multiprocessing.connection`` was faster (a round trip of 44-64 us against 115-145 us on our idle 2-core CPU,
+three runs), but either costs well under 2% of a decode step (10 ms for an 8B model on an H100) and moves
 thousands of 64-event batches a second against about a hundred steps. What decided: ZMQ's PULL fair-queues any
 number of front ends into one engine socket without a connection and a reader per pair (``--api-servers``),
 its sockets plug into asyncio (``zmq.asyncio``) without a thread, and it reconnects by itself; vLLM and SGLang
