@@ -114,7 +114,7 @@ def layouts(result: dict[str, Any]) -> str:
         "Engine layouts: the engine as a thread of the server, or in its own process",
         result,
         f"Burst of streaming chat completions, balanced mode; {result.get('notes', '')} over interleaved rounds "
-        "(each round's figures in brackets). *before*: the server of an older commit, where the engine was "
+        "(each round's figures in the last column). *before*: the server of an older commit, where the engine was "
         "always a thread.",
         ["variant", "clients", "tokens/s", "p95 TTFT s", "rounds tokens/s"],
     )
