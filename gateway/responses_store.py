@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.errors import NotFound
-from gateway.schemas.responses import Response
+from gateway.schemas.openai import ChatMessage
+from gateway.schemas.responses import InputMessageOut, Response
 
 __all__ = ["ResponseStore", "StoredResponse", "not_found"]
 
@@ -20,12 +20,12 @@ __all__ = ["ResponseStore", "StoredResponse", "not_found"]
 @dataclass(frozen=True)
 class StoredResponse:
     """A response as it was answered, its own input items (as ``input_items`` lists them), and the
-    conversation a continuation starts from: the chain's messages, this input and this output (chat-template
-    dicts; ``instructions`` are not carried over, as on OpenAI)."""
+    conversation a continuation starts from: the chain's messages, this input and this output (``instructions``
+    are not carried over, as on OpenAI). Tuples share the parent's messages rather than copying them."""
 
     response: Response
-    input_items: tuple[dict[str, Any], ...]
-    conversation: tuple[dict[str, Any], ...]
+    input_items: tuple[InputMessageOut, ...]
+    conversation: tuple[ChatMessage, ...]
 
 
 def not_found(response_id: str, param: str | None = None) -> NotFound:
