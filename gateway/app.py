@@ -40,6 +40,7 @@ from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
 from gateway.routes.metrics import metrics
 from gateway.routes.openai import openai_router
+from gateway.routes.responses import responses_router
 from gateway.routes.seed import seed_router
 from prefix_caches import (
     InvalidCacheName,
@@ -168,6 +169,7 @@ def create_app(
     app = Litestar(
         route_handlers=[
             openai_router,
+            responses_router,
             seed_router,
             admin_router,
             health,

@@ -116,6 +116,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     # Names this process in /health (which replica answered behind a load balancer); default hostname:port.
     replica_id: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
+    # Stored responses (/v1/responses with `store`) kept in memory per tenant, least recently used evicted.
+    max_stored_responses: Annotated[int, msgspec.Meta(ge=0)] = 1000
     # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
     sse_ping_seconds: float = 10.0
     sse_send_timeout_seconds: float = 30.0

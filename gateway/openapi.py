@@ -22,7 +22,7 @@ from litestar.params import PathParameter
 from gateway import __version__
 from gateway.browsers import DOCS_ASSETS
 from gateway.errors import ErrorResponse
-from gateway.schemas import admin, openai, seed
+from gateway.schemas import admin, openai, responses, seed
 
 __all__ = ["GENERATE", "MANAGE", "READ", "CachePath", "errors", "openapi_config"]
 
@@ -66,13 +66,20 @@ def errors(statuses: Iterable[int]) -> dict[int, ResponseSpec]:
 
 _STRUCTS: dict[str, type[msgspec.Struct]] = {
     cls.__name__: cls
-    for module in (openai, admin, seed)
+    for module in (openai, admin, seed, responses)
     for cls in vars(module).values()
     if isinstance(cls, type) and issubclass(cls, msgspec.Struct) and cls.__module__ == module.__name__
 } | {"ErrorResponse": ErrorResponse}
 
 # Request bodies whose `model` must name a served model (any other is a 404).
-_MODEL_FIELDS = ("ChatCompletionRequest", "CompletionRequest", "CreatePrefixCache", "SeedCreate", "SeedGenerate")
+_MODEL_FIELDS = (
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "ResponsesRequest",
+    "CreatePrefixCache",
+    "SeedCreate",
+    "SeedGenerate",
+)
 
 
 _REF = "#/components/schemas/{name}"
@@ -110,6 +117,18 @@ def document(app: Litestar, models: Sequence[str]) -> dict[str, Any]:
             content["text/event-stream"] = {"schema": _sse(chunk)}
             if "ChatCompletionChunk" not in schemas:
                 schemas.update(msgspec.json.schema_components([openai.ChatCompletionChunk], ref_template=_REF)[1])
+    if "/v1/responses" in doc.get("paths", {}):
+        # Streamed: the Responses API's typed events (each names its `type`), then `data: [DONE]`.
+        events = (
+            responses.ResponseEvent,
+            responses.ResponseItemEvent,
+            responses.ResponseContentPartEvent,
+            responses.ResponseTextDeltaEvent,
+            responses.ResponseTextDoneEvent,
+        )
+        schemas.update(msgspec.json.schema_components(events, ref_template=_REF)[1])
+        content = doc["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
+        content["text/event-stream"] = {"schema": _sse(*(cls.__name__ for cls in events))}
     build = doc.get("paths", {}).get("/admin/prefix-caches", {}).get("post")
     if build is not None:
         # A streamed build answers 200 with events only: progress, then the cache.

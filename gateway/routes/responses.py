@@ -1,0 +1,269 @@
+"""The Responses API routes (``/v1/responses``): thin. Decode, plan as chat, submit, answer; store when asked.
+
+Generation goes through the chat path unchanged (planning, admission slot, ``Running``, disconnects), so tenants'
+quotas, auth, backpressure and cancellation apply as they do on ``/v1/chat/completions``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+import msgspec
+from litestar import Request, Router, delete, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, JSONBody, Parameter
+from litestar.response.base import ASGIResponse
+from litestar.types import ASGIApp
+
+from adapters.base import Engine
+from gateway.admission import Admission
+from gateway.auth import provide_tenant
+from gateway.config import Config
+from gateway.disconnect import unless_client_leaves
+from gateway.encoding import encode
+from gateway.errors import APIError
+from gateway.openapi import GENERATE, READ, errors
+from gateway.planning import PlannedRequest, plan_chat
+from gateway.responses_planning import (
+    as_chat,
+    check_unsupported,
+    from_chat,
+    input_messages,
+    new_item_id,
+    new_response_id,
+    output_message,
+    rename_param,
+    response_of,
+    usage_of,
+)
+from gateway.responses_store import ResponseStore, StoredResponse
+from gateway.routes.openai import _observer, _slot, complete_planned, plan_request
+from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
+from gateway.schemas.responses import (
+    DeletedResponse,
+    InputItemList,
+    InputMessageOut,
+    OutputText,
+    Response,
+    ResponseContentPartEvent,
+    ResponseErrorBody,
+    ResponseEvent,
+    ResponseItemEvent,
+    ResponsesRequest,
+    ResponseTextDeltaEvent,
+    ResponseTextDoneEvent,
+)
+from gateway.serving import Running, count_planned_misses, stream_chunks
+from gateway.sse import sse_response
+
+__all__ = ["responses_router"]
+
+logger = logging.getLogger(__name__)
+
+
+def _store(state: State) -> ResponseStore:
+    """The app's stored responses, made on first use (the event loop owns it)."""
+    store = state.get("responses")
+    if store is None:
+        config: Config = state.config
+        store = ResponseStore(config.max_stored_responses)
+        state["responses"] = store
+    return store
+
+
+class _Turn(msgspec.Struct, kw_only=True):
+    """What a request brings to its stored conversation."""
+
+    history: tuple[ChatMessage, ...]
+    new: tuple[ChatMessage, ...]
+    items: tuple[InputMessageOut, ...]
+
+
+def _keep(state: State, tenant: str, req: ResponsesRequest, turn: _Turn, response: Response) -> None:
+    if req.store is False:
+        return
+    text = "".join(part.text for item in response.output for part in item.content)
+    conversation = (*turn.history, *turn.new, ChatMessage(role="assistant", content=text))
+    _store(state).put(tenant, StoredResponse(response=response, input_items=turn.items, conversation=conversation))
+
+
+async def _plan(state: State, req: ResponsesRequest, tenant: str) -> tuple[PlannedRequest, _Turn, str]:
+    check_unsupported(req)
+    history: tuple[ChatMessage, ...] = ()
+    if req.previous_response_id is not None:
+        history = _store(state).get(tenant, req.previous_response_id, param="previous_response_id").conversation
+    pairs = input_messages(req)
+    turn = _Turn(history=history, new=tuple(m for m, _ in pairs), items=tuple(i for _, i in pairs))
+    try:
+        planned, info = await plan_request(state, plan_chat, as_chat(req, turn.history, turn.new), tenant)
+    except APIError as exc:
+        raise rename_param(exc) from None
+    fingerprint = f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
+    return planned, turn, fingerprint
+
+
+async def _serve(state: State, req: ResponsesRequest, tenant: str) -> ASGIApp:
+    planned, turn, fingerprint = await _plan(state, req, tenant)
+    response_id, created = new_response_id(), int(time.time())
+    logger.info(
+        "response %s model=%s prompt_tokens=%d stream=%s",
+        response_id,
+        planned.model,
+        len(planned.plans[0].prompt_tokens),
+        planned.stream,
+    )
+    if not planned.stream:
+        completion = await complete_planned(state, planned, fingerprint)
+        assert isinstance(completion, ChatCompletion)
+        response = from_chat(req, response_id, created, completion)
+        _keep(state, tenant, req, turn, response)
+        return ASGIResponse(body=encode(response), media_type="application/json")
+    engine: Engine = state.engine
+    admission: Admission = state.admission
+    config: Config = state.config
+    stack = contextlib.AsyncExitStack()
+    ticket = await stack.enter_async_context(_slot(admission, planned))  # 429 before any byte
+    try:
+        count_planned_misses(planned, engine)
+        running = Running(engine, planned, _observer(state, planned))
+        stack.callback(lambda: setattr(ticket, "used", running.used_tokens))
+    except BaseException:
+        await stack.aclose()
+        raise
+    events = _events(state, tenant, req, turn, running, fingerprint, response_id, created, stack)
+    return sse_response(
+        events,
+        request_id=planned.id,
+        ping_seconds=config.sse_ping_seconds,
+        send_timeout=config.sse_send_timeout_seconds,
+        on_close=stack.aclose,
+    )
+
+
+async def _events(
+    state: State,
+    tenant: str,
+    req: ResponsesRequest,
+    turn: _Turn,
+    running: Running,
+    fingerprint: str,
+    response_id: str,
+    created: int,
+    stack: contextlib.AsyncExitStack,
+) -> AsyncIterator[msgspec.Struct]:
+    """The typed events in order, each with its ``sequence_number``; a failure is ``response.failed``."""
+    seq = iter(range(1 << 62))
+    item_id = new_item_id()
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    progress = response_of(req, response_id, created, status="in_progress")
+    yield ResponseEvent(type="response.created", sequence_number=next(seq), response=progress)
+    yield ResponseEvent(type="response.in_progress", sequence_number=next(seq), response=progress)
+    opened = output_message(item_id, "", False)
+    opened.status, opened.content = "in_progress", []
+    yield ResponseItemEvent(type="response.output_item.added", sequence_number=next(seq), output_index=0, item=opened)
+    yield ResponseContentPartEvent(
+        type="response.content_part.added", sequence_number=next(seq), part=OutputText(text=""), **where
+    )
+    texts: list[str] = []
+    finish: str | None = None
+    usage = None
+    try:
+        async for chunk in stream_chunks(running, fingerprint):
+            assert isinstance(chunk, ChatCompletionChunk)
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                delta = choice.delta.content
+                if isinstance(delta, str) and delta:
+                    texts.append(delta)
+                    yield ResponseTextDeltaEvent(sequence_number=next(seq), delta=delta, **where)
+                if choice.finish_reason is not None:
+                    finish = choice.finish_reason
+    except APIError as exc:
+        logger.warning("[%s] response failed: %s", response_id, exc.message)
+        failed = response_of(req, response_id, created, status="failed")
+        failed.error = ResponseErrorBody(code=exc.code or "server_error", message=exc.message)
+        yield ResponseEvent(type="response.failed", sequence_number=next(seq), response=failed)
+        return
+    finally:
+        await stack.aclose()
+    text, incomplete = "".join(texts), finish == "length"
+    yield ResponseTextDoneEvent(sequence_number=next(seq), text=text, **where)
+    yield ResponseContentPartEvent(
+        type="response.content_part.done", sequence_number=next(seq), part=OutputText(text=text), **where
+    )
+    item = output_message(item_id, text, incomplete)
+    yield ResponseItemEvent(type="response.output_item.done", sequence_number=next(seq), output_index=0, item=item)
+    final = response_of(
+        req,
+        response_id,
+        created,
+        status="incomplete" if incomplete else "completed",
+        output=[item],
+        usage=None
+        if usage is None
+        else usage_of(usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens),
+    )
+    _keep(state, tenant, req, turn, final)
+    kind = "response.incomplete" if incomplete else "response.completed"
+    yield ResponseEvent(type=kind, sequence_number=next(seq), response=final)
+
+
+@post(
+    "/responses",
+    status_code=200,
+    responses={200: ResponseSpec(data_container=Response, description="A response, or SSE events"), **errors(GENERATE)},
+)
+async def create_response(
+    data: JSONBody[ResponsesRequest], tenant: NamedDependency[str], state: State, request: Request
+) -> ASGIApp:
+    return await unless_client_leaves(request, _serve(state, data, tenant))
+
+
+@get("/responses/{response_id:str}", responses=errors(READ))
+async def get_response(response_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Response:
+    return _store(state).get(tenant, response_id).response
+
+
+@delete("/responses/{response_id:str}", status_code=200, responses=errors(READ))
+async def delete_response(response_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> DeletedResponse:
+    _store(state).delete(tenant, response_id)
+    return DeletedResponse(id=response_id)
+
+
+@get("/responses/{response_id:str}/input_items", responses=errors(READ))
+async def list_input_items(
+    response_id: FromPath[str],
+    state: State,
+    tenant: NamedDependency[str],
+    limit: Annotated[int, Parameter(ge=1, le=100, description="At most this many items")] = 20,
+    order: Annotated[Literal["asc", "desc"], Parameter(description="By position in the input")] = "desc",
+    after: Annotated[str | None, Parameter(description="List the items after this item id")] = None,
+) -> InputItemList:
+    items = list(_store(state).get(tenant, response_id).input_items)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [i.id for i in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = items[:limit]
+    return InputItemList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(items) > len(page),
+    )
+
+
+responses_router = Router(
+    "/v1",
+    route_handlers=[create_response, get_response, delete_response, list_input_items],
+    dependencies={"tenant": Provide(provide_tenant)},
+    tags=["Responses"],
+)
