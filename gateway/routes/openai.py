@@ -40,7 +40,14 @@ from gateway.schemas.openai import (
 from gateway.serving import Running, collect, count_planned_misses, prefix_header, stream_chunks
 from gateway.sse import sse_response
 
-__all__ = ["complete_planned", "openai_router", "plan_request", "resolve_model"]
+__all__ = [
+    "admission_slot",
+    "complete_planned",
+    "generation_observer",
+    "openai_router",
+    "plan_request",
+    "resolve_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +96,11 @@ def _most_tokens(planned: PlannedRequest) -> int:
     return sum(len(p.prompt_tokens) + p.sampling.max_tokens * p.sampling.n for p in planned.plans)
 
 
-def _slot(admission: Admission, planned: PlannedRequest) -> contextlib.AbstractAsyncContextManager[Ticket]:
+def admission_slot(admission: Admission, planned: PlannedRequest) -> contextlib.AbstractAsyncContextManager[Ticket]:
     return admission.slot(_prompt_tokens(planned), planned.plans[0].tenant, _most_tokens(planned))
 
 
-def _observer(state: State, planned: PlannedRequest) -> GenerationObserver:
+def generation_observer(state: State, planned: PlannedRequest) -> GenerationObserver:
     metrics: Metrics = state.metrics
     return metrics.observer(planned.model, planned.plans[0].tenant, arrival(), planned_at())
 
@@ -103,9 +110,9 @@ async def complete_planned(
 ) -> ChatCompletion | CompletionResponse:
     """Run a non-streaming request inside an admission slot."""
     admission: Admission = state.admission
-    async with _slot(admission, planned) as ticket:
+    async with admission_slot(admission, planned) as ticket:
         count_planned_misses(planned, state.engine)
-        running = Running(state.engine, planned, _observer(state, planned))
+        running = Running(state.engine, planned, generation_observer(state, planned))
         try:
             return await collect(running, fingerprint)
         finally:
@@ -128,10 +135,10 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
         planned.stream,
     )
     stack = contextlib.AsyncExitStack()
-    ticket = await stack.enter_async_context(_slot(admission, planned))  # 429 before any byte
+    ticket = await stack.enter_async_context(admission_slot(admission, planned))  # 429 before any byte
     try:
         count_planned_misses(planned, engine)
-        running = Running(engine, planned, _observer(state, planned))
+        running = Running(engine, planned, generation_observer(state, planned))
 
         def settle() -> None:  # before the slot is given back (an exit stack unwinds last-in first)
             ticket.used = running.used_tokens

@@ -43,7 +43,7 @@ from gateway.responses_planning import (
     usage_of,
 )
 from gateway.responses_store import ResponseStore, StoredResponse
-from gateway.routes.openai import _observer, _slot, complete_planned, plan_request
+from gateway.routes.openai import admission_slot, complete_planned, generation_observer, plan_request
 from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
 from gateway.schemas.responses import (
     DeletedResponse,
@@ -128,10 +128,10 @@ async def _serve(state: State, req: ResponsesRequest, tenant: str) -> ASGIApp:
     admission: Admission = state.admission
     config: Config = state.config
     stack = contextlib.AsyncExitStack()
-    ticket = await stack.enter_async_context(_slot(admission, planned))  # 429 before any byte
+    ticket = await stack.enter_async_context(admission_slot(admission, planned))  # 429 before any byte
     try:
         count_planned_misses(planned, engine)
-        running = Running(engine, planned, _observer(state, planned))
+        running = Running(engine, planned, generation_observer(state, planned))
         stack.callback(lambda: setattr(ticket, "used", running.used_tokens))
     except BaseException:
         await stack.aclose()
