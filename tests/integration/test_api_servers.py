@@ -183,18 +183,25 @@ def test_requests_are_answered_by_both_api_servers_and_stream(two: Server) -> No
 
 def test_a_tenants_requests_per_minute_are_counted_once(two: Server) -> None:
     body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
-    answers: list[httpx.Response] = []
-    for i in range(2 * RPM):  # each on a fresh connection: spread over both front ends
-        answers.append(
-            httpx.post(f"{two.v1}/completions", json=body, headers={**ALPHA, "x-request-id": f"rpm-{i}"}, timeout=60)
-        )
-    codes = [r.status_code for r in answers]
+
+    def send(i: int) -> httpx.Response:
+        headers = {**ALPHA, "x-request-id": f"rpm-{i}"}
+        return httpx.post(f"{two.v1}/completions", json=body, headers=headers, timeout=60)
+
+    # Sent together on fresh connections, so that both front ends take some (one after another, the front end
+    # that waited longest tends to take them all): the tenant's window is one, whoever answers.
+    with concurrent.futures.ThreadPoolExecutor(2 * RPM) as senders:
+        answers = list(senders.map(send, range(2 * RPM)))
+    codes = sorted(r.status_code for r in answers)
     assert codes == [200] * RPM + [429] * RPM, codes
     assert {answered_by(two, f"rpm-{i}") for i in range(2 * RPM)} == {1, 2}
-    err = assert_error(answers[-1], 429, "requests", "rate_limit_exceeded")
+    refused = [r for r in answers if r.status_code == 429]
+    err = assert_error(refused[-1], 429, "requests", "rate_limit_exceeded")
     assert "requests per minute" in err["message"]
-    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in answers]
-    assert remaining == [RPM - 1 - i for i in range(RPM)] + [0] * RPM, remaining
+    # Sent together, each answer's header reads the window as its neighbours left it: never above what it was.
+    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in answers if r.status_code == 200]
+    assert all(0 <= left < RPM for left in remaining), remaining
+    assert all(int(r.headers["x-ratelimit-remaining-requests"]) == 0 for r in refused)
     tenants = {t["id"]: t for t in httpx.get(f"{two.url}/admin/tenants", headers=ADMIN).json()["data"]}
     assert tenants["alpha"]["use"]["requests_last_minute"] == RPM
 
@@ -204,10 +211,14 @@ def test_metrics_total_every_api_server_whichever_answers(two: Server) -> None:
     before = scrape(two, ADMIN).get(("mlx_gateway_http_requests_total", route), 0.0)
     n = 12
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logit_bias": NO_EOS}
-    for i in range(n):
+
+    def send(i: int) -> None:
         headers = {"authorization": "Bearer key-beta", "x-request-id": f"count-{i}"}
         r = httpx.post(f"{two.v1}/chat/completions", json=body, headers=headers, timeout=60)
         assert r.status_code == 200, r.text
+
+    with concurrent.futures.ThreadPoolExecutor(n) as senders:  # together: both front ends take some
+        list(senders.map(send, range(n)))
     assert {answered_by(two, f"count-{i}") for i in range(n)} == {1, 2}
     scrapers: set[int] = set()
     for k in range(40):  # until both front ends answered a scrape, each with the same totals
@@ -233,20 +244,25 @@ def test_a_cache_built_or_deleted_through_one_api_server_is_seen_at_once_by_both
         body = {"model": "tiny", "name": name, "prompt": "You answer tersely. " * 20}
         built = httpx.post(f"{two.url}/admin/prefix-caches", json=body, headers=beta, timeout=60)
         assert built.status_code == 201, built.text
-        fronts = set()
-        for i in range(6):  # at once, fresh connections: both front ends plan with it
-            rid = f"use-{name}-{i}"
-            use = {"model": "tiny", "prompt": " Go.", "max_tokens": 2, "prefix_cache": name}
+        use = {"model": "tiny", "prompt": " Go.", "max_tokens": 2, "prefix_cache": name}
+
+        def hit(rid: str, use: dict[str, object] = use) -> int:
             r = httpx.post(f"{two.v1}/completions", json=use, headers={**beta, "x-request-id": rid}, timeout=60)
             assert r.status_code == 200 and "hit=true" in r.headers["x-prefix-cache"], r.text
-            fronts.add(answered_by(two, rid))
-        gone = httpx.delete(f"{two.url}/admin/prefix-caches/{name}", headers=beta, timeout=60)
-        assert gone.status_code == 200, gone.text
-        for i in range(6):
-            rid = f"gone-{name}-{i}"
+            return answered_by(two, rid)
+
+        def miss(rid: str, use: dict[str, object] = use) -> int:
             r = httpx.post(f"{two.v1}/completions", json=use, headers={**beta, "x-request-id": rid}, timeout=60)
             assert_error(r, 404, "invalid_request_error", "prefix_cache_not_found", "prefix_cache")
-            fronts.add(answered_by(two, rid))
+            return answered_by(two, rid)
+
+        # Sent together on fresh connections, so that both front ends plan with it (one after another, the front
+        # end that waited longest tends to take them all).
+        with concurrent.futures.ThreadPoolExecutor(6) as senders:
+            fronts = set(senders.map(hit, [f"use-{name}-{i}" for i in range(6)]))
+            gone = httpx.delete(f"{two.url}/admin/prefix-caches/{name}", headers=beta, timeout=60)
+            assert gone.status_code == 200, gone.text
+            fronts |= set(senders.map(miss, [f"gone-{name}-{i}" for i in range(6)]))
         if fronts == {1, 2}:
             break
     assert fronts == {1, 2}
@@ -275,13 +291,21 @@ def test_max_running_and_max_queued_are_counted_once(models_dir: Path, log_dir: 
             while scrape(server)[("mlx_gateway_queue_depth", frozenset())] != 1:  # it holds the one queue place
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            fronts = set()
-            for i in range(8):  # fresh connections, both front ends: every one is over the server's capacity
-                rid = f"over-{i}"
-                over = httpx.post(f"{server.v1}/completions", json=SHORT, headers={"x-request-id": rid}, timeout=30)
-                err = assert_error(over, 429, "rate_limit_error", "rate_limit_exceeded")
+
+            def over(rid: str) -> int:
+                r = httpx.post(f"{server.v1}/completions", json=SHORT, headers={"x-request-id": rid}, timeout=30)
+                err = assert_error(r, 429, "rate_limit_error", "rate_limit_exceeded")
                 assert "at capacity (1 running, 1 queued)" in err["message"]
-                fronts.add(answered_by(server, rid))
+                return answered_by(server, rid)
+
+            # Fresh connections sent together, so that the kernel hands them to both front ends (one after another,
+            # the front end that waited longest tends to take them all): every one is over the server's capacity.
+            fronts: set[int] = set()
+            with concurrent.futures.ThreadPoolExecutor(8) as senders:
+                for round_ in range(5):
+                    fronts |= set(senders.map(over, [f"over-{round_}-{i}" for i in range(8)]))
+                    if fronts == {1, 2}:
+                        break
             assert fronts == {1, 2}
             samples = scrape(server)
             assert samples[("mlx_gateway_admitted_requests", frozenset())] == 1
