@@ -189,18 +189,15 @@ class RemoteEngine:
         return engine
 
     def _open_index(self) -> None:
-        if self._index is None:
+        store = self._setup.store
+        if self._index is None or store is None:
             return
         try:
             self._index.scan()
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise EngineProcessError(
-                f"cannot use the prefix-cache directory {self._index.root}: {reason}"
-                + (f" ({exc.filename})" if exc.filename else "")
-            ) from exc
-        if self._setup.store is not None and self._setup.store.sync_seconds > 0:
-            self._index.watch(self._setup.store.sync_seconds)
+            raise EngineProcessError(store.unusable(exc)) from exc
+        if store.sync_seconds > 0:
+            self._index.watch(store.sync_seconds)
 
     def launch(self, timeout: float = 600.0) -> None:
         """Start the engine process and wait until it serves (models load after); EngineProcessError if it

@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 from prefix_caches.quotas import NO_QUOTA, StorageQuota
 
-__all__ = ["EngineSetup", "ModelSpec", "StoreSetup"]
+__all__ = ["EngineSetup", "ModelSpec", "StoreSetup", "os_reason"]
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error in one line for the operator: what went wrong and the file it names."""
+    if exc.strerror:
+        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    return str(exc)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,10 @@ class StoreSetup:
 
     def quota_of(self, tenant: str) -> StorageQuota:
         return self.quotas.get(tenant, self.default_quota)
+
+    def unusable(self, exc: OSError) -> str:
+        """Why the store's folder cannot be used (the engine's store and a front end's index say it alike)."""
+        return f"cannot use the prefix-cache directory {self.root}: {os_reason(exc)}"
 
 
 @dataclass(frozen=True)

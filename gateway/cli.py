@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import click
 import msgspec
 
 from adapters.base import Engine
-from adapters.setup import EngineSetup, ModelSpec, StoreSetup
+from adapters.setup import EngineSetup, ModelSpec, StoreSetup, os_reason
 from gateway import __version__
 from gateway.cli_caches import caches
 from gateway.cli_keys import keys
@@ -37,12 +36,6 @@ class _Unusable(Exception):
     """A setting the server cannot work with (the operator's to fix, not a bug): one line, exit status 1."""
 
 
-def _reason(exc: OSError) -> str:
-    if exc.strerror:
-        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
-    return str(exc)
-
-
 def _serve(flags: dict[str, object], print_config: bool) -> int:
     try:
         config = load_config(flags)
@@ -58,7 +51,7 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
     try:
         sockets = listen(config.host, config.port)
     except OSError as exc:
-        logger.error("cannot listen on %s:%d: %s", config.host, config.port, _reason(exc))
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, os_reason(exc))
         return 1
     setup = _engine_setup(config)
     try:
@@ -125,8 +118,10 @@ def engine_layout(config: Config) -> str:
         return config.engine_layout
     if config.api_servers > 1:
         return "process"
-    cuda = any(importlib.util.find_spec(name) is not None for name in ("mlx_cuda",)) or any(
-        dist.metadata["Name"].startswith("mlx-cuda") for dist in importlib.metadata.distributions()
+    # mlx's CUDA backend is its own distribution (mlx-cuda-13, pulled in by the `cuda` extra).
+    cuda = any(
+        (dist.metadata["Name"] or "").lower().replace("_", "-").startswith("mlx-cuda")
+        for dist in importlib.metadata.distributions()
     )
     return "process" if cuda else "thread"
 

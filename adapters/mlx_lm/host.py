@@ -68,8 +68,7 @@ def _open_store(setup: EngineSetup) -> Any:
     try:
         store.scan()
     except OSError as exc:
-        reason = f"{exc.strerror} ({exc.filename})" if exc.strerror and exc.filename else exc.strerror or str(exc)
-        raise EngineSetupError(f"cannot use the prefix-cache directory {setup.store.root}: {reason}") from exc
+        raise EngineSetupError(setup.store.unusable(exc)) from exc
     if setup.store.sync_seconds > 0:
         store.watch(setup.store.sync_seconds)
     return store
