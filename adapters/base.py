@@ -24,6 +24,7 @@ __all__ = [
     "PrefixBuilt",
     "PrefixUse",
     "PrefixWarmed",
+    "ResponseKVUse",
     "Started",
     "ChoiceFinished",
     "Engine",
@@ -174,6 +175,17 @@ class ToolCallOut(msgspec.Struct, frozen=True, tag=True):
 
 
 @dataclass(frozen=True)
+class ResponseKVUse:
+    """A stored response's KV (``/v1/responses``): start from the first ``reuse`` positions of ``parent``'s
+    sequence (planning checked they are the prompt's first tokens), and keep this request's whole sequence
+    (prompt and output) as ``keep_as``'s. Either may be absent; both are the plan's tenant's."""
+
+    parent: str | None = None
+    reuse: int = 0
+    keep_as: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs for one request, decided before it is submitted."""
 
@@ -184,6 +196,7 @@ class Plan:
     sampling: SamplingParams
     prefix: PrefixUse | None = None
     tools: ToolCalling | None = None
+    response_kv: ResponseKVUse | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,11 @@ class PromptTokenizer(Protocol):
         """The tool-call format the chat template uses (mlx-lm's parser name, e.g. ``json_tools``)."""
         ...
 
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The ids that end a sequence."""
+        ...
+
     def check_constraint(self, constraint: OutputConstraint) -> None:
         """Raise ValueError (with a message for the user) if ``constraint`` cannot constrain this model."""
         ...
@@ -344,6 +362,14 @@ class Engine(Protocol):
 
     def record_miss(self, model: str, tenant: str) -> None:
         """A request named a cache of ``tenant`` and was planned without it (counted with the cache's use)."""
+        ...
+
+    def forget_response(self, tenant: str, response_id: str) -> None:
+        """Drop a stored response's KV, if the engine holds it (the response was deleted or expired)."""
+        ...
+
+    def response_kv_bytes(self) -> Mapping[str, int]:
+        """Bytes of stored responses' KV each tenant holds in the engine's memory (as last published)."""
         ...
 
     @property

@@ -432,6 +432,12 @@ class RemoteEngine:
     def record_miss(self, model: str, tenant: str) -> None:
         self.tell(wire.RecordMiss(model, tenant))
 
+    def forget_response(self, tenant: str, response_id: str) -> None:
+        self.tell(wire.ForgetResponse(tenant, response_id))
+
+    def response_kv_bytes(self) -> dict[str, int]:
+        return self.report.snapshot.response_kv.tenant_bytes
+
     async def _events_of(self, ident: int, command: wire.Command) -> AsyncIterator[Any]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._waiting[ident] = queue

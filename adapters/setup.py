@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from prefix_caches.quotas import NO_QUOTA, StorageQuota
 
-__all__ = ["EngineSetup", "ModelSpec", "StoreSetup", "os_reason"]
+__all__ = ["EngineSetup", "ModelSpec", "ResponseKVSetup", "StoreSetup", "os_reason"]
 
 
 def os_reason(exc: OSError) -> str:
@@ -62,8 +62,23 @@ class StoreSetup:
 
 
 @dataclass(frozen=True)
+class ResponseKVSetup:
+    """Stored responses' KV in memory: the engine-wide byte budget, each tenant's (None: the engine-wide one),
+    and how long an unused response's KV stays (0: until evicted)."""
+
+    memory_bytes: int = 1024**3
+    ttl_seconds: float = 3600.0
+    default_tenant_bytes: int | None = None
+    tenant_bytes: dict[str, int | None] = field(default_factory=dict)
+
+    def budget_of(self, tenant: str) -> int | None:
+        return self.tenant_bytes.get(tenant, self.default_tenant_bytes)
+
+
+@dataclass(frozen=True)
 class EngineSetup:
     models: tuple[ModelSpec, ...]
     store: StoreSetup | None = None
+    responses: ResponseKVSetup = ResponseKVSetup()
     blas: str | None = None  # the CPU BLAS to load before mlx (adapters.mlx_lm.blas)
     profile_path: str | None = None

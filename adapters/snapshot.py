@@ -15,7 +15,7 @@ import msgspec
 
 from adapters.stats import EngineStats
 
-__all__ = ["EngineSnapshot", "MemoryUse", "ModelHealth", "ReuseUse", "health_report"]
+__all__ = ["EngineSnapshot", "MemoryUse", "ModelHealth", "ResponseKVUsage", "ReuseUse", "health_report"]
 
 
 class ModelHealth(msgspec.Struct, kw_only=True, frozen=True):
@@ -45,6 +45,19 @@ class ReuseUse(msgspec.Struct, kw_only=True, frozen=True):
     hits: int = 0
 
 
+class ResponseKVUsage(msgspec.Struct, kw_only=True, frozen=True):
+    """Stored responses' KV: responses whose KV is held, segments held (a deleted or evicted response's stays
+    while a continuation uses it), their bytes in all and per tenant, and continuations served or not."""
+
+    responses: int = 0
+    segments: int = 0
+    bytes: int = 0
+    tenant_bytes: dict[str, int] = {}
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
 class EngineSnapshot(msgspec.Struct, kw_only=True, frozen=True):
     """The engine's state at the end of one turn of its loop. Built anew each time: never changed after."""
 
@@ -56,6 +69,7 @@ class EngineSnapshot(msgspec.Struct, kw_only=True, frozen=True):
     waiting_sequences: int = 0
     preempted_sequences: int = 0  # since start
     automatic_reuse: ReuseUse = ReuseUse()
+    response_kv: ResponseKVUsage = ResponseKVUsage()
     memory: MemoryUse = MemoryUse()
     models: tuple[tuple[str, ModelHealth], ...] = ()
 
@@ -74,6 +88,8 @@ def health_report(
         "preempted_sequences": snap.preempted_sequences,
         "batch_steps": stats.batch_totals(),
         "automatic_reuse": msgspec.structs.asdict(snap.automatic_reuse),
+        # Totals only: which tenants hold what is the admin's (/admin/tenants), not every caller's.
+        "response_kv": {k: v for k, v in msgspec.structs.asdict(snap.response_kv).items() if k != "tenant_bytes"},
         "requests": stats.request_totals(),
         "models": {name: msgspec.structs.asdict(m) for name, m in snap.models},
         "memory": msgspec.structs.asdict(snap.memory),

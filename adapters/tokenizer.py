@@ -114,6 +114,10 @@ class TextTokenizer:
     def tool_call_format(self) -> str | None:
         return self.facts.tool_call_format
 
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.facts.eos_token_ids)
+
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
 

@@ -56,6 +56,7 @@ __all__ = [
     "Reply",
     "Report",
     "Forget",
+    "ForgetResponse",
     "Message",
     "RecordMiss",
     "ReportWanted",
@@ -134,6 +135,13 @@ class Forget(msgspec.Struct, frozen=True, tag=True):
     name: str
 
 
+class ForgetResponse(msgspec.Struct, frozen=True, tag=True):
+    """A stored response was deleted or expired: the engine drops its KV."""
+
+    tenant: str
+    response_id: str
+
+
 class Built(msgspec.Struct, frozen=True, tag=True):
     """A front end saw a build finish (the engine saved the cache): the other front ends re-read the folder."""
 
@@ -144,7 +152,9 @@ class ReportWanted(msgspec.Struct, frozen=True, tag=True):
     front: int
 
 
-Command = Hello | Bye | Submit | Build | Built | Abort | Verify | Warm | RecordMiss | Forget | ReportWanted
+Command = (
+    Hello | Bye | Submit | Build | Built | Abort | Verify | Warm | RecordMiss | Forget | ForgetResponse | ReportWanted
+)
 
 
 # ---- events (engine -> front end) -----------------------------------------------------------------

@@ -11,7 +11,7 @@ import click
 import msgspec
 
 from adapters.base import Engine
-from adapters.setup import EngineSetup, ModelSpec, StoreSetup, os_reason
+from adapters.setup import EngineSetup, ModelSpec, ResponseKVSetup, StoreSetup, os_reason
 from gateway import __version__
 from gateway.cli_caches import caches
 from gateway.cli_keys import keys
@@ -107,7 +107,15 @@ def _engine_setup(config: Config) -> EngineSetup:
         )
         for m in config.models
     )
-    return EngineSetup(models=models, store=store, blas=config.blas, profile_path=config.profile_path)
+    responses = ResponseKVSetup(
+        memory_bytes=config.response_kv_memory_bytes,
+        ttl_seconds=config.response_kv_ttl_seconds,
+        default_tenant_bytes=config.limits(config.default_tenant + "\0").max_response_kv_bytes,
+        tenant_bytes={tenant: config.limits(tenant).max_response_kv_bytes for tenant in config.tenants},
+    )
+    return EngineSetup(
+        models=models, store=store, responses=responses, blas=config.blas, profile_path=config.profile_path
+    )
 
 
 def engine_layout(config: Config) -> str:

@@ -68,6 +68,9 @@ class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     # Sliding 60-second windows: prompt + completion tokens, and requests.
     tokens_per_minute: int | None = None
     requests_per_minute: int | None = None
+    # Stored responses' KV in the engine's memory (previous_response_id): past it the tenant's own least
+    # recently used responses lose their KV first (None: only the server-wide response_kv_memory_bytes).
+    max_response_kv_bytes: int | None = None
 
     def over(self, defaults: TenantLimits) -> TenantLimits:
         """These limits, each absent one taken from ``defaults``."""
@@ -116,8 +119,16 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     # Names this process in /health (which replica answered behind a load balancer); default hostname:port.
     replica_id: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
-    # Stored responses (/v1/responses with `store`) kept in memory per tenant, least recently used evicted.
+    # Stored responses (/v1/responses with `store`) per tenant, least recently used deleted first; they are kept in
+    # the cache directory (under responses/), so they survive a restart and every replica sharing it sees them.
     max_stored_responses: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    # A stored response is deleted this long after it was made (OpenAI keeps them 30 days).
+    response_ttl_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30 * 24 * 3600.0
+    # The KV of stored responses' sequences, kept in the engine's memory so that previous_response_id prefills only
+    # the new input; least recently used dropped first, and after response_kv_ttl_seconds unused (0: never). A
+    # response whose KV is gone is continued from its stored token ids: the same answer, prefilled in full.
+    response_kv_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024**3
+    response_kv_ttl_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
     # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
     sse_ping_seconds: float = 10.0
     sse_send_timeout_seconds: float = 30.0
@@ -211,8 +222,8 @@ _FIELD_FLAGS = (
     "engine_layout",
     "api_servers",
 )
-_SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes", "max_running_kv_bytes")
-_TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes")
+_SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes", "max_running_kv_bytes", "response_kv_memory_bytes")
+_TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes", "max_response_kv_bytes")
 
 
 def _tenant_sizes(raw: dict[str, Any]) -> None:
@@ -276,6 +287,7 @@ def load_config(
         "MLX_GATEWAY_PROFILE": "profile_path",
         "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
         "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
+        "MLX_GATEWAY_RESPONSE_KV_MEMORY_BYTES": "response_kv_memory_bytes",
         "MLX_GATEWAY_PREFIX_CACHES": "prefix_caches",
         "MLX_GATEWAY_PREFIX_CACHE_SYNC_SECONDS": "prefix_cache_sync_seconds",
         "MLX_GATEWAY_REPLICA_ID": "replica_id",

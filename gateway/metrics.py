@@ -282,6 +282,23 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_automatic_reuse_entries", "Prompts kept for automatic reuse", float(reuse.get("entries", 0))
         )
+        kept = _mapping(report, "response_kv")
+        yield GaugeMetricFamily(
+            f"{PREFIX}_response_kv_bytes",
+            "Stored responses' KV in the engine's memory (shared segments of a conversation counted once)",
+            float(kept.get("bytes", 0)),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_response_kv_responses", "Stored responses whose KV is in memory", float(kept.get("responses", 0))
+        )
+        continued = CounterMetricFamily(
+            f"{PREFIX}_response_kv_continuations",
+            "Requests continuing a stored response (previous_response_id), by whether its KV was in memory",
+            labels=["kv"],
+        )
+        continued.add_metric(["hit"], float(kept.get("hits", 0)))
+        continued.add_metric(["miss"], float(kept.get("misses", 0)))
+        yield continued
         stats = engine.stats
         outcomes = CounterMetricFamily(
             f"{PREFIX}_engine_requests",

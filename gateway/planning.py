@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -82,6 +82,8 @@ class PlannedRequest:
     # How the request met its named cache: "resent" (it starts with the cache's messages or tokens, used
     # as sent) or "prepended" (the cache's messages or tokens were put in front of it).
     prefix_form: str | None = None
+    # A chat prompt's rendered text (a stored response records what its ids stand for).
+    prompt_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -494,7 +496,10 @@ def plan_chat(
     tenant: str,
     store: PrefixCacheStore | None = None,
     request_id: str | None = None,
+    continued: Callable[[str], list[int] | None] | None = None,
 ) -> PlannedRequest:
+    """``continued``: the prompt's tokens for its rendered text where a stored response's ids stand for its
+    start (``gateway.responses_continuation``), else None and the text is encoded as usual."""
     _check_unsupported(req)
     if len(req.messages) > MAX_MESSAGES:
         raise InvalidRequest(
@@ -523,7 +528,10 @@ def plan_chat(
     check_prompt_chars(text, context_length, "messages")
     cache_text = _chat_cache_text(prefix, tokenizer)
     manifest = prefix.manifest if prefix is not None and prefix.unusable is None else None
-    if cache_text is not None and manifest is not None and manifest.source == "messages":
+    continuation = continued(text) if continued is not None else None
+    if continuation is not None:
+        tokens = continuation
+    elif cache_text is not None and manifest is not None and manifest.source == "messages":
         # A ready message cache's tokens are its rendered text's, by this tokenizer (stale ones are rebuilt).
         tokens = tokenizer.encode_after(cache_text, manifest.tokens, text)
     else:
@@ -548,6 +556,7 @@ def plan_chat(
         prefix_name=prefix.name if prefix else None,
         prefix_miss_reason=miss,
         prefix_form=form,
+        prompt_text=text,
     )
 
 

@@ -76,6 +76,8 @@ class Running:
         self.started: list[Started] = []
         # Completion tokens seen so far (a tenant's tokens per minute settle on them).
         self.completion_tokens = 0
+        # The ids the first prompt's first choice wrote (a stored response keeps them).
+        self.output_ids: list[int] = []
 
     @property
     def used_tokens(self) -> int:
@@ -87,6 +89,8 @@ class Running:
             self._observer.event(index, event)
         if isinstance(event, TokenEvent):
             self.completion_tokens += len(event.token_ids)
+            if index == 0 and event.choice == 0:
+                self.output_ids.extend(event.token_ids)
 
     async def wait_started(self) -> list[Started]:
         while len(self.started) < len(self.planned.plans):

@@ -26,7 +26,8 @@ async def tenant_report(config: Config, admission: Places, engine: Engine) -> Te
         caches[tenant] += use.count
         disk[tenant] += use.bytes_on_disk
         memory[tenant] += use.bytes_in_memory
-    names = {config.default_tenant, *config.api_keys.values(), *config.tenants, *caches}
+    kept = engine.response_kv_bytes()
+    names = {config.default_tenant, *config.api_keys.values(), *config.tenants, *caches, *kept}
     out = []
     for tenant in sorted(names):
         held = admission.tenant_use(tenant)
@@ -34,6 +35,7 @@ async def tenant_report(config: Config, admission: Places, engine: Engine) -> Te
             prefix_caches=caches[tenant],
             prefix_cache_disk_bytes=disk[tenant],
             prefix_cache_memory_bytes=memory[tenant],
+            response_kv_bytes=kept.get(tenant, 0),
             requests_in_progress=held["requests_in_progress"],
             queued_tokens=held["queued_tokens"],
             requests_last_minute=held["requests_last_minute"],

@@ -52,8 +52,10 @@ from adapters.mlx_lm.models import SOURCE_ERRORS, LoadedModel, MlxTokenizer, Mod
 from adapters.mlx_lm.outbox import Outbox
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
+from adapters.mlx_lm.response_kv import ResponseKV
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
+from adapters.setup import ResponseKVSetup
 from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse, health_report
 from adapters.stats import EngineStats
 from prefix_caches import kv
@@ -90,6 +92,7 @@ class MlxEngine:
         store: PrefixCacheStore | None = None,
         profile_path: str | None = None,
         outbox: Outbox | None = None,
+        responses: ResponseKVSetup | None = None,
     ) -> None:
         self._slots = {s.name: ModelSlot(s) for s in specs}
         self._store = store
@@ -113,7 +116,9 @@ class MlxEngine:
         # hold, each counted at its longest; a request starts only when it fits the model's budget.
         self._sequential_kv: dict[str, int] = {}
         # Named prefix caches, automatic reuse, cold-cache decisions; builds queue onto the turns.
-        self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build))
+        responses = responses or ResponseKVSetup()
+        kept = ResponseKV(responses.memory_bytes, responses.budget_of, responses.ttl_seconds)
+        self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build), kept)
         self.device = "unknown"
         self._snapshot = EngineSnapshot()
         self._trimmed = True  # nothing freed yet to give back
@@ -313,6 +318,12 @@ class MlxEngine:
         if self._store is not None:
             self._store.record_miss(model, tenant)
 
+    def forget_response(self, tenant: str, response_id: str) -> None:
+        self.call(lambda: self.prefixes.responses.forget(tenant, response_id))
+
+    def response_kv_bytes(self) -> dict[str, int]:
+        return self._snapshot.response_kv.tenant_bytes
+
     def snapshot(self) -> EngineSnapshot:
         """The engine's state as its thread last published it (immutable; any thread)."""
         return self._snapshot
@@ -343,6 +354,7 @@ class MlxEngine:
             waiting_sequences=sum(b.waiting for b in batchers),
             preempted_sequences=sum(b.preempted for b in batchers),
             automatic_reuse=ReuseUse(entries=reuse.entry_count(), hits=reuse.hits),
+            response_kv=self.prefixes.responses.usage(),
             memory=self._memory,
             models=tuple(
                 (
@@ -543,6 +555,7 @@ class MlxEngine:
             self._fail(request, exc)
             return
         if done:
+            self.prefixes.keep_response(request, request.choices[0].cache)  # before Finished: a follow-up finds it
             self._finish(request)
         else:
             self._active.append(request)
@@ -702,6 +715,7 @@ class MlxEngine:
                 if choice.index == 0:
                     self.prefixes.keep_for_reuse(request, out.cache)
                     self.prefixes.keep_recomputed(request, out.cache)
+                    self.prefixes.keep_response(request, out.cache)
                 self._batched.pop(out.uid, None)
                 if out.finish_reason is None:
                     batcher.remove([out.uid])  # a stop string: the batch would go on
@@ -710,9 +724,12 @@ class MlxEngine:
 
     @staticmethod
     def _keeps_cache(request: Request) -> bool:
-        """Whether the first choice's KV outlives it: a recomputed prefix, or automatic reuse."""
-        return request.recomputing is not None or (
-            request.model.spec.isolation_mode == "performance" and request.plan.prefix is None
+        """Whether the first choice's KV outlives it: a recomputed prefix, a stored response, or automatic reuse."""
+        kv = request.plan.response_kv
+        return (
+            request.recomputing is not None
+            or (kv is not None and kv.keep_as is not None)
+            or (request.model.spec.isolation_mode == "performance" and request.plan.prefix is None)
         )
 
     def _drop_cancelled_batched(self) -> bool:

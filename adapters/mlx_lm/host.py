@@ -56,7 +56,7 @@ def build_engine(setup: EngineSetup, outbox: WireOutbox | None = None) -> Any:  
             )
     else:
         logger.info("device %s", mx.default_device())
-    return MlxEngine(list(setup.models), _open_store(setup), setup.profile_path, outbox)
+    return MlxEngine(list(setup.models), _open_store(setup), setup.profile_path, outbox, setup.responses)
 
 
 def _open_store(setup: EngineSetup) -> Any:
@@ -210,6 +210,8 @@ class Host:
                 sock.send(wire.encode(self._report()))
         elif isinstance(command, wire.RecordMiss):
             engine.record_miss(command.model, command.tenant)
+        elif isinstance(command, wire.ForgetResponse):
+            engine.forget_response(command.tenant, command.response_id)
         elif isinstance(command, wire.Forget | wire.Built):
             store = engine.prefix_store
             if store is not None and isinstance(command, wire.Forget):

@@ -1,7 +1,7 @@
 """Where a request's KV starts from, and where prefix KV goes: named prefix caches (hits, misses, cold
-caches recomputed when reading them was measured dearer, rebuilds of stale ones, builds), automatic reuse
-within a tenant (performance mode), and the measured prefill rate that decides cold caches. Engine thread
-only."""
+caches recomputed when reading them was measured dearer, rebuilds of stale ones, builds), stored responses'
+KV (``previous_response_id``), automatic reuse within a tenant (performance mode), and the measured prefill
+rate that decides cold caches. Engine thread only."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import mlx.core as mx
 from adapters.base import BuildProgress, EngineError, Failed, PrefixBuildRefused, PrefixBuilt, Started, StorageFull
 from adapters.mlx_lm.models import LoadedModel
 from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
+from adapters.mlx_lm.response_kv import ResponseKV
 from adapters.mlx_lm.reuse import TenantReuse
 from adapters.mlx_lm.work import Build, Request, log_extra
 from adapters.stats import EngineStats
@@ -39,10 +40,17 @@ logger = logging.getLogger(__name__)
 class PrefixPath:
     """One engine's prefix caches and reuse. ``queue`` hands a build (or its next chunk) to the engine's turns."""
 
-    def __init__(self, store: PrefixCacheStore | None, stats: EngineStats, queue: Callable[[Build], None]) -> None:
+    def __init__(
+        self,
+        store: PrefixCacheStore | None,
+        stats: EngineStats,
+        queue: Callable[[Build], None],
+        responses: ResponseKV,
+    ) -> None:
         self.store = store
         self.stats = stats
         self.reuse = TenantReuse()
+        self.responses = responses
         # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
         self.rates: dict[str, Rate] = {}
         self._queue = queue
@@ -51,6 +59,9 @@ class PrefixPath:
         """Give the request its own view of its named prefix cache, or a fresh cache on a miss."""
         request.scheduled_at = time.perf_counter()
         use, store = request.plan.prefix, self.store
+        if request.plan.response_kv is not None and request.plan.response_kv.parent is not None:
+            self._continue_response(request)
+            return
         if use is None and request.model.spec.isolation_mode == "performance" and self._reuse_hit(request):
             return
         if use is None or store is None:
@@ -81,6 +92,34 @@ class PrefixPath:
         store.record_hit(use.tenant, use.name)
         load_ms = (time.perf_counter() - start) * 1000
         request.emit(Started(use.reuse, True, resident, load_ms))
+
+    def _continue_response(self, request: Request) -> None:
+        """Start from the previous response's KV; without it (evicted, expired, never kept) prefill the whole
+        prompt, whose first tokens are the stored sequence's ids: the same answer, only slower."""
+        plan = request.plan
+        use = plan.response_kv
+        assert use is not None and use.parent is not None
+        start = time.perf_counter()
+        found = self.responses.view(plan.model, plan.tenant, use.parent, min(use.reuse, len(plan.prompt_tokens) - 1))
+        if found is None:
+            request.cache = request.model.make_cache()
+            request.emit(Started(0, prefix_miss_reason="the previous response's KV is not in memory: recomputed"))
+            return
+        request.cache, reuse = found
+        request.prefilled = request.cached_tokens = reuse
+        request.emit(Started(reuse, True, True, (time.perf_counter() - start) * 1000))
+
+    def keep_response(self, request: Request, cache: list[Any] | None) -> None:
+        """Keep a stored response's whole sequence (prompt and output) for its continuations."""
+        plan = request.plan
+        use = plan.response_kv
+        if use is None or use.keep_as is None or cache is None:
+            return
+        reused = request.cached_tokens if use.parent is not None else 0
+        try:
+            self.responses.keep(plan.model, plan.tenant, use.keep_as, cache, use.parent, reused)
+        except Exception:  # keeping is an optimisation: the answer has been given either way
+            logger.exception("response %s: KV not kept", use.keep_as, extra=log_extra(plan))
 
     def calibrate(self, loaded: LoadedModel) -> None:
         """Time one prefill chunk at start-up (after one that compiles the kernels), so that the first cold

@@ -43,6 +43,7 @@ from gateway.sse import sse_response
 __all__ = [
     "admission_slot",
     "complete_planned",
+    "complete_running",
     "generation_observer",
     "openai_router",
     "plan_request",
@@ -109,12 +110,20 @@ async def complete_planned(
     state: State, planned: PlannedRequest, fingerprint: str
 ) -> ChatCompletion | CompletionResponse:
     """Run a non-streaming request inside an admission slot."""
+    body, _ = await complete_running(state, planned, fingerprint)
+    return body
+
+
+async def complete_running(
+    state: State, planned: PlannedRequest, fingerprint: str
+) -> tuple[ChatCompletion | CompletionResponse, Running]:
+    """``complete_planned``, with the finished run (its output ids)."""
     admission: Admission = state.admission
     async with admission_slot(admission, planned) as ticket:
         count_planned_misses(planned, state.engine)
         running = Running(state.engine, planned, generation_observer(state, planned))
         try:
-            return await collect(running, fingerprint)
+            return await collect(running, fingerprint), running
         finally:
             ticket.used = running.used_tokens
 

@@ -7,9 +7,11 @@ quotas, auth, backpressure and cancellation apply as they do on ``/v1/chat/compl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Literal
 
 import msgspec
@@ -21,7 +23,7 @@ from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
-from adapters.base import Engine
+from adapters.base import Engine, ResponseKVUse
 from gateway.admission import Admission
 from gateway.auth import provide_tenant
 from gateway.config import Config
@@ -30,6 +32,7 @@ from gateway.encoding import encode
 from gateway.errors import APIError
 from gateway.openapi import GENERATE, READ, errors
 from gateway.planning import PlannedRequest, plan_chat
+from gateway.responses_continuation import common_prefix, continued_tokens, sequence_text
 from gateway.responses_planning import (
     as_chat,
     check_unsupported,
@@ -43,7 +46,7 @@ from gateway.responses_planning import (
     usage_of,
 )
 from gateway.responses_store import ResponseStore, StoredResponse
-from gateway.routes.openai import admission_slot, complete_planned, generation_observer, plan_request
+from gateway.routes.openai import admission_slot, complete_running, generation_observer, plan_request
 from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
 from gateway.schemas.responses import (
     DeletedResponse,
@@ -72,7 +75,7 @@ def _store(state: State) -> ResponseStore:
     store = state.get("responses")
     if store is None:
         config: Config = state.config
-        store = ResponseStore(config.max_stored_responses)
+        store = ResponseStore(config.max_stored_responses, config.response_ttl_seconds, config.cache_path / "responses")
         state["responses"] = store
     return store
 
@@ -85,32 +88,80 @@ class _Turn(msgspec.Struct, kw_only=True):
     items: tuple[InputMessageOut, ...]
 
 
-def _keep(state: State, tenant: str, req: ResponsesRequest, turn: _Turn, response: Response) -> None:
+async def _keep(
+    state: State,
+    tenant: str,
+    req: ResponsesRequest,
+    turn: _Turn,
+    response: Response,
+    planned: PlannedRequest,
+    output_ids: list[int],
+) -> None:
+    """Store the response (before its last event or body leaves: a follow-up may come at once, to any replica)."""
     if req.store is False:
         return
     text = "".join(part.text for item in response.output for part in item.content)
     conversation = (*turn.history, *turn.new, ChatMessage(role="assistant", content=text))
-    _store(state).put(tenant, StoredResponse(response=response, input_items=turn.items, conversation=conversation))
+    plan = planned.plans[0]
+    chars, sha = 0, ""
+    if planned.prompt_text is not None:
+        chars, sha = sequence_text(planned.prompt_text, output_ids, state.engine.tokenizer(plan.model))
+    stored = StoredResponse(
+        response=response,
+        input_items=turn.items,
+        conversation=conversation,
+        model=plan.model,
+        token_ids=(*plan.prompt_tokens, *output_ids),
+        text_chars=chars,
+        text_sha256=sha,
+        stored_at=time.time(),
+    )
+    engine: Engine = state.engine
+    for evicted in await _store(state).put(tenant, stored):
+        engine.forget_response(tenant, evicted)
 
 
-async def _plan(state: State, req: ResponsesRequest, tenant: str) -> tuple[PlannedRequest, _Turn, str]:
+async def _plan(
+    state: State, req: ResponsesRequest, tenant: str, response_id: str
+) -> tuple[PlannedRequest, _Turn, str]:
     check_unsupported(req)
+    parent: StoredResponse | None = None
     history: tuple[ChatMessage, ...] = ()
     if req.previous_response_id is not None:
-        history = _store(state).get(tenant, req.previous_response_id, param="previous_response_id").conversation
+        parent = await _store(state).get(tenant, req.previous_response_id, param="previous_response_id")
+        history = parent.conversation
     pairs = input_messages(req)
     turn = _Turn(history=history, new=tuple(m for m, _ in pairs), items=tuple(i for _, i in pairs))
+    planner = plan_chat
+    if parent is not None and parent.model == req.model:
+        stored, tokenizer = parent, state.engine.tokenizer(req.model)
+        planner = partial(
+            plan_chat,
+            continued=lambda text: continued_tokens(
+                text, stored.token_ids, stored.text_chars, stored.text_sha256, tokenizer
+            ),
+        )
     try:
-        planned, info = await plan_request(state, plan_chat, as_chat(req, turn.history, turn.new), tenant)
+        planned, info = await plan_request(state, planner, as_chat(req, turn.history, turn.new), tenant)
     except APIError as exc:
         raise rename_param(exc) from None
+    plan = planned.plans[0]
+    reuse = 0
+    if parent is not None and parent.model == plan.model:
+        reuse = min(common_prefix(plan.prompt_tokens, parent.token_ids), len(plan.prompt_tokens) - 1)
+    use = ResponseKVUse(
+        parent=req.previous_response_id if reuse > 0 else None,
+        reuse=reuse,
+        keep_as=None if req.store is False else response_id,
+    )
+    planned = dataclasses.replace(planned, plans=(dataclasses.replace(plan, response_kv=use),))
     fingerprint = f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
     return planned, turn, fingerprint
 
 
 async def _serve(state: State, req: ResponsesRequest, tenant: str) -> ASGIApp:
-    planned, turn, fingerprint = await _plan(state, req, tenant)
     response_id, created = new_response_id(), int(time.time())
+    planned, turn, fingerprint = await _plan(state, req, tenant, response_id)
     logger.info(
         "response %s model=%s prompt_tokens=%d stream=%s",
         response_id,
@@ -119,10 +170,10 @@ async def _serve(state: State, req: ResponsesRequest, tenant: str) -> ASGIApp:
         planned.stream,
     )
     if not planned.stream:
-        completion = await complete_planned(state, planned, fingerprint)
+        completion, ran = await complete_running(state, planned, fingerprint)
         assert isinstance(completion, ChatCompletion)
         response = from_chat(req, response_id, created, completion)
-        _keep(state, tenant, req, turn, response)
+        await _keep(state, tenant, req, turn, response, planned, ran.output_ids)
         return ASGIResponse(body=encode(response), media_type="application/json")
     engine: Engine = state.engine
     admission: Admission = state.admission
@@ -210,7 +261,7 @@ async def _events(
         if usage is None
         else usage_of(usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens),
     )
-    _keep(state, tenant, req, turn, final)
+    await _keep(state, tenant, req, turn, final, running.planned, running.output_ids)
     kind = "response.incomplete" if incomplete else "response.completed"
     yield ResponseEvent(type=kind, sequence_number=next(seq), response=final)
 
@@ -228,12 +279,14 @@ async def create_response(
 
 @get("/responses/{response_id:str}", responses=errors(READ))
 async def get_response(response_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Response:
-    return _store(state).get(tenant, response_id).response
+    return (await _store(state).get(tenant, response_id)).response
 
 
 @delete("/responses/{response_id:str}", status_code=200, responses=errors(READ))
 async def delete_response(response_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> DeletedResponse:
-    _store(state).delete(tenant, response_id)
+    await _store(state).delete(tenant, response_id)
+    engine: Engine = state.engine
+    engine.forget_response(tenant, response_id)  # its KV goes with it
     return DeletedResponse(id=response_id)
 
 
@@ -246,7 +299,7 @@ async def list_input_items(
     order: Annotated[Literal["asc", "desc"], Parameter(description="By position in the input")] = "desc",
     after: Annotated[str | None, Parameter(description="List the items after this item id")] = None,
 ) -> InputItemList:
-    items = list(_store(state).get(tenant, response_id).input_items)
+    items = list((await _store(state).get(tenant, response_id)).input_items)
     if order == "desc":
         items.reverse()
     if after is not None:

@@ -105,6 +105,7 @@ class TenantUse(msgspec.Struct, kw_only=True):
     prefix_caches: int
     prefix_cache_disk_bytes: int
     prefix_cache_memory_bytes: int
+    response_kv_bytes: int  # stored responses' KV in the engine's memory (max_response_kv_bytes)
     requests_in_progress: int  # running or queued (max_concurrent_requests)
     queued_tokens: int  # their prompt tokens (max_queued_tokens)
     requests_last_minute: int  # requests_per_minute
