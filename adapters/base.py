@@ -197,6 +197,9 @@ class Plan:
     prefix: PrefixUse | None = None
     tools: ToolCalling | None = None
     response_kv: ResponseKVUse | None = None
+    # Split a thinking model's reasoning off into TokenEvent.reasoning (chat: reasoning_content). False keeps
+    # the whole output as text: a raw completion's prompt is the client's, and its output is theirs too.
+    reasoning: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,13 +265,19 @@ class TokenLogprob(msgspec.Struct, frozen=True, tag=True):
 
 
 class TokenEvent(msgspec.Struct, frozen=True, tag=True):
-    """New text for one choice. ``text`` may be empty while a possible stop string is held back."""
+    """New text for one choice. ``text`` may be empty while a possible stop string is held back.
+
+    ``text`` is the answer; ``reasoning`` is a thinking model's reasoning (its think block's text, markers
+    taken out; only when the plan asked for it with ``Plan.reasoning``). A choice's reasoning all comes
+    before its answer and its tool calls.
+    """
 
     choice: int
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
     tool_calls: tuple[ToolCallOut, ...] = ()
+    reasoning: str = ""
 
 
 class ChoiceFinished(msgspec.Struct, frozen=True, tag=True):
@@ -287,6 +296,8 @@ class Finished(msgspec.Struct, frozen=True, tag=True):
     queued_at: float = 0.0
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
+    # Of completion_tokens, those of a thinking model's reasoning; None when reasoning was not split off.
+    reasoning_tokens: int | None = None
 
 
 class Failed(msgspec.Struct, frozen=True, tag=True):

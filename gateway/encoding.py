@@ -18,6 +18,7 @@ from gateway.schemas.openai import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    CompletionTokensDetails,
     Delta,
     DeltaFunctionCall,
     DeltaToolCall,
@@ -37,11 +38,15 @@ Chunk = ChatCompletionChunk | CompletionResponse
 def usage_of(finished: list[Finished]) -> Usage:
     prompt = sum(f.prompt_tokens for f in finished)
     completion = sum(f.completion_tokens for f in finished)
+    reasoning = [f.reasoning_tokens for f in finished if f.reasoning_tokens is not None]
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in finished)),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=sum(reasoning))
+        if reasoning
+        else msgspec.UNSET,
     )
 
 
@@ -75,6 +80,7 @@ def _completion_logprobs(items: list[TokenLogprob], offset: int, with_top: bool)
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCallOut] = field(default_factory=list)
     finish_reason: str | None = None
@@ -82,12 +88,14 @@ class _Choice:
 
 
 def _message(c: _Choice) -> ChatMessageOut:
-    """The assistant message; with tool calls, ``content`` is null unless the model also wrote text."""
+    """The assistant message; with tool calls, ``content`` is null unless the model also wrote text. A thinking
+    model's reasoning is ``reasoning_content``, absent when it gave none."""
     content = "".join(c.text)
+    reasoning = "".join(c.reasoning) or msgspec.UNSET
     if not c.tool_calls:
-        return ChatMessageOut(content=content)
+        return ChatMessageOut(content=content, reasoning_content=reasoning)
     calls = [ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments)) for t in c.tool_calls]
-    return ChatMessageOut(content=content if content.strip() else None, tool_calls=calls)
+    return ChatMessageOut(content=content if content.strip() else None, reasoning_content=reasoning, tool_calls=calls)
 
 
 class ResponseEncoder:
@@ -110,6 +118,7 @@ class ResponseEncoder:
         choice = self._choices[prompt_index * self._p.n + event.choice]
         choice.text.append(event.text)
         if isinstance(event, TokenEvent):
+            choice.reasoning.append(event.reasoning)
             choice.logprobs.extend(event.logprobs)
             choice.tool_calls.extend(event.tool_calls)
         else:
@@ -183,8 +192,14 @@ class ChunkEncoder:
         index = prompt_index * self._p.n + event.choice
         out: list[Chunk] = []
         if isinstance(event, TokenEvent):
-            if event.text or event.logprobs:
-                out.append(self._content(index, event.text, list(event.logprobs)))
+            logprobs = list(event.logprobs)
+            if event.reasoning and self._p.kind == "chat":
+                # Its own delta, before the answer's: a token's logprobs go with the answer when it has text.
+                lp = [] if event.text else logprobs
+                out.append(self._chat_delta(index, Delta(reasoning_content=event.reasoning), lp))
+                logprobs = logprobs if event.text else []
+            if event.text or logprobs:
+                out.append(self._content(index, event.text, logprobs))
             for call in event.tool_calls:
                 out += self._tool_call(index, call)
             return out
@@ -214,8 +229,7 @@ class ChunkEncoder:
     def _content(self, index: int, text: str, logprobs: list[TokenLogprob]) -> Chunk:
         p = self._p
         if p.kind == "chat":
-            lp = _chat_logprobs(logprobs) if p.logprobs else None
-            return self._chat(ChunkChoice(index=index, delta=Delta(content=text), logprobs=lp))
+            return self._chat_delta(index, Delta(content=text), logprobs)
         lps = _completion_logprobs(logprobs, self._offsets[index], p.top_logprobs > 0) if p.logprobs else None
         return self._text(index, text, lps, None)
 
@@ -229,6 +243,10 @@ class ChunkEncoder:
         )
         body = DeltaToolCall(index=k, function=DeltaFunctionCall(arguments=call.arguments))
         return [self._chat(ChunkChoice(index=index, delta=Delta(tool_calls=[d]))) for d in (head, body)]
+
+    def _chat_delta(self, index: int, delta: Delta, logprobs: list[TokenLogprob]) -> ChatCompletionChunk:
+        lp = _chat_logprobs(logprobs) if self._p.logprobs else None
+        return self._chat(ChunkChoice(index=index, delta=delta, logprobs=lp))
 
     def _chat(self, choice: ChunkChoice) -> ChatCompletionChunk:
         p = self._p

@@ -496,10 +496,18 @@ def plan_chat(
     tenant: str,
     store: PrefixCacheStore | None = None,
     request_id: str | None = None,
+    *,
     continued: Callable[[str], list[int] | None] | None = None,
+    reasoning: bool = False,
 ) -> PlannedRequest:
-    """``continued``: the prompt's tokens for its rendered text where a stored response's ids stand for its
-    start (``gateway.responses_continuation``), else None and the text is encoded as usual."""
+    """Plan a chat request.
+
+    ``continued``: the prompt's tokens for its rendered text where a stored response's ids stand for its start
+    (``gateway.responses_continuation``), else None and the text is encoded as usual.
+    ``reasoning``: split a thinking model's reasoning off its answer (``TokenEvent.reasoning``), for an
+    endpoint that shows it apart (chat's ``reasoning_content``). Not with an output constraint: the grammar
+    shapes the output from its first token, so all of it is the answer (and its tool calls).
+    """
     _check_unsupported(req)
     if len(req.messages) > MAX_MESSAGES:
         raise InvalidRequest(
@@ -541,7 +549,8 @@ def plan_chat(
     params = dataclasses.replace(params, constraint=_output_constraint(req, tokenizer, tools))
     use, miss = _prefix_use(prefix, tokens, tenant, cache_text, text)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    plan = Plan(request_id or rid, model.name, tenant, tuple(tokens), params, use, tools)
+    split = reasoning and params.constraint is None
+    plan = Plan(request_id or rid, model.name, tenant, tuple(tokens), params, use, tools, reasoning=split)
     return PlannedRequest(
         "chat",
         rid,

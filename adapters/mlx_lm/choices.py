@@ -1,4 +1,5 @@
-"""A choice's tokens becoming events: text, logprobs, tool calls, and how it ends. Engine thread only."""
+"""A choice's tokens becoming events: text, reasoning, logprobs, tool calls, and how it ends. Engine thread
+only."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 from adapters.base import ChoiceFinished, TokenEvent, TokenLogprob, TopLogprob
 from adapters.mlx_lm.models import MlxTokenizer
+from adapters.mlx_lm.reasoning import reasoning_split
 from adapters.mlx_lm.sampling import SampledToken
 from adapters.mlx_lm.text import StopTextAssembler
 from adapters.mlx_lm.tool_calls import ChoiceText
@@ -29,8 +31,11 @@ def accept(request: Request, choice: Choice, sampled: SampledToken) -> None:
         request.emit(TokenEvent(choice.index, "", (sampled.token,), logprobs))
         end_choice(request, choice, "stop")
         return
-    delta = choice.text.add(sampled.token)
-    request.emit(TokenEvent(choice.index, delta, (sampled.token,), logprobs, choice.text.take_calls()))
+    text = choice.text
+    delta = text.add(sampled.token)
+    if request.reasoning_tokens is not None and text.thinking:
+        request.reasoning_tokens += 1
+    request.emit(TokenEvent(choice.index, delta, (sampled.token,), logprobs, text.take_calls(), text.take_reasoning()))
     if choice.text.stopped:
         choice.done = True
         end_choice(request, choice, "stop")
@@ -40,10 +45,15 @@ def accept(request: Request, choice: Choice, sampled: SampledToken) -> None:
 
 
 def choice_text(request: Request) -> ChoiceText:
-    """A new choice's text: detokenised, cut at stop strings, tool calls parsed."""
+    """A new choice's text: detokenised, a thinking model's reasoning split off (when the plan asks),
+    cut at stop strings, tool calls parsed."""
     tokenizer = request.model.tokenizer
-    text = StopTextAssembler(tokenizer.detokenizer(), request.plan.sampling.stop)
-    return ChoiceText(text, request.plan.tools, tokenizer.wrapper)
+    plan = request.plan
+    split = reasoning_split(tokenizer.wrapper, plan.prompt_tokens) if plan.reasoning else None
+    if split is not None and request.reasoning_tokens is None:
+        request.reasoning_tokens = 0  # counted from now on, and reported in the usage
+    text = StopTextAssembler(tokenizer.detokenizer(), plan.sampling.stop, split)
+    return ChoiceText(text, plan.tools, tokenizer.wrapper)
 
 
 def end_choice(request: Request, choice: Choice, reason: str) -> None:
@@ -51,8 +61,9 @@ def end_choice(request: Request, choice: Choice, reason: str) -> None:
     calling tools (as OpenAI reports it; a call cut off by max_tokens stays ``length``)."""
     text = choice.text.finish()
     calls = choice.text.take_calls()
-    if calls:
-        request.emit(TokenEvent(choice.index, text, (), (), calls))
+    thought = choice.text.take_reasoning()  # a block cut off: its held-back end
+    if calls or thought:
+        request.emit(TokenEvent(choice.index, text, (), (), calls, thought))
         text = ""
     if reason == "stop" and choice.text.made_calls:
         reason = "tool_calls"

@@ -578,6 +578,7 @@ class MlxEngine:
                 request.queued_at,
                 request.scheduled_at,
                 request.first_token_at,
+                request.reasoning_tokens,
             )
         )
         self._unreserve(request)

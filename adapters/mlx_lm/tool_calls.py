@@ -56,6 +56,15 @@ class ChoiceText:
     def stopped(self) -> bool:
         return self._text.stopped
 
+    @property
+    def thinking(self) -> bool:
+        """Whether the last token was (part of) a thinking model's reasoning."""
+        return self._text.thinking
+
+    def take_reasoning(self) -> str:
+        """A thinking model's reasoning text since the last call (it never holds tool calls)."""
+        return self._text.take_reasoning()
+
     def add(self, token: int) -> str:
         return self._split(self._text.add(token), final=False)
 

@@ -43,6 +43,8 @@ class Request:
     cached_tokens: int = 0
     choices: list[Choice] = field(default_factory=list)
     completion_tokens: int = 0
+    # Completion tokens of a thinking model's reasoning (None: the request does not split reasoning off).
+    reasoning_tokens: int | None = None
     batched: bool = False
     # Bytes of the sequential path's KV budget held while it runs (every choice at its longest).
     kv_reserved: int = 0

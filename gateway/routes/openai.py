@@ -211,7 +211,9 @@ def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[str], state: State, request: Request
 ) -> ASGIApp:
-    return await unless_client_leaves(request, _serve(state, plan_chat, data, tenant))
+    # Chat shows a thinking model's reasoning apart, as reasoning_content.
+    planner = partial(plan_chat, reasoning=True)
+    return await unless_client_leaves(request, _serve(state, planner, data, tenant))
 
 
 @post(

@@ -287,11 +287,17 @@ class PromptTokensDetails(_Response, kw_only=True):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(_Response, kw_only=True):
+    reasoning_tokens: int = 0
+
+
 class Usage(_Response, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    # Only for a thinking model's chat (OpenAI sends it always; the shape other answers had stays as it was).
+    completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET
 
 
 class TopLogprobEntry(_Response, kw_only=True):
@@ -326,6 +332,8 @@ class ToolCall(_Response, kw_only=True):
 class ChatMessageOut(_Response, kw_only=True):
     role: str = "assistant"
     content: str | None = None
+    # A thinking model's reasoning, as vLLM and DeepSeek's API send it (absent when there was none).
+    reasoning_content: str | msgspec.UnsetType = msgspec.UNSET
     refusal: None = None
     tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
@@ -366,6 +374,7 @@ class DeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
 class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | msgspec.UnsetType = msgspec.UNSET
     content: str | msgspec.UnsetType = msgspec.UNSET
+    reasoning_content: str | msgspec.UnsetType = msgspec.UNSET
     tool_calls: list[DeltaToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
