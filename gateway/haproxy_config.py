@@ -3,7 +3,11 @@
 Requests that name a prefix cache (``prefix_cache`` in a completion's JSON body, ``name`` when one is
 built, the path of a warm) are hashed on the caller's Authorization header plus that name with consistent
 hashing: one cache's requests go to one replica while it is healthy, which keeps the cache in memory there;
-when it goes down only its share of the names moves. Everything else is balanced by least connections.
+when it goes down only its share of the names moves. A Responses request that continues a stored response is
+hashed the same way on its conversation's key (the first 16 hex digits of ``previous_response_id``, which every
+turn of a conversation shares): its turns go to the replica holding the conversation's KV, from the second
+continuation on (the first turn, which names no conversation yet, is balanced like any request). Everything
+else is balanced by least connections.
 HAProxy has one balance algorithm per backend, hence two backends over the same servers.
 """
 
@@ -105,11 +109,15 @@ frontend api
     acl post method POST
     acl create_path path /admin/prefix-caches
     acl warm_path path_reg ^/admin/prefix-caches/[^/]+/warm$
+    acl responses_path path /v1/responses
     # prefix_cache is a name, or an object with one.
     http-request set-var(txn.cache) req.body,json_query('$.prefix_cache.name') if has_body
     http-request set-var(txn.cache) req.body,json_query('$.prefix_cache') if has_body !named
     http-request set-var(txn.cache) req.body,json_query('$.name') if has_body post create_path
     http-request set-var(txn.cache) path,field(4,/) if post warm_path
+    # A stored response's conversation: resp_ and 32 hex digits, of which the first 16 name the conversation.
+    http-request set-var(txn.previous) req.body,json_query('$.previous_response_id') if has_body post responses_path
+    http-request set-var(txn.cache) var(txn.previous),bytes(5,16) if {{ var(txn.previous) -m found }} !named
     http-request set-var(txn.auth) req.hdr(authorization)
     http-request set-var(txn.affinity) var(txn.cache),concat(|,txn.auth) if {{ var(txn.cache) -m found }}
     use_backend by_cache if {{ var(txn.affinity) -m found }}

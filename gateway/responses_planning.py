@@ -7,6 +7,7 @@ Fields this server cannot honour yet are a 400 naming the field, never silently 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -38,8 +39,14 @@ __all__ = [
 ]
 
 
-def new_response_id() -> str:
-    return f"resp_{uuid.uuid4().hex}"
+def new_response_id(previous: str | None = None) -> str:
+    """``resp_`` and 32 hex digits. A continuation's first 16 digits are its conversation's (its first
+    response's), so that a load balancer that hashes them (``gateway.haproxy_config``) sends every turn of a
+    conversation to the replica that holds its KV."""
+    own = uuid.uuid4().hex
+    if previous is not None and re.fullmatch(r"resp_[0-9a-f]{32}", previous):
+        return f"resp_{previous[5:21]}{own[16:]}"
+    return f"resp_{own}"
 
 
 def new_item_id() -> str:

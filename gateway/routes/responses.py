@@ -160,7 +160,7 @@ async def _plan(
 
 
 async def _serve(state: State, req: ResponsesRequest, tenant: str) -> ASGIApp:
-    response_id, created = new_response_id(), int(time.time())
+    response_id, created = new_response_id(req.previous_response_id), int(time.time())
     planned, turn, fingerprint = await _plan(state, req, tenant, response_id)
     logger.info(
         "response %s model=%s prompt_tokens=%d stream=%s",

@@ -257,3 +257,26 @@ def test_a_draining_replica_finishes_its_stream_while_new_requests_go_elsewhere(
     assert data[-1] == "data: [DONE]"
     assert len(data) >= 400  # every token of the stream arrived, then [DONE]
     wait_healthy(victim["url"], 120)  # the supervisor starts it again
+
+
+def test_a_conversations_turns_land_on_one_replica_and_find_their_parent(replicas: ReplicaSetProcess) -> None:
+    """Stored responses are in the shared directory: every replica finds a parent another one stored. From the
+    second continuation on, a conversation's turns go to one replica (its first 16 id digits are hashed), which
+    holds their KV: they start from it."""
+    previous = None
+    landed = []
+    cached = []
+    for turn in range(6):
+        body: dict[str, object] = {"model": "tiny", "input": f"Turn {turn}.", "max_output_tokens": 3, "temperature": 0}
+        if previous is not None:
+            body["previous_response_id"] = previous
+        r = httpx.post(f"{replicas.url}/v1/responses", json=body, headers=ALPHA, timeout=60)
+        assert r.status_code == 200, r.text
+        previous = r.json()["id"]
+        landed.append(r.headers["x-replica"])
+        cached.append(r.json()["usage"]["input_tokens_details"]["cached_tokens"])
+    assert len(set(landed[1:])) == 1, landed
+    assert all(c > 0 for c in cached[2:]), cached
+    # Another tenant, through any replica, does not find it.
+    r = httpx.get(f"{replicas.url}/v1/responses/{previous}", headers=BETA, timeout=60)
+    assert r.status_code == 404
