@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gateway.errors import NotFound
 from gateway.schemas.openai import ChatMessage
-from gateway.schemas.responses import InputMessageOut, Response
+from gateway.schemas.responses import InputItemOut, Response
 
 __all__ = ["ResponseStore", "StoredResponse", "not_found"]
 
@@ -20,11 +20,12 @@ __all__ = ["ResponseStore", "StoredResponse", "not_found"]
 @dataclass(frozen=True)
 class StoredResponse:
     """A response as it was answered, its own input items (as ``input_items`` lists them), and the
-    conversation a continuation starts from: the chain's messages, this input and this output (``instructions``
-    are not carried over, as on OpenAI). Tuples share the parent's messages rather than copying them."""
+    conversation a continuation starts from: the chain's messages, this input and this output as chat messages
+    (its function calls as the assistant's ``tool_calls``; ``instructions`` are not carried over, as on OpenAI).
+    Tuples share the parent's messages rather than copying them."""
 
     response: Response
-    input_items: tuple[InputMessageOut, ...]
+    input_items: tuple[InputItemOut, ...]
     conversation: tuple[ChatMessage, ...]
 
 

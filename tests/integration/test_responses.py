@@ -164,11 +164,39 @@ def test_another_tenants_response_is_404(auth_server: Server) -> None:
     assert alpha.responses.retrieve(r.id).id == r.id
 
 
+DEEP: dict[str, object] = {"type": "object"}
+for _ in range(200):  # past the schemas' depth limit (gateway.limits.MAX_SCHEMA_DEPTH)
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {"tools": [{"type": "function", "name": "f"}, {"type": "code_interpreter", "container": "x"}]},
+            "tools[1].type",
+        ),
+        ({"tools": [{"type": "function", "parameters": {"type": "object"}}]}, "tools[0].name"),
+        (
+            {"tools": [{"type": "function", "name": "f", "parameters": {"type": "nope"}}], "tool_choice": "required"},
+            "tools",
+        ),
+        (
+            {"tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "g", "parameters": DEEP}]},
+            "tools[1].parameters",
+        ),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": DEEP}}}, "text.format.schema"),
+        (
+            {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+        ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format.schema"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
@@ -176,7 +204,18 @@ def test_another_tenants_response_is_404(auth_server: Server) -> None:
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             "input[0].content[0].type",
         ),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input[0].type"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"input": [{"type": "function_call_output", "output": "1"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]}, "input[0].name"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "x"},
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{x"},
+                ]
+            },
+            "input[1].arguments",
+        ),
         ({"previous_response_id": "resp_x", "prefix_cache": "c"}, "prefix_cache"),
         ({"max_output_tokens": 100000}, "max_output_tokens"),
     ],
@@ -189,8 +228,7 @@ def test_unsupported_fields_are_400(server: Server, extra: dict[str, object], pa
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-def test_tools_400_through_the_sdk(client: openai.OpenAI) -> None:
-    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+def test_built_in_tools_400_through_the_sdk(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        client.responses.create(model="tiny", input="weather?", tools=[tool])  # type: ignore[list-item]
-    assert exc.value.body["param"] == "tools"  # type: ignore[index]
+        client.responses.create(model="tiny", input="weather?", tools=[{"type": "web_search"}])
+    assert exc.value.body["param"] == "tools[0].type"  # type: ignore[index]
