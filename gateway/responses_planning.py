@@ -14,6 +14,8 @@ import json
 import uuid
 from collections.abc import Sequence
 
+import msgspec
+
 from gateway.errors import APIError, InvalidRequest
 from gateway.schemas.openai import (
     ChatCompletion,
@@ -345,7 +347,10 @@ def _format_out(req: ResponsesRequest) -> TextFormatOut:
     if fmt.type == "json_object":
         return FormatJSONObject()
     return FormatJSONSchema(
-        name=fmt.name or "", schema_=fmt.schema_ or {}, description=fmt.description, strict=fmt.strict
+        name=fmt.name or "",
+        schema_=fmt.schema_ or {},
+        description=msgspec.UNSET if fmt.description is None else fmt.description,
+        strict=msgspec.UNSET if fmt.strict is None else fmt.strict,
     )
 
 

@@ -230,8 +230,8 @@ class FormatJSONObject(_Response, kw_only=True, tag_field="type", tag="json_obje
 class FormatJSONSchema(_Response, kw_only=True, tag_field="type", tag="json_schema"):
     name: str
     schema_: dict[str, Any] = msgspec.field(name="schema")
-    description: str | None = None
-    strict: bool | None = None
+    description: str | msgspec.UnsetType = msgspec.UNSET
+    strict: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 TextFormatOut = FormatText | FormatJSONObject | FormatJSONSchema
