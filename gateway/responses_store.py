@@ -7,9 +7,10 @@ token ids the model saw and wrote, which a continuation starts with (``gateway.r
 Disk. Each record is one JSON file, ``<cache dir>/responses/tenant-<digest>/<id>.json``, written atomically
 (temporary file, fsync, rename) before the response's last event or body leaves, so that it survives a restart
 and a replica sharing the directory finds it (a replica that does not hold an id reads the file before it
-answers 404). Records expire ``ttl_seconds`` after they were made; each tenant keeps at most ``per_tenant``, the
-least recently used deleted first. Only this process's records count toward that cap (a replica's are counted
-by that replica). Without a usable directory records live in memory only, and the log says so.
+answers 404, and one that holds it checks that the file is still there: another may have deleted it). Records
+expire ``ttl_seconds`` after they were made; each tenant keeps at most ``per_tenant``, the least recently used
+deleted first. Only this process's records count toward that cap (a replica's are counted by that replica).
+Without a usable directory records live in memory only, and the log says so.
 
 Threads. The event loop owns the index (``_tenants``): only the routes touch it, between awaits. Disk reads
 and writes run in worker threads on immutable records; the file system orders them (a rename is atomic).
@@ -32,7 +33,7 @@ import msgspec
 
 from gateway.errors import NotFound
 from gateway.schemas.openai import ChatMessage
-from gateway.schemas.responses import InputMessageOut, Response
+from gateway.schemas.responses import InputItemOut, Response
 from prefix_caches.durable import atomic_write
 from prefix_caches.errors import PrefixCacheStorageFull
 from prefix_caches.names import tenant_dir
@@ -49,10 +50,11 @@ class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
     """One stored response. ``token_ids``: its prompt's ids, then its output's (the end-of-turn token included
     when the model wrote one); ``text_chars`` and ``text_sha256`` describe the text those ids decode to (the
     rendered prompt, then the output as written), which a continuation's rendered conversation must start with
-    for the ids to stand for it. ``conversation`` tuples share the parent's messages in memory."""
+    for the ids to stand for it. ``conversation``: the chain's messages, this input and this output as chat
+    messages (its function calls as the assistant's ``tool_calls``); its tuples share the parent's in memory."""
 
     response: Response
-    input_items: tuple[InputMessageOut, ...]
+    input_items: tuple[InputItemOut, ...]
     conversation: tuple[ChatMessage, ...]
     model: str
     token_ids: tuple[int, ...] = ()
@@ -80,6 +82,7 @@ class ResponseStore:
         self._folder = folder
         self._clock = clock
         self._tenants: dict[str, OrderedDict[str, StoredResponse]] = {}
+        self._memory_only: set[str] = set()  # records whose file could not be written
 
     def _path(self, tenant: str, response_id: str) -> Path | None:
         if self._folder is None or not _ID.fullmatch(response_id):
@@ -97,6 +100,7 @@ class ResponseStore:
                 await anyio.to_thread.run_sync(_write, path, msgspec.json.encode(stored))
             except (OSError, PrefixCacheStorageFull) as exc:
                 logger.warning("response %s kept in memory only: %s", stored.response.id, exc)
+                self._memory_only.add(stored.response.id)
         items = self._tenants.setdefault(tenant, OrderedDict())
         items[stored.response.id] = stored
         items.move_to_end(stored.response.id)
@@ -105,6 +109,7 @@ class ResponseStore:
             old, _ = items.popitem(last=False)
             evicted.append(old)
         for old in evicted:
+            self._memory_only.discard(old)
             await self._unlink(tenant, old)
         return evicted
 
@@ -117,7 +122,12 @@ class ResponseStore:
         """
         items = self._tenants.setdefault(tenant, OrderedDict())
         stored = items.get(response_id)
-        if stored is None:
+        path = self._path(tenant, response_id)
+        written = stored is not None and path is not None and response_id not in self._memory_only
+        if written and path is not None and not await anyio.to_thread.run_sync(path.exists):
+            items.pop(response_id, None)  # another replica (or front end) deleted it
+            stored = None
+        elif stored is None:
             stored = await self._read(tenant, response_id)
         if stored is None:
             raise not_found(response_id, param)
@@ -133,6 +143,7 @@ class ResponseStore:
         NotFound: no such response for this tenant."""
         items = self._tenants.get(tenant)
         here = items is not None and items.pop(response_id, None) is not None
+        self._memory_only.discard(response_id)
         if not await self._unlink(tenant, response_id) and not here:
             raise not_found(response_id)
 

@@ -35,32 +35,27 @@ from gateway.planning import PlannedRequest, plan_chat
 from gateway.responses_continuation import common_prefix, continued_tokens, sequence_text
 from gateway.responses_planning import (
     as_chat,
+    assistant_message,
     check_unsupported,
     from_chat,
     input_messages,
-    new_item_id,
     new_response_id,
-    output_message,
     rename_param,
     response_of,
-    usage_of,
+    usage_from_chat,
 )
 from gateway.responses_store import ResponseStore, StoredResponse
+from gateway.responses_streaming import OutputEvents
 from gateway.routes.openai import admission_slot, complete_running, generation_observer, plan_request
 from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
 from gateway.schemas.responses import (
     DeletedResponse,
     InputItemList,
-    InputMessageOut,
-    OutputText,
+    InputItemOut,
     Response,
-    ResponseContentPartEvent,
     ResponseErrorBody,
     ResponseEvent,
-    ResponseItemEvent,
     ResponsesRequest,
-    ResponseTextDeltaEvent,
-    ResponseTextDoneEvent,
 )
 from gateway.serving import Running, count_planned_misses, stream_chunks
 from gateway.sse import sse_response
@@ -85,7 +80,7 @@ class _Turn(msgspec.Struct, kw_only=True):
 
     history: tuple[ChatMessage, ...]
     new: tuple[ChatMessage, ...]
-    items: tuple[InputMessageOut, ...]
+    items: tuple[InputItemOut, ...]
 
 
 async def _keep(
@@ -100,8 +95,7 @@ async def _keep(
     """Store the response (before its last event or body leaves: a follow-up may come at once, to any replica)."""
     if req.store is False:
         return
-    text = "".join(part.text for item in response.output for part in item.content)
-    conversation = (*turn.history, *turn.new, ChatMessage(role="assistant", content=text))
+    conversation = (*turn.history, *turn.new, assistant_message(response.output))
     plan = planned.plans[0]
     chars, sha = 0, ""
     if planned.prompt_text is not None:
@@ -130,13 +124,15 @@ async def _plan(
     if req.previous_response_id is not None:
         parent = await _store(state).get(tenant, req.previous_response_id, param="previous_response_id")
         history = parent.conversation
-    pairs = input_messages(req)
-    turn = _Turn(history=history, new=tuple(m for m, _ in pairs), items=tuple(i for _, i in pairs))
-    planner = plan_chat
+    new, items = input_messages(req)
+    turn = _Turn(history=history, new=tuple(new), items=tuple(items))
+    # A thinking model's reasoning becomes its own output item, never the answer's text.
+    planner = partial(plan_chat, reasoning=True)
     if parent is not None and parent.model == req.model:
         stored, tokenizer = parent, state.engine.tokenizer(req.model)
         planner = partial(
             plan_chat,
+            reasoning=True,
             continued=lambda text: continued_tokens(
                 text, stored.token_ids, stored.text_chars, stored.text_sha256, tokenizer
             ),
@@ -209,19 +205,10 @@ async def _events(
     stack: contextlib.AsyncExitStack,
 ) -> AsyncIterator[msgspec.Struct]:
     """The typed events in order, each with its ``sequence_number``; a failure is ``response.failed``."""
-    seq = iter(range(1 << 62))
-    item_id = new_item_id()
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    out = OutputEvents()
     progress = response_of(req, response_id, created, status="in_progress")
-    yield ResponseEvent(type="response.created", sequence_number=next(seq), response=progress)
-    yield ResponseEvent(type="response.in_progress", sequence_number=next(seq), response=progress)
-    opened = output_message(item_id, "", False)
-    opened.status, opened.content = "in_progress", []
-    yield ResponseItemEvent(type="response.output_item.added", sequence_number=next(seq), output_index=0, item=opened)
-    yield ResponseContentPartEvent(
-        type="response.content_part.added", sequence_number=next(seq), part=OutputText(text=""), **where
-    )
-    texts: list[str] = []
+    yield ResponseEvent(type="response.created", sequence_number=out.seq(), response=progress)
+    yield ResponseEvent(type="response.in_progress", sequence_number=out.seq(), response=progress)
     finish: str | None = None
     usage = None
     try:
@@ -229,41 +216,31 @@ async def _events(
             assert isinstance(chunk, ChatCompletionChunk)
             if chunk.usage is not None:
                 usage = chunk.usage
-            for choice in chunk.choices:
-                delta = choice.delta.content
-                if isinstance(delta, str) and delta:
-                    texts.append(delta)
-                    yield ResponseTextDeltaEvent(sequence_number=next(seq), delta=delta, **where)
-                if choice.finish_reason is not None:
-                    finish = choice.finish_reason
+            for event in out.feed(chunk):
+                yield event
+            finish = next((c.finish_reason for c in chunk.choices if c.finish_reason is not None), finish)
     except APIError as exc:
         logger.warning("[%s] response failed: %s", response_id, exc.message)
         failed = response_of(req, response_id, created, status="failed")
         failed.error = ResponseErrorBody(code=exc.code or "server_error", message=exc.message)
-        yield ResponseEvent(type="response.failed", sequence_number=next(seq), response=failed)
+        yield ResponseEvent(type="response.failed", sequence_number=out.seq(), response=failed)
         return
     finally:
         await stack.aclose()
-    text, incomplete = "".join(texts), finish == "length"
-    yield ResponseTextDoneEvent(sequence_number=next(seq), text=text, **where)
-    yield ResponseContentPartEvent(
-        type="response.content_part.done", sequence_number=next(seq), part=OutputText(text=text), **where
-    )
-    item = output_message(item_id, text, incomplete)
-    yield ResponseItemEvent(type="response.output_item.done", sequence_number=next(seq), output_index=0, item=item)
+    incomplete = finish == "length"
+    for event in out.close(incomplete):
+        yield event
     final = response_of(
         req,
         response_id,
         created,
         status="incomplete" if incomplete else "completed",
-        output=[item],
-        usage=None
-        if usage is None
-        else usage_of(usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens),
+        output=out.output,
+        usage=None if usage is None else usage_from_chat(usage),
     )
     await _keep(state, tenant, req, turn, final, running.planned, running.output_ids)
     kind = "response.incomplete" if incomplete else "response.completed"
-    yield ResponseEvent(type=kind, sequence_number=next(seq), response=final)
+    yield ResponseEvent(type=kind, sequence_number=out.seq(), response=final)
 
 
 @post(

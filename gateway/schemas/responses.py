@@ -1,8 +1,9 @@
 """The Responses API's wire shapes (``/v1/responses``) as msgspec Structs, after OpenAI's API reference.
 
 Request Structs accept unknown fields, as on chat. Fields of OpenAI's request that this server cannot honour
-yet (tools, reasoning, background, conversation, include, non-text parts, JSON output formats) are declared,
-so that planning can answer a 400 naming them instead of silently ignoring them.
+(built-in tools, reasoning, background, conversation, include, non-text parts) are declared, so that planning
+can answer a 400 naming them instead of silently ignoring them. Output items, input items as listed and text
+formats are tagged unions on ``type``, as OpenAI's are.
 """
 
 from __future__ import annotations
@@ -11,17 +12,28 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.limits import MAX_MESSAGES
+from gateway.limits import MAX_MESSAGES, MAX_TOOLS
 from gateway.schemas.openai import CacheName, MaxTokens, PrefixCacheRef, Temperature
 
 __all__ = [
     "DeletedResponse",
+    "FunctionChoiceOut",
+    "FunctionToolOut",
+    "FormatJSONObject",
+    "FormatJSONSchema",
+    "FormatText",
+    "FunctionCallItem",
+    "FunctionCallOutputItem",
+    "FunctionTool",
     "IncompleteDetails",
     "InputContentPart",
     "InputItem",
     "InputItemList",
+    "InputItemOut",
     "InputMessageOut",
+    "NamedFunctionChoice",
     "InputTokensDetails",
+    "OutputItem",
     "OutputMessage",
     "OutputText",
     "OutputTokensDetails",
@@ -29,13 +41,22 @@ __all__ = [
     "ResponseContentPartEvent",
     "ResponseErrorBody",
     "ResponseEvent",
+    "ResponseFunctionCallArgumentsDeltaEvent",
+    "ResponseFunctionCallArgumentsDoneEvent",
     "ResponseItemEvent",
     "ResponseTextDeltaEvent",
+    "ResponseText",
     "ResponseTextDoneEvent",
+    "ReasoningItem",
+    "ReasoningText",
+    "ResponseReasoningTextDeltaEvent",
+    "ResponseReasoningTextDoneEvent",
     "ResponseUsage",
     "ResponsesRequest",
     "TextConfig",
     "TextFormat",
+    "TextFormatOut",
+    "ToolChoice",
 ]
 
 
@@ -52,19 +73,52 @@ class InputContentPart(_Request, kw_only=True):
 
 
 class InputItem(_Request, kw_only=True):
-    """An input item. Only messages for now (``type`` ``message`` or absent, as the easy input form sends);
-    ``function_call`` and ``function_call_output`` items are a 400 naming the item."""
+    """An input item: a message (``type`` ``message`` or absent, as the easy input form sends), a
+    ``function_call`` of an earlier turn or a ``function_call_output`` answering one. One flat Struct rather than
+    a tagged union, because a message's ``type`` may be absent; planning checks each kind's fields and answers a
+    400 naming the item for other types."""
 
     type: str = "message"
     id: str | None = None
+    status: str | None = None
+    # message
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputContentPart] | None = None
-    status: str | None = None
+    # function_call (call_id, name, arguments) and function_call_output (call_id, output)
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputContentPart] | None = None
+
+
+class FunctionTool(_Request, kw_only=True):
+    """A tool in the Responses' flat form. ``type`` is any string so that a built-in tool (``web_search``, ...)
+    is planning's 400 naming ``tools[i].type``, not a decoding error."""
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(_Request, kw_only=True):
+    """``tool_choice`` naming a function; other object forms (``allowed_tools``, built-ins) are a 400."""
+
+    type: str
+    name: str | None = None
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedFunctionChoice
 
 
 class TextFormat(_Request, kw_only=True):
+    """``text``, ``json_object`` or ``json_schema`` (``name``, ``schema``, ``strict``): chat's ``response_format``
+    flattened. Any other ``type`` is planning's 400."""
+
     type: str = "text"
     name: str | None = None
+    description: str | None = None
     schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
     strict: bool | None = None
 
@@ -89,17 +143,18 @@ class ResponsesRequest(_Request, kw_only=True):
     text: TextConfig | None = None
     truncation: Literal["auto", "disabled"] | None = None
     parallel_tool_calls: bool | None = None
+    tools: Annotated[list[FunctionTool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
     # Ours: a named prefix cache to start from (SDKs send it through extra_body).
     prefix_cache: CacheName | PrefixCacheRef | None = None
-    # OpenAI features this slice cannot honour: declared so that a request using one gets a 400 naming it.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    # OpenAI features this server cannot honour: declared so that a request using one gets a 400 naming it.
     reasoning: dict[str, Any] | None = None
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
     include: list[str] | None = None
     prompt: dict[str, Any] | None = None
     top_logprobs: int | None = None
+    # Caps calls to built-in tools, which this server has none of: accepted, nothing to cap.
     max_tool_calls: int | None = None
 
 
@@ -117,12 +172,40 @@ class OutputText(_Response, kw_only=True):
     logprobs: list[Any] = []
 
 
-class OutputMessage(_Response, kw_only=True):
-    type: Literal["message"] = "message"
+class OutputMessage(_Response, kw_only=True, tag_field="type", tag="message"):
     id: str
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class FunctionCallItem(_Response, kw_only=True, tag_field="type", tag="function_call"):
+    """A function call: an output item, and an input item as ``input_items`` lists it. ``call_id`` is what the
+    ``function_call_output`` answering it names (chat's tool call id); ``id`` is the item's own."""
+
+    id: str
+    call_id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+class ReasoningText(_Response, kw_only=True):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(_Response, kw_only=True, tag_field="type", tag="reasoning"):
+    """A thinking model's reasoning (its ``<think>`` block), as its own output item before the answer: the text
+    in ``content``; no ``summary`` (this server writes none) and nothing encrypted."""
+
+    id: str
+    summary: list[Any] = []
+    content: list[ReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+OutputItem = OutputMessage | FunctionCallItem | ReasoningItem
 
 
 class InputTokensDetails(_Response, kw_only=True):
@@ -155,12 +238,42 @@ class _Reasoning(_Response, kw_only=True):
     summary: None = None
 
 
-class _FormatText(_Response, kw_only=True):
-    type: Literal["text"] = "text"
+class FormatText(_Response, kw_only=True, tag_field="type", tag="text"):
+    pass
 
 
-class _Text(_Response, kw_only=True):
-    format: _FormatText = msgspec.field(default_factory=_FormatText)
+class FormatJSONObject(_Response, kw_only=True, tag_field="type", tag="json_object"):
+    pass
+
+
+class FormatJSONSchema(_Response, kw_only=True, tag_field="type", tag="json_schema"):
+    name: str
+    schema_: dict[str, Any] = msgspec.field(name="schema")
+    description: str | msgspec.UnsetType = msgspec.UNSET
+    strict: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+TextFormatOut = FormatText | FormatJSONObject | FormatJSONSchema
+
+
+class ResponseText(_Response, kw_only=True):
+    format: TextFormatOut = msgspec.field(default_factory=FormatText)
+    verbosity: Literal["medium"] = "medium"
+
+
+class FunctionToolOut(_Response, kw_only=True):
+    """A function tool as the Response echoes it."""
+
+    type: Literal["function"] = "function"
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoiceOut(_Response, kw_only=True):
+    type: Literal["function"] = "function"
+    name: str
 
 
 class Response(_Response, kw_only=True):
@@ -175,15 +288,15 @@ class Response(_Response, kw_only=True):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage]
+    output: list[OutputItem]
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     reasoning: _Reasoning = msgspec.field(default_factory=_Reasoning)
     store: bool = True
     temperature: float | None = None
-    text: _Text = msgspec.field(default_factory=_Text)
-    tool_choice: Literal["none", "auto"] = "auto"
-    tools: list[Any] = []
+    text: ResponseText = msgspec.field(default_factory=ResponseText)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoiceOut = "auto"
+    tools: list[FunctionToolOut] = []
     top_p: float | None = None
     truncation: Literal["auto", "disabled"] = "disabled"
     usage: ResponseUsage | None = None
@@ -197,19 +310,30 @@ class DeletedResponse(_Response, kw_only=True):
     deleted: bool = True
 
 
-class InputMessageOut(_Response, kw_only=True):
-    """An input item as ``GET /v1/responses/{id}/input_items`` lists it."""
+class InputMessageOut(_Response, kw_only=True, tag_field="type", tag="message"):
+    """An input message as ``GET /v1/responses/{id}/input_items`` lists it."""
 
-    type: Literal["message"] = "message"
     id: str
     status: Literal["completed"] = "completed"
     role: str
     content: list[dict[str, Any]]
 
 
+class FunctionCallOutputItem(_Response, kw_only=True, tag_field="type", tag="function_call_output"):
+    """A ``function_call_output`` input item as ``input_items`` lists it."""
+
+    id: str
+    call_id: str
+    output: str
+    status: Literal["completed"] = "completed"
+
+
+InputItemOut = InputMessageOut | FunctionCallItem | FunctionCallOutputItem
+
+
 class InputItemList(_Response, kw_only=True):
     object: Literal["list"] = "list"
-    data: list[InputMessageOut]
+    data: list[InputItemOut]
     first_id: str | None
     last_id: str | None
     has_more: bool
@@ -232,7 +356,7 @@ class ResponseItemEvent(_Response, kw_only=True):
     type: str
     sequence_number: int
     output_index: int
-    item: OutputMessage
+    item: OutputItem
 
 
 class ResponseContentPartEvent(_Response, kw_only=True):
@@ -256,6 +380,24 @@ class ResponseTextDeltaEvent(_Response, kw_only=True):
     logprobs: list[Any] = []
 
 
+class ResponseReasoningTextDeltaEvent(_Response, kw_only=True):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ResponseReasoningTextDoneEvent(_Response, kw_only=True):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
 class ResponseTextDoneEvent(_Response, kw_only=True):
     type: Literal["response.output_text.done"] = "response.output_text.done"
     sequence_number: int
@@ -264,3 +406,20 @@ class ResponseTextDoneEvent(_Response, kw_only=True):
     content_index: int
     text: str
     logprobs: list[Any] = []
+
+
+class ResponseFunctionCallArgumentsDeltaEvent(_Response, kw_only=True):
+    type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ResponseFunctionCallArgumentsDoneEvent(_Response, kw_only=True):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str

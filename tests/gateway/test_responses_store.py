@@ -138,3 +138,16 @@ def test_zero_stores_nothing(tmp_path: Path) -> None:
         assert len(store) == 0 and not list(tmp_path.rglob("*.json"))
 
     run(go())
+
+
+def test_a_delete_by_another_process_is_seen(tmp_path: Path) -> None:
+    async def go() -> None:
+        here, there = ResponseStore(4, 3600, tmp_path, Clock()), ResponseStore(4, 3600, tmp_path, Clock())
+        r = rid()
+        await here.put("alpha", stored(r))
+        assert await there.get("alpha", r)
+        await there.delete("alpha", r)
+        with pytest.raises(NotFound):
+            await here.get("alpha", r)
+
+    run(go())

@@ -177,3 +177,42 @@ def test_constrained_output_is_all_answer(http: httpx.Client) -> None:
     message = body["choices"][0]["message"]
     assert "reasoning_content" not in message and message["content"]
     assert "completion_tokens_details" not in body["usage"]
+
+
+def test_responses_give_the_reasoning_its_own_item(server: Server, http: httpx.Client) -> None:
+    """/v1/responses: the same greedy output as chat's, its reasoning as a ``reasoning`` item before the answer's
+    message (whole and streamed through the openai SDK's stream helper), never in ``output_text``."""
+    body = chat(http, temperature=0, max_tokens=16)
+    message = body["choices"][0]["message"]
+    assert message.get("reasoning_content")
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    common = {"model": "thinker", "input": ASK[0]["content"], "max_output_tokens": 16, "temperature": 0}
+    whole = client.responses.create(**common)  # type: ignore[call-overload]
+    with client.responses.stream(**common) as stream:  # type: ignore[call-overload]
+        events = list(stream)
+    streamed = events[-1].response
+    for r in (whole, streamed):
+        kinds = [item.type for item in r.output]
+        assert kinds[0] == "reasoning" and "reasoning" not in kinds[1:], kinds
+        assert r.output[0].content is not None and r.output[0].content[0].text == message["reasoning_content"]
+        assert r.output_text == message["content"]
+        assert r.usage is not None
+        assert (
+            r.usage.output_tokens_details.reasoning_tokens
+            == body["usage"]["completion_tokens_details"]["reasoning_tokens"]
+        )
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert "".join(deltas) == message["reasoning_content"]
+    order = [e.type for e in events if e.type in ("response.reasoning_text.delta", "response.output_text.delta")]
+    assert order == sorted(order, key=lambda t: t == "response.output_text.delta")
+    # A client managing its own context may resend the reasoning item: it is accepted and left out of the prompt.
+    again = client.responses.create(
+        model="thinker",
+        input=[
+            {"role": "user", "content": ASK[0]["content"]},
+            whole.output[0].model_dump(exclude_none=True),
+            {"role": "user", "content": "And at sunset?"},
+        ],
+        max_output_tokens=4,
+    )
+    assert again.status in ("completed", "incomplete")

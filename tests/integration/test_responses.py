@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -164,11 +166,39 @@ def test_another_tenants_response_is_404(auth_server: Server) -> None:
     assert alpha.responses.retrieve(r.id).id == r.id
 
 
+DEEP: dict[str, object] = {"type": "object"}
+for _ in range(200):  # past the schemas' depth limit (gateway.limits.MAX_SCHEMA_DEPTH)
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {"tools": [{"type": "function", "name": "f"}, {"type": "code_interpreter", "container": "x"}]},
+            "tools[1].type",
+        ),
+        ({"tools": [{"type": "function", "parameters": {"type": "object"}}]}, "tools[0].name"),
+        (
+            {"tools": [{"type": "function", "name": "f", "parameters": {"type": "nope"}}], "tool_choice": "required"},
+            "tools",
+        ),
+        (
+            {"tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "g", "parameters": DEEP}]},
+            "tools[1].parameters",
+        ),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": DEEP}}}, "text.format.schema"),
+        (
+            {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+        ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format.schema"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
@@ -176,7 +206,18 @@ def test_another_tenants_response_is_404(auth_server: Server) -> None:
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             "input[0].content[0].type",
         ),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input[0].type"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}, "input[0].type"),
+        ({"input": [{"type": "function_call_output", "output": "1"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]}, "input[0].name"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "x"},
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{x"},
+                ]
+            },
+            "input[1].arguments",
+        ),
         ({"previous_response_id": "resp_x", "prefix_cache": "c"}, "prefix_cache"),
         ({"max_output_tokens": 100000}, "max_output_tokens"),
     ],
@@ -189,8 +230,185 @@ def test_unsupported_fields_are_400(server: Server, extra: dict[str, object], pa
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-def test_tools_400_through_the_sdk(client: openai.OpenAI) -> None:
-    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+def test_built_in_tools_400_through_the_sdk(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        client.responses.create(model="tiny", input="weather?", tools=[tool])  # type: ignore[list-item]
-    assert exc.value.body["param"] == "tools"  # type: ignore[index]
+        client.responses.create(model="tiny", input="weather?", tools=[{"type": "web_search"}])
+    assert exc.value.body["param"] == "tools[0].type"  # type: ignore[index]
+
+
+# Function tools whose arguments are finite (enums, booleans): the random-weight model, forced by the grammar,
+# closes them without the chat tests' logit_bias (which /v1/responses does not take).
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "enum": ["Paris", "Oslo"]},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+FORCED = {
+    "model": "tiny",
+    "input": "What is the weather in Paris?",
+    "tools": [WEATHER],
+    "tool_choice": {"type": "function", "name": "get_weather"},
+    "parallel_tool_calls": False,
+    "max_output_tokens": 80,
+    "temperature": 0,
+}
+
+
+def _sse(server: Server, body: dict[str, object]) -> list[dict[str, object]]:
+    with httpx.stream("POST", f"{server.v1}/responses", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_forced_function_call_shape(server: Server) -> None:
+    r = httpx.post(f"{server.v1}/responses", json=FORCED, timeout=60)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["status"] == "completed" and doc["tool_choice"] == {"type": "function", "name": "get_weather"}
+    assert doc["tools"] == [WEATHER] and doc["parallel_tool_calls"] is False
+    (call,) = doc["output"]
+    assert set(call) == {"type", "id", "call_id", "name", "arguments", "status"}
+    assert call["type"] == "function_call" and call["id"].startswith("fc_") and call["call_id"].startswith("call_")
+    assert call["name"] == "get_weather" and call["status"] == "completed"
+    args = json.loads(call["arguments"])
+    assert args["city"] in ("Paris", "Oslo") and args["unit"] in ("celsius", "fahrenheit")
+
+
+def test_streamed_function_call_events(server: Server) -> None:
+    whole = httpx.post(f"{server.v1}/responses", json=FORCED, timeout=60).json()
+    events = _sse(server, FORCED)
+    types = [e["type"] for e in events]
+    n = types.count("response.function_call_arguments.delta")
+    assert n > 0
+    assert types == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        *["response.function_call_arguments.delta"] * n,
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    added, done = events[2]["item"], events[-2]["item"]
+    assert added["type"] == "function_call" and added["arguments"] == "" and added["status"] == "in_progress"
+    assert added["name"] == "get_weather" and done["id"] == added["id"] and done["status"] == "completed"
+    deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert all(e["item_id"] == added["id"] and e["output_index"] == 0 for e in deltas)
+    arguments = "".join(str(e["delta"]) for e in deltas)
+    assert events[-3]["arguments"] == arguments == done["arguments"] == whole["output"][0]["arguments"]
+    assert events[-3]["name"] == "get_weather"
+    final = events[-1]["response"]
+    assert final["output"] == [done]  # type: ignore[index]
+
+
+def test_function_call_items_in_the_input(client: openai.OpenAI, server: Server) -> None:
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    ask = {"role": "user", "content": "Weather in Paris?"}
+    r = client.responses.create(
+        model="tiny",
+        input=[ask, call, result],
+        tools=[WEATHER],
+        max_output_tokens=3,
+        temperature=0,  # type: ignore[list-item]
+    )
+    # The same conversation as chat: the call as the assistant's tool_calls, the output as a tool message.
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[
+            ask,  # type: ignore[list-item]
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": call["arguments"]},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],  # type: ignore[list-item]
+        max_tokens=3,
+        temperature=0,
+    )
+    assert r.usage is not None and chat.usage is not None
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.output_text == chat.choices[0].message.content
+    items = httpx.get(f"{server.v1}/responses/{r.id}/input_items", params={"order": "asc"}, timeout=30).json()["data"]
+    assert [i["type"] for i in items] == ["message", "function_call", "function_call_output"]
+    assert items[1] | {"id": None} == {**call, "id": None, "status": "completed"}
+    assert items[2]["output"] == "sunny" and items[2]["call_id"] == "call_1"
+
+
+def test_tool_loop_over_previous_response_id(client: openai.OpenAI) -> None:
+    """call -> function_call_output chained by previous_response_id -> an answer, prompted as chat would be."""
+    first = client.responses.create(**FORCED)  # type: ignore[arg-type]
+    (call,) = first.output
+    assert call.type == "function_call"
+    second = client.responses.create(
+        model="tiny",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "12 degrees"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        max_output_tokens=4,
+        temperature=0,
+    )
+    assert second.status in ("completed", "incomplete") and second.output[0].type == "message"
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[
+            {"role": "user", "content": FORCED["input"]},  # type: ignore[list-item]
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": "12 degrees"},
+        ],
+        tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],  # type: ignore[list-item]
+        max_tokens=4,
+        temperature=0,
+    )
+    assert second.usage is not None and chat.usage is not None
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == chat.choices[0].message.content
+
+
+def test_json_formats(server: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "unit": {"enum": ["c", "f"]}},
+        "required": ["ok", "unit"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "name": "verdict", "schema": schema, "strict": True}
+    body = {"model": "tiny", "input": "JSON please", "max_output_tokens": 60, "temperature": 0, "text": {"format": fmt}}
+    doc = httpx.post(f"{server.v1}/responses", json=body, timeout=60).json()
+    assert doc["text"]["format"] == fmt and doc["status"] == "completed"
+    assert set(json.loads(doc["output"][0]["content"][0]["text"])) == {"ok", "unit"}
+    streamed = _sse(server, body)
+    assert streamed[-1]["response"]["output"][0]["content"][0]["text"] == doc["output"][0]["content"][0]["text"]  # type: ignore[index]
+    body["text"] = {"format": {"type": "json_object"}}
+    doc = httpx.post(f"{server.v1}/responses", json=body, timeout=60).json()
+    assert doc["text"]["format"] == {"type": "json_object"}
+    if doc["status"] == "completed":  # an open object may not close within the budget on random weights
+        assert isinstance(json.loads(doc["output"][0]["content"][0]["text"]), dict)
