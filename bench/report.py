@@ -139,6 +139,40 @@ def transport(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def conversation(result: dict[str, Any]) -> str:
+    rows = [r for r in result["rows"] if r["form"] != "summary"]
+    total = next(r for r in result["rows"] if r["form"] == "summary")
+    forms = list(total["turn_last_over_first"])
+    lines = _head(
+        "A 10-turn conversation: each turn's TTFT",
+        result,
+        f"{total['repeats']} conversations of {len(rows) // len(forms)} turns, about {total['turn_tokens']} new tokens "
+        f"and up to {total['output_tokens']} output tokens a turn, streamed, temperature 0. *responses*: "
+        "`/v1/responses` with `previous_response_id` (continued from the stored KV); *chat*: the whole conversation "
+        "resent to `/v1/chat/completions` without a cache; *mlx_lm.server*: the same resent to it (its own prompt "
+        "cache). Median ms (min-max); prompt and cached tokens of the median conversation.",
+        ["turn", *[f"{f} TTFT ms" for f in forms], "responses prompt / cached tokens"],
+    )
+    by = {(r["form"], r["turn"]): r for r in rows}
+    for turn in sorted({r["turn"] for r in rows}):
+        resp = by[("responses", turn)]
+        cells = [ms(by[(f, turn)]["ttft"]) for f in forms]
+        lines.append(
+            f"| {turn} | " + " | ".join(cells) + f" | {resp['prompt_tokens']:.0f} / {resp['cached_tokens']:.0f} |"
+        )
+    lines.append(
+        "| last / first | " + " | ".join(f"**{total['turn_last_over_first'][f]:.2f}x**" for f in forms) + " | |"
+    )
+    decode = total["decode_tok_s"]
+    lines += [
+        "",
+        "Streamed decode after the first token (median tokens/s of a turn): "
+        + ", ".join(f"{f} {decode[f]:.1f}" for f in forms)
+        + f"; responses / chat = **{total['responses_decode_over_chat']:.2f}x**.",
+    ]
+    return "\n".join(lines)
+
+
 def concurrency(result: dict[str, Any]) -> str:
     rows = result["rows"]
     ceiling = {r["clients"]: r["tokens_per_s"] for r in rows if r.get("loop") == "ceiling"}
@@ -561,6 +595,7 @@ RENDER = {
     "abuse": abuse,
     "layouts": layouts,
     "transport": transport,
+    "conversation": conversation,
 }
 
 
