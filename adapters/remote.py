@@ -8,7 +8,7 @@ folder, as another replica's would be; what only the engine knows (resident KV, 
 set) comes from the report.
 
 If the engine process dies, every open request gets one ``Failed`` event, ``health()`` says the engine is
-down, and the server exits non-zero for its supervisor (``gateway.server``).
+down, and the server exits non-zero for its supervisor (``gateway.processes.server``).
 
 Two ways to get one: :meth:`RemoteEngine.launch` starts the engine process and owns it (its folder, its stop);
 :meth:`RemoteEngine.attach` joins an engine process that another process launched and owns (``--api-servers``:
@@ -536,7 +536,8 @@ class RemoteEngine:
         """How the engine process ended and whether that was an error, or None while it runs."""
         if self._attached is not None:
             try:
-                os.kill(self._attached.pid, 0)  # its launcher reaps it within 0.1 s of its end (gateway.api_servers)
+                # its launcher reaps it within 0.1 s of its end (gateway.processes.api_servers)
+                os.kill(self._attached.pid, 0)
             except ProcessLookupError:
                 return f"the engine process {self._attached.pid} ended", True
             except PermissionError:  # a process of another user took its pid: gone all the same

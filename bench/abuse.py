@@ -577,7 +577,7 @@ def main() -> None:
         (folder / "gateway.toml").write_text(config_toml(model, args.context))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
+        cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--port", str(port)]
         cmd += ["--config", str(folder / "gateway.toml"), "--cache-dir", str(folder / "caches")]
         with server_process(cmd, url, folder / "server.log", {"PYTHONUNBUFFERED": "1"}) as proc:
             abuse = Abuse(

@@ -27,7 +27,7 @@ MARK = "gateway: stopped"
 def cycle(model: str, log: Path, cache_dir: Path) -> dict[str, object]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--model", model, "--port", str(port)]
     cmd += ["--cache-dir", str(cache_dir)]
     with log.open("wb") as out:
         proc = subprocess.Popen(

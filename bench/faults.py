@@ -87,7 +87,7 @@ class Faults:
     def _serve(self) -> AbstractContextManager[subprocess.Popen[bytes]]:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", self.model, "--port", str(port)]
+        cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--model", self.model, "--port", str(port)]
         cmd += ["--cache-dir", str(self.cache_dir)]
         env = {"MLX_GATEWAY_API_KEYS": ",".join(f"{k}:{t}" for t, k in KEYS.items()), "MLX_GATEWAY_ADMIN_KEY": ADMIN}
         return server_process(cmd, self.url, self.root / "server.log", {"PYTHONUNBUFFERED": "1", **env})

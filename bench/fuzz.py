@@ -42,7 +42,7 @@ def main() -> None:
         cmd = [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "gateway.cli.main",
             "serve",
             "--port",
             str(port),

@@ -84,7 +84,7 @@ def gateway(model: str, cache_dir: Path, log: Path, env: dict[str, str] | None =
     """Start ``mlx-gateway serve`` (the real server) and wait until it is ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--model", model, "--port", str(port)]
     cmd += ["--cache-dir", str(cache_dir)]
     with server_process(cmd, url, log, {"PYTHONUNBUFFERED": "1", **(env or {})}) as proc:
         yield Gateway(url, proc)

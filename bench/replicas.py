@@ -29,7 +29,7 @@ from bench.harness import bench_parser, corpus_text, free_port, server_process, 
 
 def _start(count: int, balance: str, model: str, cache_dir: Path, budget: int, run_dir: Path) -> tuple[Any, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "replicas", "-n", str(count), "--port", str(port)]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "replicas", "-n", str(count), "--port", str(port)]
     cmd += ["--first-port", str(free_port()), "--run-dir", str(run_dir), "--cached-balance", balance, "--"]
     cmd += ["--model", model, "--cache-dir", str(cache_dir), "--prefix-cache-memory-bytes", str(budget)]
     url = f"http://127.0.0.1:{port}"

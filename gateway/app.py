@@ -13,7 +13,6 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.routes import HTTPRoute
 
 from adapters.base import Engine, EngineError, EngineNotReady, ModelUnavailable, UnknownModel
-from gateway.admission import Admission, Places
 from gateway.body import StrictBody, cache_name_error
 from gateway.browsers import cors_config, docs_assets_router, playground_router
 from gateway.config import Config
@@ -34,7 +33,6 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_config
-from gateway.rate_limits import RateLimitHeaders
 from gateway.request_context import RequestContext
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health, index
@@ -42,6 +40,8 @@ from gateway.routes.metrics import metrics
 from gateway.routes.openai import openai_router
 from gateway.routes.responses import responses_router
 from gateway.routes.seed import seed_router
+from gateway.tenancy.admission import Admission, Places
+from gateway.tenancy.rate_limits import RateLimitHeaders
 from prefix_caches import (
     InvalidCacheName,
     InvalidKVSettings,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.keys import HASHED_PREFIX, is_hashed
+from gateway.tenancy.keys import HASHED_PREFIX, is_hashed
 
 __all__ = [
     "Config",
@@ -82,7 +82,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     models: tuple[ModelConfig, ...] = ()
-    # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.keys).
+    # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.tenancy.keys).
     # Empty: auth is off and every request belongs to the default tenant.
     api_keys: dict[str, str] = {}
     admin_key: str | None = None
@@ -147,7 +147,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     engine_layout: Literal["auto", "process", "thread"] = "auto"
     # HTTP front-end processes on the one port, all feeding one engine process (more than 1 implies the process
     # layout): for when HTTP and JSON, not the engine, are the limit. Admission and tenants' limits are counted
-    # once for all of them (gateway.coordinator).
+    # once for all of them (gateway.tenancy.coordinator).
     api_servers: Annotated[int, msgspec.Meta(ge=1)] = 1
 
     @property

@@ -93,7 +93,7 @@ def setup_logging(level: str, fmt: Literal["text", "json"] = "text", origin: str
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # a library's warning becomes a line in the same format, not raw stderr
-    # uvicorn's loggers propagate to the root when it is given log_config=None (gateway/server.py);
+    # uvicorn's loggers propagate to the root when it is given log_config=None (gateway/processes/server.py);
     # handlers of their own would print a line twice, in another format.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()

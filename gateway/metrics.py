@@ -10,7 +10,7 @@ With several API servers (``--api-servers``) each front-end process counts its o
 folder (prometheus_client's multiprocess mode: the supervising process makes a fresh private folder per run and
 sets ``PROMETHEUS_MULTIPROC_DIR`` for its front ends), and a scrape of any of them reads every front end's
 files: totals over all of them. The engine's figures come from the engine's report as with one front end,
-the admission gauges from the one shared admission (``gateway.coordinator``).
+the admission gauges from the one shared admission (``gateway.tenancy.coordinator``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from adapters.stats import CANCEL_LAG_BUCKETS, DECODE_STEP_BUCKETS
 from gateway.request_context import RequestInfo
 
 if TYPE_CHECKING:
-    from gateway.admission import Places
+    from gateway.tenancy.admission import Places
 
 __all__ = ["CONTENT_TYPE", "GenerationObserver", "Metrics"]
 

@@ -503,7 +503,7 @@ def plan_chat(
     """Plan a chat request.
 
     ``continued``: the prompt's tokens for its rendered text where a stored response's ids stand for its start
-    (``gateway.responses_continuation``), else None and the text is encoded as usual.
+    (``gateway.responses.continuation``), else None and the text is encoded as usual.
     ``reasoning``: split a thinking model's reasoning off its answer (``TokenEvent.reasoning``), for an
     endpoint that shows it apart (chat's ``reasoning_content``). Not with an output constraint: the grammar
     shapes the output from its first token, so all of it is the answer (and its tool calls).

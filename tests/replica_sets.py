@@ -125,7 +125,7 @@ def run_replica_set(
         first = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_GATEWAY_")}
     full_env.update({"MLX_GATEWAY_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1", **(env or {})})
-    command = [sys.executable, "-m", "gateway.cli", "replicas", "-n", str(count), "--port", str(port)]
+    command = [sys.executable, "-m", "gateway.cli.main", "replicas", "-n", str(count), "--port", str(port)]
     command += ["--first-port", str(first), "--run-dir", str(run_dir), "--haproxy", haproxy, *(extra or [])]
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "supervisor.log").open("wb") as out:

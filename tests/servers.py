@@ -1,4 +1,4 @@
-"""Starting the real server (``python -m gateway.cli serve``) on a free loopback port, for tests."""
+"""Starting the real server (``python -m gateway.cli.main serve``) on a free loopback port, for tests."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def run_server(
     full_env.update(env or {})
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [sys.executable, "-m", "gateway.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=ROOT,
             env=full_env,
             stdout=out,

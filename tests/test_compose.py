@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.haproxy_config import DnsBackends, render_haproxy_config
+from gateway.replicas.haproxy_config import DnsBackends, render_haproxy_config
 from tests.replica_sets import haproxy_executable
 from tests.servers import ROOT
 
@@ -53,7 +53,7 @@ def test_compose_haproxy_config_is_the_generated_one_and_haproxy_accepts_it() ->
     expected = render_haproxy_config(DnsBackends("gateway", 8000), "*:8000")
     assert (COMPOSE / "haproxy.cfg").read_text() == expected, (
         "compose/haproxy.cfg is out of date: regenerate it with\n"
-        '.venv/bin/python -c "from gateway.haproxy_config import *; print(render_haproxy_config('
+        '.venv/bin/python -c "from gateway.replicas.haproxy_config import *; print(render_haproxy_config('
         "DnsBackends('gateway', 8000), '*:8000'), end='')\" > compose/haproxy.cfg"
     )
     check = subprocess.run(

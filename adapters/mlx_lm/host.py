@@ -1,7 +1,7 @@
 """Building the mlx-lm engine from an :class:`~adapters.setup.EngineSetup`, and the engine process around it.
 
 :func:`serve` builds the engine and serves the front ends (``adapters.remote``) over ZMQ sockets in a private
-folder until SIGTERM, or until the process that started it is gone (``gateway.engine_process`` runs it).
+folder until SIGTERM, or until the process that started it is gone (``gateway.processes.engine_process`` runs it).
 
 Ownership in the engine process:
 - the engine thread ("mlx-engine") owns everything :class:`~adapters.mlx_lm.engine.MlxEngine` says it does,

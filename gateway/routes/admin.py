@@ -1,4 +1,4 @@
-"""The admin router: named prefix caches, behind ``gateway.auth.provide_access`` like the seed aliases."""
+"""The admin router: named prefix caches, behind ``gateway.tenancy.auth.provide_access`` like the seed aliases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from gateway import prefix_service
-from gateway.auth import Access, provide_access
 from gateway.config import Config
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
@@ -27,7 +26,8 @@ from gateway.schemas.admin import (
     WarmedPrefixCache,
 )
 from gateway.sse import sse_response
-from gateway.tenants import tenant_report
+from gateway.tenancy.auth import Access, provide_access
+from gateway.tenancy.tenants import tenant_report
 
 __all__ = ["admin_router"]
 

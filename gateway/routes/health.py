@@ -11,8 +11,8 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 
 from gateway import __version__
-from gateway.auth import is_admin_request
-from gateway.tenants import tenant_report
+from gateway.tenancy.auth import is_admin_request
+from gateway.tenancy.tenants import tenant_report
 
 __all__ = ["health", "index"]
 

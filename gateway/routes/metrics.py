@@ -1,4 +1,4 @@
-"""``GET /metrics``: Prometheus' text format, guarded by :func:`gateway.auth.check_metrics_access`."""
+"""``GET /metrics``: Prometheus' text format, guarded by :func:`gateway.tenancy.auth.check_metrics_access`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from litestar import Request, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 
-from gateway.auth import check_metrics_access
 from gateway.errors import ErrorResponse
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.tenancy.auth import check_metrics_access
 
 __all__ = ["metrics"]
 

@@ -19,8 +19,6 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from adapters.base import Engine, ModelInfo, UnknownModel
-from gateway.admission import Admission, Ticket
-from gateway.auth import provide_tenant
 from gateway.config import Config, ModelConfig
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
@@ -39,6 +37,8 @@ from gateway.schemas.openai import (
 )
 from gateway.serving import Running, collect, count_planned_misses, prefix_header, stream_chunks
 from gateway.sse import sse_response
+from gateway.tenancy.admission import Admission, Ticket
+from gateway.tenancy.auth import provide_tenant
 
 __all__ = [
     "admission_slot",

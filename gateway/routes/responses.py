@@ -24,16 +24,14 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from adapters.base import Engine, ResponseKVUse
-from gateway.admission import Admission
-from gateway.auth import provide_tenant
 from gateway.config import Config
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
 from gateway.errors import APIError
 from gateway.openapi import GENERATE, READ, errors
 from gateway.planning import PlannedRequest, plan_chat
-from gateway.responses_continuation import common_prefix, continued_tokens, sequence_text
-from gateway.responses_planning import (
+from gateway.responses.continuation import common_prefix, continued_tokens, sequence_text
+from gateway.responses.planning import (
     as_chat,
     assistant_message,
     check_unsupported,
@@ -44,8 +42,8 @@ from gateway.responses_planning import (
     response_of,
     usage_from_chat,
 )
-from gateway.responses_store import ResponseStore, StoredResponse
-from gateway.responses_streaming import OutputEvents
+from gateway.responses.store import ResponseStore, StoredResponse
+from gateway.responses.streaming import OutputEvents
 from gateway.routes.openai import admission_slot, complete_running, generation_observer, plan_request
 from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
 from gateway.schemas.responses import (
@@ -59,6 +57,8 @@ from gateway.schemas.responses import (
 )
 from gateway.serving import Running, count_planned_misses, stream_chunks
 from gateway.sse import sse_response
+from gateway.tenancy.admission import Admission
+from gateway.tenancy.auth import provide_tenant
 
 __all__ = ["responses_router"]
 

@@ -8,7 +8,6 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody
 
 from gateway import prefix_service
-from gateway.auth import Access, provide_access, provide_tenant
 from gateway.disconnect import unless_client_leaves
 from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
@@ -16,6 +15,7 @@ from gateway.routes.openai import complete_planned, plan_request
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
 from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
+from gateway.tenancy.auth import Access, provide_access, provide_tenant
 
 __all__ = ["seed_router"]
 

@@ -132,8 +132,9 @@ def test_an_unexpected_error_keeps_its_text() -> None:
 
 def test_the_front_end_modules_import_no_mlx() -> None:
     code = (
-        "import sys, gateway.cli, gateway.app, gateway.server, adapters.remote, adapters.wire, adapters.tokenizer,"
-        " gateway.api_servers, gateway.front_process, gateway.coordinator;"
+        "import sys, gateway.cli.main, gateway.app, gateway.processes.server, adapters.remote, adapters.wire,"
+        " adapters.tokenizer,"
+        " gateway.processes.api_servers, gateway.processes.front_process, gateway.tenancy.coordinator;"
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )

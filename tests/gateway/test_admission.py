@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 
-from gateway.admission import Admission, RateLimited
+from gateway.tenancy.admission import Admission, RateLimited
 
 
 async def _hold(admission: Admission, tenant: str, order: list[str], release: asyncio.Event) -> None:

@@ -11,9 +11,9 @@ from litestar.handlers import HTTPRouteHandler
 
 from adapters.base import Engine
 from gateway.app import create_app
-from gateway.auth import Access, provide_access, provide_tenant
 from gateway.config import load_config
 from gateway.errors import Forbidden
+from gateway.tenancy.auth import Access, provide_access, provide_tenant
 
 
 def _handlers() -> list[tuple[str, HTTPRouteHandler]]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.admission import Admission, RateLimited
 from gateway.config import TenantLimits
-from gateway.coordinator import Coordinator, SharedAdmission
-from gateway.rate_limits import TenantRateLimited
+from gateway.tenancy.admission import Admission, RateLimited
+from gateway.tenancy.coordinator import Coordinator, SharedAdmission
+from gateway.tenancy.rate_limits import TenantRateLimited
 
 LIMITS = {"alpha": TenantLimits(requests_per_minute=2, tokens_per_minute=100)}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import NotFound
-from gateway.responses_store import ResponseStore, StoredResponse
+from gateway.responses.store import ResponseStore, StoredResponse
 from gateway.schemas.responses import Response
 
 

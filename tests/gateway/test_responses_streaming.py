@@ -1,11 +1,11 @@
-"""gateway.responses_streaming: chat chunks with text and several tool calls as output items in order (the tiny
+"""gateway.responses.streaming: chat chunks with text and several tool calls as output items in order (the tiny
 model never writes text before a call by itself, so the chunks are made here)."""
 
 from __future__ import annotations
 
 import msgspec
 
-from gateway.responses_streaming import OutputEvents
+from gateway.responses.streaming import OutputEvents
 from gateway.schemas.openai import ChatCompletionChunk, ChunkChoice, Delta, DeltaFunctionCall, DeltaToolCall
 
 

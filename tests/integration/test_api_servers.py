@@ -1,5 +1,5 @@
 """Several API servers (``--api-servers 2``): front-end processes on one port feeding one engine process
-(gateway/api_servers.py, gateway/front_process.py, gateway/coordinator.py).
+(gateway/processes/api_servers.py, gateway/processes/front_process.py, gateway/tenancy/coordinator.py).
 
 What a user relies on: requests are answered by every front end and stream as with one; the server's and the
 tenants' limits are counted once, whichever front end a request reaches; ``/metrics`` totals every front end's

@@ -43,11 +43,11 @@ WORDS = " ".join(["self", "value", "the", "return"] * 1000)
 def cli(
     *args: str, env: Mapping[str, str] | None = None, stdin: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m gateway.cli ARGS`` with no MLX_GATEWAY_* variables but those of ``env``."""
+    """``python -m gateway.cli.main ARGS`` with no MLX_GATEWAY_* variables but those of ``env``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_GATEWAY_")}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         cwd=ROOT,
         env=full_env,
         input=stdin,
@@ -335,7 +335,7 @@ def test_create_draws_a_progress_bar_on_a_terminal(gw: Server) -> None:
     leader, follower = pty.openpty()
     args = ["caches", "create", "bar", "--model", "tiny-slow", "--prompt", words(800)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -372,7 +372,7 @@ def test_interrupting_a_streamed_create_cancels_the_build(gw: Server) -> None:
     # tiny-slow prefills 16 tokens a chunk: 4,000 tokens are 250 engine turns.
     args = ["caches", "create", "interrupted", "--model", "tiny-slow", "--prompt", WORDS]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         cwd=ROOT,
         env=full_env,
         stderr=subprocess.PIPE,

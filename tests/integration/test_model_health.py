@@ -85,7 +85,7 @@ def test_the_server_exits_when_no_model_can_serve(tmp_path: Path, models_dir: Pa
     env["MLX_GATEWAY_MODELS_DIR"] = str(models_dir)
     args = ["serve", "--config", str(config), "--port", str(free_port()), "--cache-dir", str(tmp_path / "caches")]
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gateway.cli.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr

@@ -43,7 +43,7 @@ FLOOR_S = 1.0
 def _new_key(tenant: str) -> tuple[str, str]:
     """The key and the config line ``mlx-gateway keys new --hashed`` prints."""
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "keys", "new", "--tenant", tenant, "--hashed"],
+        [sys.executable, "-m", "gateway.cli.main", "keys", "new", "--tenant", tenant, "--hashed"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from typing import IO, Any, TextIO, TypeVar
 import click
 import msgspec
 
-from gateway.admin_client import AdminClient, AdminError
+from gateway.cli.admin_client import AdminClient, AdminError
 from gateway.schemas.admin import PrefixCacheOut
 
 __all__ = ["caches"]

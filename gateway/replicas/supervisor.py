@@ -1,7 +1,7 @@
 """``mlx-gateway replicas``: N gateway processes on loopback ports behind HAProxy, on one machine.
 
 The replicas share one prefix-cache directory (the same ``--cache-dir``) and agree through it only; HAProxy
-routes a cache's requests to one replica (see :mod:`gateway.haproxy_config`). This process supervises:
+routes a cache's requests to one replica (see :mod:`gateway.replicas.haproxy_config`). This process supervises:
 a replica that exits is started again (HAProxy takes it back once its /health answers 200); SIGTERM or
 SIGINT drains every replica (their streams finish), then stops HAProxy. ``replicas.json`` in the run
 folder says which process is which.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
-from gateway.haproxy_config import Backend, render_haproxy_config
+from gateway.replicas.haproxy_config import Backend, render_haproxy_config
 
 __all__ = ["ReplicaSet", "ReplicaSetError"]
 
@@ -72,7 +72,7 @@ class ReplicaSet:
 
     def _start_replica(self, replica: _Replica) -> None:
         b = replica.backend
-        command = [sys.executable, "-m", "gateway.cli", "serve", *self.serve_args]
+        command = [sys.executable, "-m", "gateway.cli.main", "serve", *self.serve_args]
         command += ["--host", b.host, "--port", str(b.port), "--replica-id", b.name]
         if replica.out is not None:
             replica.out.close()

@@ -3,7 +3,7 @@ and by prompt tokens), and a queue timeout. Past any limit a request gets 429 wi
 never a hang or a 5xx.
 
 Each tenant has its own limits beside the server's (``gateway.config.TenantLimits``): requests and prompt
-tokens in the server at once, and requests and tokens per minute (``gateway.rate_limits``). A tenant past
+tokens in the server at once, and requests and tokens per minute (``gateway.tenancy.rate_limits``). A tenant past
 its own limits gets 429 while other tenants are still admitted.
 
 The queue is fair between tenants: a freed place goes to the waiting request whose tenant holds the fewest
@@ -12,7 +12,7 @@ queued ahead of another's request does not delay it by more than the places alre
 
 Owned by the event loop's thread: every method runs there, and none awaits while it changes state. With
 several API servers (``--api-servers``) one :class:`Admission` runs in the supervising process
-(``gateway.coordinator``) and each front end reaches it through the same :class:`Places` interface.
+(``gateway.tenancy.coordinator``) and each front end reaches it through the same :class:`Places` interface.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Protocol
 
 from gateway.config import Config, TenantLimits
 from gateway.errors import APIError
-from gateway.rate_limits import Rates, Reservation, TenantRateLimited
+from gateway.tenancy.rate_limits import Rates, Reservation, TenantRateLimited
 
 __all__ = ["Admission", "Places", "RateLimited", "Ticket"]
 
@@ -65,7 +65,7 @@ class Ticket:
 
 class Places(Protocol):
     """What the HTTP side asks of admission: this process's :class:`Admission`, or one shared by every front end
-    (``gateway.coordinator.SharedAdmission``)."""
+    (``gateway.tenancy.coordinator.SharedAdmission``)."""
 
     def slot(
         self, tokens: int, tenant: str | None = None, reserve: int = 0

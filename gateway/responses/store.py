@@ -2,7 +2,7 @@
 
 A record keeps the response as answered, its own input items, the conversation a continuation renders (the
 chain's messages, this input and this output; ``instructions`` are not carried over, as on OpenAI) and the
-token ids the model saw and wrote, which a continuation starts with (``gateway.responses_continuation``).
+token ids the model saw and wrote, which a continuation starts with (``gateway.responses.continuation``).
 
 Disk. Each record is one JSON file, ``<cache dir>/responses/tenant-<digest>/<id>.json``, written atomically
 (temporary file, fsync, rename) before the response's last event or body leaves, so that it survives a restart

@@ -1,9 +1,10 @@
 """Admission and tenants' limits counted once for several API servers (``--api-servers``).
 
-The supervising process (:mod:`gateway.api_servers`) runs one :class:`Coordinator`: the server's one
-:class:`~gateway.admission.Admission` (and its :class:`~gateway.rate_limits.Rates`) behind a ZMQ ROUTER socket.
+The supervising process (:mod:`gateway.processes.api_servers`) runs one :class:`Coordinator`: the server's one
+:class:`~gateway.tenancy.admission.Admission` (and its :class:`~gateway.tenancy.rate_limits.Rates`) behind a ZMQ
+ROUTER socket.
 Each front-end process reaches it through :class:`SharedAdmission`, which implements
-:class:`~gateway.admission.Places` as the in-process ``Admission`` does:
+:class:`~gateway.tenancy.admission.Places` as the in-process ``Admission`` does:
 
 - a request asks for a place with one round trip (:class:`Enter`, answered :class:`Entered` once it holds one,
   or :class:`Refused` with the 429 that the coordinator's ``Admission`` raised) and gives it back with one
@@ -33,10 +34,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from gateway.admission import Admission, RateLimited, Ticket
 from gateway.config import TenantLimits
 from gateway.errors import APIError, ServiceUnavailable
-from gateway.rate_limits import TenantRateLimited
+from gateway.tenancy.admission import Admission, RateLimited, Ticket
+from gateway.tenancy.rate_limits import TenantRateLimited
 
 __all__ = ["Coordinator", "SharedAdmission"]
 
@@ -190,7 +191,7 @@ class Coordinator:
 
 
 class SharedAdmission:
-    """A front end's :class:`~gateway.admission.Places`: the coordinator's admission at ``address``, reached
+    """A front end's :class:`~gateway.tenancy.admission.Places`: the coordinator's admission at ``address``, reached
     from this process's event loop (connected on first use)."""
 
     def __init__(self, address: str, limits_of: Callable[[str], TenantLimits], queue_timeout: float) -> None:

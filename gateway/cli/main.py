@@ -13,9 +13,9 @@ import msgspec
 from adapters.base import Engine
 from adapters.setup import EngineSetup, ModelSpec, ResponseKVSetup, StoreSetup, os_reason
 from gateway import __version__
-from gateway.cli_caches import caches
-from gateway.cli_keys import keys
-from gateway.cli_replicas import replicas
+from gateway.cli.caches import caches
+from gateway.cli.keys import keys
+from gateway.cli.replicas import replicas
 from gateway.config import Config, ConfigError, load_config
 from gateway.logs import setup_logging
 
@@ -46,7 +46,7 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
         click.echo(msgspec.json.format(msgspec.json.encode(_redacted(config)), indent=2).decode())
         return 0
     setup_logging(config.log_level, config.log_format)
-    from gateway.server import listen, run_server
+    from gateway.processes.server import listen, run_server
 
     try:
         sockets = listen(config.host, config.port)
@@ -63,7 +63,7 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
         return 1
     if config.api_servers > 1:
         from adapters.remote import RemoteEngine
-        from gateway.api_servers import serve_api_servers
+        from gateway.processes.api_servers import serve_api_servers
 
         assert isinstance(engine, RemoteEngine)  # several API servers imply the process layout
         return serve_api_servers(config, setup, engine, sockets)
@@ -144,7 +144,7 @@ def _make_engine(config: Config, setup: EngineSetup) -> Engine:
             raise _Unusable(str(exc)) from exc
     from adapters.remote import EngineProcessError, RemoteEngine
 
-    command = [sys.executable, "-m", "gateway.engine_process", config.log_level, config.log_format]
+    command = [sys.executable, "-m", "gateway.processes.engine_process", config.log_level, config.log_format]
     engine = RemoteEngine(setup, command)
     try:
         engine.launch()

@@ -1,4 +1,5 @@
-"""The engine process's entry point (the process layout): ``python -m gateway.engine_process LEVEL FORMAT FOLDER``.
+"""The engine process's entry point (the process layout):
+``python -m gateway.processes.engine_process LEVEL FORMAT FOLDER``.
 
 It reads an :class:`~adapters.setup.EngineSetup` (JSON) on stdin, logs as the server does, writes one JSON line on
 stdout once serving (``{"ready": pid}``) or failing (``{"error": why}``), and runs

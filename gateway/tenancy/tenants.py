@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 from adapters.base import Engine
-from gateway.admission import Places
 from gateway.config import Config
 from gateway.schemas.admin import TenantList, TenantOut, TenantUse
+from gateway.tenancy.admission import Places
 
 __all__ = ["tenant_report"]
 

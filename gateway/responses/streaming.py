@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from gateway.responses_planning import new_call_item_id, new_item_id, new_reasoning_id, output_message
+from gateway.responses.planning import new_call_item_id, new_item_id, new_reasoning_id, output_message
 from gateway.schemas.openai import ChatCompletionChunk
 from gateway.schemas.responses import (
     FunctionCallItem,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.keys import hashed_form, new_key
+from gateway.tenancy.keys import hashed_form, new_key
 
 __all__ = ["keys"]
 

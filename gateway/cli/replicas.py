@@ -9,7 +9,7 @@ from types import FrameType
 import click
 
 from gateway.logs import setup_logging
-from gateway.replicas import ReplicaSet, ReplicaSetError
+from gateway.replicas.supervisor import ReplicaSet, ReplicaSetError
 
 __all__ = ["replicas"]
 

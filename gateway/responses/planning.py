@@ -87,7 +87,7 @@ def new_reasoning_id() -> str:
 
 def new_response_id(previous: str | None = None) -> str:
     """``resp_`` and 32 hex digits. A continuation's first 16 digits are its conversation's (its first
-    response's), so that a load balancer that hashes them (``gateway.haproxy_config``) sends every turn of a
+    response's), so that a load balancer that hashes them (``gateway.replicas.haproxy_config``) sends every turn of a
     conversation to the replica that holds its KV."""
     own = uuid.uuid4().hex
     if previous is not None and re.fullmatch(r"resp_[0-9a-f]{32}", previous):

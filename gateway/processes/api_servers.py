@@ -1,11 +1,11 @@
 """Several API servers on one port feeding one engine process (``--api-servers N``), for when HTTP and JSON,
 not the engine, are the limit (as vLLM's ``--api-server-count``).
 
-The process the user started has bound the listening sockets (:func:`gateway.server.listen`) and launched the
+The process the user started has bound the listening sockets (:func:`gateway.processes.server.listen`) and launched the
 engine process (:meth:`adapters.remote.RemoteEngine.launch`); :func:`serve_api_servers` then
 
-1. runs the server's one admission (:class:`gateway.coordinator.Coordinator`) on its event loop;
-2. starts N front-end processes (:mod:`gateway.front_process`), each inheriting the listening sockets (as
+1. runs the server's one admission (:class:`gateway.tenancy.coordinator.Coordinator`) on its event loop;
+2. starts N front-end processes (:mod:`gateway.processes.front_process`), each inheriting the listening sockets (as
    uvicorn's own workers share the socket their parent bound) and attaching to the engine process under its own
    front id (1..N), with ``PROMETHEUS_MULTIPROC_DIR`` set to a fresh folder of this run (``gateway.metrics``);
 3. supervises them: SIGTERM or SIGINT is passed to every front end as SIGTERM (each drains its own requests; a
@@ -16,7 +16,7 @@ engine process (:meth:`adapters.remote.RemoteEngine.launch`); :func:`serve_api_s
 
 Front ends run in a process group of their own: a terminal's Ctrl-C (sent to the foreground group) then reaches
 only this process, which passes it on once; a front end that got it twice would skip draining. If this process
-is killed, the front ends and the engine process see their parent gone and stop (``gateway.server``,
+is killed, the front ends and the engine process see their parent gone and stop (``gateway.processes.server``,
 ``adapters.mlx_lm.host``).
 
 Ownership: this process's main thread and its event loop own everything here: the coordinator, the front ends'
@@ -44,11 +44,11 @@ import msgspec
 
 from adapters.remote import RemoteEngine
 from adapters.setup import EngineSetup
-from gateway.admission import Admission
 from gateway.config import Config, child_environment
-from gateway.coordinator import Coordinator
-from gateway.front_process import FrontSetup
-from gateway.server import CUT_SECONDS
+from gateway.processes.front_process import FrontSetup
+from gateway.processes.server import CUT_SECONDS
+from gateway.tenancy.admission import Admission
+from gateway.tenancy.coordinator import Coordinator
 
 __all__ = ["serve_api_servers"]
 
@@ -129,7 +129,7 @@ class _Supervisor:
                     parent=os.getpid(),
                 )
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "gateway.front_process"],
+                    [sys.executable, "-m", "gateway.processes.front_process"],
                     stdin=subprocess.PIPE,
                     pass_fds=fds,
                     env=env,

@@ -1,10 +1,10 @@
-"""One of several API servers (``--api-servers N``): ``python -m gateway.front_process``, started by
-:mod:`gateway.api_servers`.
+"""One of several API servers (``--api-servers N``): ``python -m gateway.processes.front_process``, started by
+:mod:`gateway.processes.api_servers`.
 
 It reads a :class:`FrontSetup` (JSON) on stdin and serves HTTP on the listening sockets it inherited (their
 file descriptors are in the setup), as uvicorn's own workers serve the socket their parent bound: the same app
 as a single server's, with a :class:`~adapters.remote.RemoteEngine` attached to the running engine process
-under this front end's own id, the coordinator's admission (:class:`~gateway.coordinator.SharedAdmission`) and
+under this front end's own id, the coordinator's admission (:class:`~gateway.tenancy.coordinator.SharedAdmission`) and
 its HTTP-side metrics in the shared folder. It drains on SIGTERM as a single server does, and exits 1 when the
 engine process or the supervising process is gone. It never imports mlx.
 
@@ -49,8 +49,8 @@ def main() -> int:
     config = setup.config
     setup_logging(config.log_level, config.log_format, origin=f"api server {setup.front}")
     from adapters.remote import EngineProcessError, RemoteEngine
-    from gateway.coordinator import SharedAdmission
-    from gateway.server import run_server
+    from gateway.processes.server import run_server
+    from gateway.tenancy.coordinator import SharedAdmission
 
     sockets = [socket.socket(fileno=fd) for fd in setup.fds]
     try:

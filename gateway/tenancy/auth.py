@@ -17,8 +17,8 @@ from litestar.datastructures import State
 
 from gateway.config import Config
 from gateway.errors import AuthenticationError, Forbidden
-from gateway.keys import digest, entry_digest
-from gateway.rate_limits import set_tenant
+from gateway.tenancy.keys import digest, entry_digest
+from gateway.tenancy.rate_limits import set_tenant
 
 __all__ = ["Access", "bearer_token", "check_metrics_access", "is_admin_request", "provide_access", "provide_tenant"]
 

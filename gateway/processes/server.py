@@ -1,5 +1,5 @@
 """Running the app under uvicorn: listen, start, drain on SIGTERM or Ctrl-C, stop the engine, exit 0; or exit 1
-once no configured model can serve. One of several API servers (``gateway.front_process``) runs the same way,
+once no configured model can serve. One of several API servers (``gateway.processes.front_process``) runs the same way,
 and also exits 1 once the process that supervises it is gone."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import uvicorn
 
 from adapters.base import Engine
 from adapters.mlx_lm.threads import await_os_exit
-from gateway.admission import Places
 from gateway.config import Config
 from gateway.draining import Drain
+from gateway.tenancy.admission import Places
 
 __all__ = ["listen", "run_server"]
 
