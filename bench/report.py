@@ -149,8 +149,9 @@ def conversation(result: dict[str, Any]) -> str:
         f"{total['repeats']} conversations of {len(rows) // len(forms)} turns, about {total['turn_tokens']} new tokens "
         f"and up to {total['output_tokens']} output tokens a turn, streamed, temperature 0. *responses*: "
         "`/v1/responses` with `previous_response_id` (continued from the stored KV); *chat*: the whole conversation "
-        "resent to `/v1/chat/completions` without a cache; *mlx_lm.server*: the same resent to it (its own prompt "
-        "cache). Median ms (min-max); prompt and cached tokens of the median conversation.",
+        "resent to `/v1/chat/completions` without a cache"
+        + ("; *mlx_lm.server*: the same resent to it (its own prompt cache)" if "mlx_lm.server" in forms else "")
+        + ". Median ms (min-max); prompt and cached tokens of the median conversation.",
         ["turn", *[f"{f} TTFT ms" for f in forms], "responses prompt / cached tokens"],
     )
     by = {(r["form"], r["turn"]): r for r in rows}
