@@ -2,13 +2,15 @@
 
 ``--quick`` (under 10 minutes on the 2-core CPU machine) uses fewer repeats, clients and tokens (and a
 2-minute soak instead of 30) and
-writes to ``bench/results/quick/``, which ``bench.report`` leaves out; a full run writes to
-``bench/results/`` and regenerates ``bench/RESULTS.md``.
+writes to ``bench/results/history/quick-DATE/``, which ``bench.report`` leaves out; a full run writes each
+result to its default place (``bench/results/NAME-DEVICE-MODEL[-CARD].json``, replacing the run before it)
+and regenerates ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import subprocess
 import sys
 import time
@@ -22,8 +24,7 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    out = RESULTS / "quick" if args.quick else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
+    quick_dir = RESULTS / "history" / f"quick-{dt.datetime.now(dt.UTC):%Y-%m-%d}"
     model = ["--model", args.model] if args.model else []
     dev = ["--device", args.device]
     runs = [
@@ -69,10 +70,15 @@ def main() -> None:
     failed = []
     for run in runs:
         name = run[0].split(".")[1]
-        target = out / f"{name}-{args.device}-{args.model or ('none' if name == 'blas' else 'default')}.json"
+        # a full run leaves each benchmark its default file (named by harness.result_path)
+        out = []
+        if args.quick:
+            quick_dir.mkdir(parents=True, exist_ok=True)
+            model_name = args.model or ("none" if name == "blas" else "default")
+            out = ["--out", str(quick_dir / f"{name}-{args.device}-{model_name}.json")]
         start = time.perf_counter()
         print(f"== {' '.join(run)}", flush=True)
-        code = subprocess.call([sys.executable, "-m", *run, "--out", str(target)], cwd=ROOT)
+        code = subprocess.call([sys.executable, "-m", *run, *out], cwd=ROOT)
         print(f"== {name}: exit {code} in {time.perf_counter() - start:.0f}s", flush=True)
         if code:
             failed.append(name)

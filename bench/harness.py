@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -97,7 +98,9 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", help=f"a preset, a registry model (smollm2-135m), a .gguf file or a path (default: {DEFAULT_MODEL})"
     )
-    parser.add_argument("--out", type=Path, help="the result file (default: bench/results/NAME-DEVICE-MODEL.json)")
+    parser.add_argument(
+        "--out", type=Path, help="the result file (default: bench/results/NAME-DEVICE-MODEL[-CARD].json)"
+    )
     return parser
 
 
@@ -215,16 +218,39 @@ def versions() -> dict[str, str]:
     return out
 
 
+def card(gpu: str) -> str:
+    """A GPU's short name for result files, from nvidia-smi's: "NVIDIA H100 80GB HBM3, 81559 MiB" -> "h100"."""
+    words = [w for w in re.split(r"[\s,_-]+", gpu.lower()) if w not in {"nvidia", "tesla", "geforce", "rtx", ""}]
+    for word in words:
+        if re.fullmatch(r"[a-z]*\d+[a-z]*", word) and not re.fullmatch(r"\d+(gb|mib|mb)", word):
+            return word
+    return words[0] if words else "unknown"
+
+
+def result_path(name: str, device: str, model: str, info: dict[str, Any] | None = None) -> Path:
+    """Where a run's result goes by default: the top level of bench/results, named by benchmark, device,
+    model and, for a GPU, card (``ttft-gpu-llama-8b-h100.json``, ``conversation-cpu-smollm2-135m.json``).
+
+    The top level holds the newest run of each; older ones move to ``bench/results/history/`` by hand
+    (bench/NOTES.md says how), and ``bench.report`` renders the top level only.
+    """
+    parts = [name, device] + ([model] if model not in ("", "-") else [])
+    if device == "gpu":
+        parts.append(card((info or machine(device)).get("gpu", "unknown")))
+    return RESULTS / f"{'-'.join(parts)}.json"
+
+
 def write_result(
     name: str, device: str, model: str, rows: list[dict[str, Any]], notes: str = "", out: Path | None = None
 ) -> Path:
-    path = out or RESULTS / f"{name}-{device}-{model}.json"
+    info = machine(device)
+    path = out or result_path(name, device, model, info)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "model": model,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(device),
+        "machine": info,
         "versions": versions(),
         "command": "python -m " + " ".join([f"bench.{name.replace('-', '_')}", *sys.argv[1:]]),
         "rows": rows,
