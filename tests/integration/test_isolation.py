@@ -93,7 +93,7 @@ def test_strict_same_request_is_bit_identical_whatever_ran_before_or_beside(
     fresh_strict: tuple[Server, Path], models_dir: Path, log_dir: Path
 ) -> None:
     """strict mode's promise: tokens and logprobs bit-identical alone, beside any other traffic, and after a
-    restart with the cache read from disk (on one machine: README, Isolation)."""
+    restart with the cache read from disk (on one machine: docs/how-it-works.md, "What is bit-identical")."""
     server, cache_dir = fresh_strict
     assert httpx.get(f"{server.url}/health").json()["models"]["tiny"]["isolation_mode"] == "strict"
     created = create(server, "policy")
