@@ -62,3 +62,15 @@ def test_ci_runs_the_readmes_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line).replace(" -q", "")
     assert command in readme, command
+
+
+def test_every_result_file_named_in_the_docs_and_notes_exists() -> None:
+    """`bench/results/...` and `results/...` paths (bench/NOTES.md's form) point at stored runs."""
+    missing = []
+    for page in [*PAGES, ROOT / "bench" / "NOTES.md"]:
+        for path in re.findall(r"`((?:bench/)?results/[^`\s]*)`", page.read_text()):
+            if "*" in path or "DATE" in path:  # a pattern, not a file
+                continue
+            if not (ROOT / "bench" / path.removeprefix("bench/")).exists():
+                missing.append(f"{page.name}: {path}")
+    assert not missing, "\n".join(missing)
