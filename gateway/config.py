@@ -1,28 +1,29 @@
 """The server's configuration: one frozen, typed object built once.
 
 Precedence: command-line flags > ``MLX_GATEWAY_*`` environment variables > the TOML file > defaults.
-This is the only module that reads the environment.
+This is the only module of the gateway that reads the environment (``XDG_CACHE_HOME`` through
+``adapters.setup.cache_home``, which also serves code run without a config).
 
 Each setting is declared once, on its :class:`Config` field: the type, the default and, in a :class:`Setting`
 beside the type, its help text, environment variable and flag. ``load_config`` reads the environment and the
 flags from these declarations, ``mlx-gateway serve`` builds its options and ``--help`` from them
 (``gateway.cli.options``), and ``--print-config`` shows the result with the secrets they mark redacted.
-Defaults that depend on the machine (the cache directories) are resolved here, once, at load.
+Defaults that depend on the machine (the cache directories) or on another setting (a model's isolation_mode)
+are resolved here, once, at load; the prefill step, which depends on the device, where the model loads.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from adapters.setup import default_models_dir, default_prefix_cache_dir
+from gateway.settings import ConfigError, Declared, Setting, declared, parse_size
 from gateway.tenancy.keys import HASHED_PREFIX, is_hashed
 
 __all__ = [
@@ -43,38 +44,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How one setting is given besides the TOML file, and how it is explained: put beside a field's type
-    (``Annotated[int, Setting(...)]``). A field without one is read from the TOML file only.
-
-    Attributes:
-        help: one or two sentences for ``--help``; the default and the environment variable are added to it.
-        env: the ``MLX_GATEWAY_*`` variable that sets it (an empty one counts as unset, as compose passes
-            unset variables).
-        flag: the ``serve`` option, e.g. ``--max-running``; ``--x/--no-x`` for a switch.
-        metavar: how ``--help`` names the flag's value, where its type does not say it.
-        size: bytes, also written as text (``2GiB``, see :func:`parse_size`) in flags, environment and file.
-        items: for a list: turns the items (the environment's comma-separated parts, or the repeated flag's
-            values) into the field's value.
-        secret: shown redacted by ``--print-config``.
-        default_help: the default in words, where the value alone does not say it (None, a computed default).
-    """
-
-    help: str = ""
-    env: str | None = None
-    flag: str | None = None
-    metavar: str | None = None
-    size: bool = False
-    items: Callable[[list[str]], object] | None = None
-    secret: bool = False
-    default_help: str | None = None
 
 
 def _parse_keys(items: list[str]) -> dict[str, str]:
@@ -424,39 +393,6 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         return next((m for m in self.models if m.name == name), None)
 
 
-@dataclass(frozen=True)
-class Declared:
-    """One field of a config Struct with what is declared on it.
-
-    Attributes:
-        name: the field's name (its TOML key, and the name flags are passed to ``load_config`` under).
-        setting: its :class:`Setting` (an empty one where none is declared).
-        type: its type without ``Annotated`` (``int | None``, ``Literal[...]``).
-        constraints: its ``msgspec.Meta`` bounds (``ge``, ``le``, ...).
-        default: its default value.
-    """
-
-    name: str
-    setting: Setting
-    type: Any
-    constraints: tuple[msgspec.Meta, ...]
-    default: object
-
-
-def declared(struct: type[msgspec.Struct]) -> tuple[Declared, ...]:
-    """The fields of ``struct`` with their declarations, in the order they are written."""
-    fields: list[Declared] = []
-    for info in msgspec.structs.fields(struct):
-        tp, extras = info.type, ()
-        if get_origin(tp) is Annotated:
-            tp, *extras = get_args(tp)
-        setting = next((e for e in extras if isinstance(e, Setting)), Setting())
-        metas = tuple(e for e in extras if isinstance(e, msgspec.Meta))
-        default = info.default if info.default_factory is msgspec.NODEFAULT else info.default_factory()
-        fields.append(Declared(info.name, setting, tp, metas, default))
-    return tuple(fields)
-
-
 SETTINGS: tuple[Declared, ...] = declared(Config)
 _SIZE_FIELDS = tuple(d.name for d in SETTINGS if d.setting.size)
 _TENANT_SIZE_FIELDS = tuple(d.name for d in declared(TenantLimits) if d.setting.size)
@@ -480,25 +416,6 @@ LOAD_SETTINGS: dict[str, Setting] = {
         help="A TOML config file (flags and environment override it).", env="MLX_GATEWAY_CONFIG", flag="--config"
     ),
 }
-
-
-_SIZE_TEXT = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``2GiB``, ``512MiB``, ``1.5G`` or ``1000000``: ``Ki``/``Mi``/``Gi``/``Ti`` are powers of
-    1024, ``K``/``M``/``G``/``T`` powers of 1000 (as Kubernetes reads them); a trailing ``B`` is optional.
-
-    Raises:
-        ConfigError: not a size.
-    """
-    match = _SIZE_TEXT.fullmatch(text.strip())
-    if match is None:
-        raise ConfigError(f"{text!r} is not a size (examples: 2GiB, 512MiB, 1G, 1000000)")
-    number, unit = match.group(1), (match.group(2) or "").lower()
-    scale = 1024 ** (" kmgt".index(unit[0])) if unit.endswith("i") else _UNITS[unit]
-    return int(float(number) * scale)
 
 
 def _tenant_sizes(raw: dict[str, Any]) -> None:
@@ -613,10 +530,10 @@ def load_config(
     return _resolved(config, env)
 
 
-def redacted(config: Config) -> dict[str, Any]:
+def redacted(config: Config) -> dict[str, object]:
     """The configuration as plain data (what ``--print-config`` prints), the fields declared secret redacted:
     a key -> tenant table keeps its tenants, a single key becomes ``<redacted>``."""
-    shown: dict[str, Any] = msgspec.to_builtins(config)
+    shown: dict[str, object] = msgspec.to_builtins(config)
     for d in SETTINGS:
         value = getattr(config, d.name)
         if not d.setting.secret or not value:
