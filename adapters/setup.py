@@ -2,15 +2,52 @@
 
 The gateway turns its config into an :class:`EngineSetup`; the engine is built from it in the server's process
 (the thread layout) or sent to the engine's own process (the process layout). Nothing here imports mlx.
+
+Also the one place that knows where mlx-gateway's files live by default (``$XDG_CACHE_HOME/mlx-gateway``): the
+gateway's config resolves its directories with it at load, and code run without a config (``build-model``,
+benchmarks, tests) finds the same ones.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefix_caches.quotas import NO_QUOTA, StorageQuota
 
-__all__ = ["EngineSetup", "ModelSpec", "ResponseKVSetup", "StoreSetup", "os_reason"]
+__all__ = [
+    "EngineSetup",
+    "ModelSpec",
+    "ResponseKVSetup",
+    "StoreSetup",
+    "cache_home",
+    "default_models_dir",
+    "default_prefix_cache_dir",
+    "os_reason",
+]
+
+
+def cache_home(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CACHE_HOME/mlx-gateway`` (``~/.cache/mlx-gateway`` where it is unset or empty).
+
+    Args:
+        environ: the environment to read (``os.environ`` when None), so that a config loaded from a given
+            mapping resolves its paths from that mapping alone.
+    """
+    env = os.environ if environ is None else environ
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-gateway"
+
+
+def default_models_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where built and converted models are kept when no ``models_dir`` is configured."""
+    return cache_home(environ) / "models"
+
+
+def default_prefix_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where named prefix caches (and stored responses) are kept when no ``cache_dir`` is configured."""
+    return cache_home(environ) / "prefix-caches"
 
 
 def os_reason(exc: OSError) -> str:

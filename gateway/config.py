@@ -1,13 +1,20 @@
 """The server's configuration: one frozen, typed object built once.
 
 Precedence: command-line flags > ``MLX_GATEWAY_*`` environment variables > the TOML file > defaults.
-This is the only module that reads the environment.
+This is the only module of the gateway that reads the environment (``XDG_CACHE_HOME`` through
+``adapters.setup.cache_home``, which also serves code run without a config).
+
+Each setting is declared once, on its :class:`Config` field: the type, the default and, in a :class:`Setting`
+beside the type, its help text, environment variable and flag. ``load_config`` reads the environment and the
+flags from these declarations, ``mlx-gateway serve`` builds its options and ``--help`` from them
+(``gateway.cli.options``), and ``--print-config`` shows the result with the secrets they mark redacted.
+Defaults that depend on the machine (the cache directories) or on another setting (a model's isolation_mode)
+are resolved here, once, at load; the prefill step, which depends on the device, where the model loads.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,157 +22,28 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from adapters.setup import default_models_dir, default_prefix_cache_dir
+from gateway.settings import ConfigError, Declared, Setting, declared, parse_size
 from gateway.tenancy.keys import HASHED_PREFIX, is_hashed
 
 __all__ = [
+    "LOAD_SETTINGS",
+    "SETTINGS",
     "Config",
     "ConfigError",
+    "Declared",
     "ModelConfig",
+    "Setting",
     "TenantLimits",
     "child_environment",
+    "declared",
+    "environment_value",
     "load_config",
     "parse_size",
+    "redacted",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message says why."""
-
-
-class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """One served model. ``path`` is a preset name, a local directory or a Hugging Face id."""
-
-    name: str
-    path: str
-    seed: int = 0
-    max_kv_size: int | None = None
-    trust_remote_code: bool = False
-    kv_bits: Literal[2, 3, 4, 6, 8] | None = None
-    kv_group_size: int = 64
-    quantized_kv_start: int = 0
-    context_length: int | None = None
-    # Tokens per prefill chunk (None: 512 on CPU, 2048 on a GPU); other streams wait at most one chunk.
-    prefill_step_size: int | None = None
-    # Used when a request sets no max_tokens; None means "up to the context length".
-    default_max_tokens: int | None = None
-    # None: the server-wide isolation_mode.
-    isolation_mode: Literal["strict", "balanced", "performance"] | None = None
-
-
-class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """One tenant's quotas; None (absent) is unlimited. Sizes may be written as text (``2GiB``)."""
-
-    max_prefix_caches: int | None = None
-    max_prefix_cache_disk_bytes: int | None = None
-    # Resident KV arrays: past it the tenant's own least recently used caches leave memory first.
-    max_prefix_cache_memory_bytes: int | None = None
-    # Requests of the tenant in the server at once (running or waiting for a place).
-    max_concurrent_requests: int | None = None
-    # Prompt tokens of those requests together.
-    max_queued_tokens: int | None = None
-    # Sliding 60-second windows: prompt + completion tokens, and requests.
-    tokens_per_minute: int | None = None
-    requests_per_minute: int | None = None
-    # Stored responses' KV in the engine's memory (previous_response_id): past it the tenant's own least
-    # recently used responses lose their KV first (None: only the server-wide response_kv_memory_bytes).
-    max_response_kv_bytes: int | None = None
-
-    def over(self, defaults: TenantLimits) -> TenantLimits:
-        """These limits, each absent one taken from ``defaults``."""
-        own = {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not None}
-        return msgspec.structs.replace(defaults, **own)
-
-
-class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
-    models: tuple[ModelConfig, ...] = ()
-    # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.tenancy.keys).
-    # Empty: auth is off and every request belongs to the default tenant.
-    api_keys: dict[str, str] = {}
-    admin_key: str | None = None
-    default_tenant: str = "default"
-    # Quotas of every tenant, and of named tenants (their own values over the defaults).
-    tenant_defaults: TenantLimits = TenantLimits()
-    tenants: dict[str, TenantLimits] = {}
-    models_dir: str | None = None
-    cache_dir: str | None = None
-    # strict: every request alone in its forward passes (bit-identical under any traffic);
-    # balanced: continuous batching, each request on its own cache (see README).
-    # performance: balanced plus automatic prefix reuse within one tenant.
-    isolation_mode: Literal["strict", "balanced", "performance"] = "balanced"
-    # Requests in the engine at once (and sequences decoded together in one batch, balanced mode).
-    max_running: int = 32
-    # Bytes of KV that a model's running sequences may hold at once, each counted at its longest (prompt +
-    # max_tokens); arrivals that would pass it wait, a request that could never fit it alone gets a 400.
-    # None: half of what mlx may allocate on the device (on a CPU, of the host's memory).
-    max_running_kv_bytes: int | None = None
-    # Behind them: at most this many requests / prompt tokens wait, each at most queue_timeout seconds;
-    # past a limit a request gets 429 with Retry-After.
-    max_queued: int = 256
-    max_queued_tokens: int = 2_000_000
-    queue_timeout_seconds: float = 120.0
-    # On SIGTERM/SIGINT: refuse new requests (503) and let running streams finish for up to this long.
-    shutdown_timeout_seconds: float = 30.0
-    # Off: no named prefix caches at all (requests naming one get a 400; the admin routes answer 400).
-    prefix_caches: bool = True
-    # Resident prefix-cache KV arrays, least recently used evicted first (files stay on disk).
-    prefix_cache_memory_bytes: int = 2 * 1024**3
-    # Seconds between re-reads of the cache directory's manifests, which other replicas sharing it may write:
-    # a cache they create, replace or delete is seen here within this time. 0: never (one process only).
-    prefix_cache_sync_seconds: float = 1.0
-    # Names this process in /health (which replica answered behind a load balancer); default hostname:port.
-    replica_id: str | None = None
-    max_body_bytes: int = 16 * 1024 * 1024
-    # Stored responses (/v1/responses with `store`) per tenant, least recently used deleted first; they are kept in
-    # the cache directory (under responses/), so they survive a restart and every replica sharing it sees them.
-    max_stored_responses: Annotated[int, msgspec.Meta(ge=0)] = 1000
-    # A stored response is deleted this long after it was made (OpenAI keeps them 30 days).
-    response_ttl_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30 * 24 * 3600.0
-    # The KV of stored responses' sequences, kept in the engine's memory so that previous_response_id prefills only
-    # the new input; least recently used dropped first, and after response_kv_ttl_seconds unused (0: never). A
-    # response whose KV is gone is continued from its stored token ids: the same answer, prefilled in full.
-    response_kv_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024**3
-    response_kv_ttl_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
-    # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
-    sse_ping_seconds: float = 10.0
-    sse_send_timeout_seconds: float = 30.0
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # text: one human-readable line per record; json: one JSON object per line (with the request id).
-    log_format: Literal["text", "json"] = "text"
-    # Browser origins allowed by CORS (e.g. "https://app.example.com", or "*"); empty: CORS off.
-    cors_allowed_origins: tuple[str, ...] = ()
-    # "none" keeps mlx's reference BLAS; a path loads that library; None searches for MKL.
-    blas: str | None = None
-    # Write a cProfile of the engine thread here at shutdown (diagnostics).
-    profile_path: str | None = None
-    # process: the engine (mlx, models, batches, resident KV) runs in its own process, HTTP in this one, so that
-    # neither waits for the other's GIL; thread: both in this process. auto: the faster one for the installed
-    # backend, as measured (README, Performance).
-    engine_layout: Literal["auto", "process", "thread"] = "auto"
-    # HTTP front-end processes on the one port, all feeding one engine process (more than 1 implies the process
-    # layout): for when HTTP and JSON, not the engine, are the limit. Admission and tenants' limits are counted
-    # once for all of them (gateway.tenancy.coordinator).
-    api_servers: Annotated[int, msgspec.Meta(ge=1)] = 1
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
-
-    @property
-    def cache_path(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        return Path(os.path.expanduser("~/.cache")) / "mlx-gateway" / "prefix-caches"
-
-    def limits(self, tenant: str) -> TenantLimits:
-        own = self.tenants.get(tenant)
-        return self.tenant_defaults if own is None else own.over(self.tenant_defaults)
-
-    def model(self, name: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.name == name), None)
 
 
 def _parse_keys(items: list[str]) -> dict[str, str]:
@@ -178,52 +56,366 @@ def _parse_keys(items: list[str]) -> dict[str, str]:
     return keys
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+def _origins(items: list[str]) -> list[str]:
+    """Origins from items that may each hold several, separated by commas."""
+    return [o.strip() for item in items for o in item.split(",") if o.strip()]
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``2GiB``, ``512MiB``, ``1.5G`` or ``1000000``: ``Ki``/``Mi``/``Gi``/``Ti`` are powers of
-    1024, ``K``/``M``/``G``/``T`` powers of 1000 (as Kubernetes reads them); a trailing ``B`` is optional.
+# A size field read from the TOML file only: marked so that its text form is parsed like the others.
+_SIZE = Setting(size=True)
 
-    Raises:
-        ConfigError: not a size.
+IsolationMode = Literal["strict", "balanced", "performance"]
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One served model. ``path`` is a preset name, a local directory or a Hugging Face id.
+
+    The fields that ``adapters.setup.ModelSpec`` shares by name reach the engine as they are
+    (``gateway.cli.engine_setup``).
     """
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise ConfigError(f"{text!r} is not a size (examples: 2GiB, 512MiB, 1G, 1000000)")
-    number, unit = match.group(1), (match.group(2) or "").lower()
-    scale = 1024 ** (" kmgt".index(unit[0])) if unit.endswith("i") else _UNITS[unit]
-    return int(float(number) * scale)
+
+    name: str
+    path: str
+    seed: int = 0
+    max_kv_size: int | None = None
+    trust_remote_code: bool = False
+    kv_bits: Literal[2, 3, 4, 6, 8] | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    context_length: int | None = None
+    # Tokens per prefill chunk (None: 512 on CPU, 2048 on a GPU, resolved where the model loads, the one place
+    # that knows the device); other streams wait at most one chunk.
+    prefill_step_size: int | None = None
+    # Used when a request sets no max_tokens; None means "up to the context length".
+    default_max_tokens: int | None = None
+    # None in the file: the server-wide isolation_mode (load_config fills it in).
+    isolation_mode: IsolationMode | None = None
 
 
-# Flags that set a Config field of the same name as they are.
-_FIELD_FLAGS = (
-    "host",
-    "port",
-    "cache_dir",
-    "models_dir",
-    "admin_key",
-    "log_level",
-    "log_format",
-    "isolation_mode",
-    "max_running",
-    "max_running_kv_bytes",
-    "max_queued",
-    "max_queued_tokens",
-    "queue_timeout_seconds",
-    "shutdown_timeout_seconds",
-    "prefix_caches",
-    "prefix_cache_memory_bytes",
-    "prefix_cache_sync_seconds",
-    "replica_id",
-    "max_body_bytes",
-    "blas",
-    "engine_layout",
-    "api_servers",
-)
-_SIZE_FIELDS = ("prefix_cache_memory_bytes", "max_body_bytes", "max_running_kv_bytes", "response_kv_memory_bytes")
-_TENANT_SIZE_FIELDS = ("max_prefix_cache_disk_bytes", "max_prefix_cache_memory_bytes", "max_response_kv_bytes")
+class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One tenant's quotas; None (absent) is unlimited. Sizes may be written as text (``2GiB``)."""
+
+    max_prefix_caches: int | None = None
+    max_prefix_cache_disk_bytes: Annotated[int | None, _SIZE] = None
+    # Resident KV arrays: past it the tenant's own least recently used caches leave memory first.
+    max_prefix_cache_memory_bytes: Annotated[int | None, _SIZE] = None
+    # Requests of the tenant in the server at once (running or waiting for a place).
+    max_concurrent_requests: int | None = None
+    # Prompt tokens of those requests together.
+    max_queued_tokens: int | None = None
+    # Sliding 60-second windows: prompt + completion tokens, and requests.
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+    # Stored responses' KV in the engine's memory (previous_response_id): past it the tenant's own least
+    # recently used responses lose their KV first (None: only the server-wide response_kv_memory_bytes).
+    max_response_kv_bytes: Annotated[int | None, _SIZE] = None
+
+    def over(self, defaults: TenantLimits) -> TenantLimits:
+        """These limits, each absent one taken from ``defaults``."""
+        own = {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not None}
+        return msgspec.structs.replace(defaults, **own)
+
+
+class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    host: Annotated[
+        str,
+        Setting(help="The address to listen on (0.0.0.0 for every interface).", env="MLX_GATEWAY_HOST", flag="--host"),
+    ] = "127.0.0.1"
+    port: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=65535),
+        Setting(help="The port to listen on.", env="MLX_GATEWAY_PORT", flag="--port"),
+    ] = 8000
+    models: tuple[ModelConfig, ...] = ()
+    # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.tenancy.keys).
+    # Empty: auth is off and every request belongs to the default tenant.
+    api_keys: Annotated[
+        dict[str, str],
+        Setting(
+            help="Require this API key on /v1 (repeat for several; a key without a tenant belongs to 'default'). "
+            "Keys given as flags are visible to other users in `ps`: prefer the environment variable "
+            "(KEY:TENANT,...).",
+            env="MLX_GATEWAY_API_KEYS",
+            flag="--api-key",
+            metavar="KEY[:TENANT]",
+            items=_parse_keys,
+            secret=True,
+            default_help="none (auth off)",
+        ),
+    ] = {}
+    admin_key: Annotated[
+        str | None,
+        Setting(
+            help="The key that manages any tenant's prefix caches. Visible in `ps` as a flag: prefer the "
+            "environment variable.",
+            env="MLX_GATEWAY_ADMIN_KEY",
+            flag="--admin-key",
+            secret=True,
+        ),
+    ] = None
+    default_tenant: str = "default"
+    # Quotas of every tenant, and of named tenants (their own values over the defaults).
+    tenant_defaults: TenantLimits = TenantLimits()
+    tenants: dict[str, TenantLimits] = {}
+    # Both directories: None in the file means the default, which load_config resolves (XDG_CACHE_HOME).
+    models_dir: Annotated[
+        str | None,
+        Setting(
+            help="Where built and converted models are kept.",
+            env="MLX_GATEWAY_MODELS_DIR",
+            flag="--models-dir",
+            default_help="$XDG_CACHE_HOME/mlx-gateway/models, ~/.cache/mlx-gateway/models without it",
+        ),
+    ] = None
+    cache_dir: Annotated[
+        str | None,
+        Setting(
+            help="Where named prefix caches (and stored responses) are kept.",
+            env="MLX_GATEWAY_CACHE_DIR",
+            flag="--cache-dir",
+            default_help="$XDG_CACHE_HOME/mlx-gateway/prefix-caches, ~/.cache/mlx-gateway/prefix-caches without it",
+        ),
+    ] = None
+    isolation_mode: Annotated[
+        IsolationMode,
+        Setting(
+            help="strict: every request alone in its forward passes (bit-identical under any traffic); balanced: "
+            "continuous batching, each request on its own cache; performance: balanced plus automatic prefix "
+            "reuse within one tenant. A model's own isolation_mode (file) overrides it.",
+            env="MLX_GATEWAY_ISOLATION_MODE",
+            flag="--isolation-mode",
+        ),
+    ] = "balanced"
+    max_running: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        Setting(
+            help="Requests in the engine at once (and sequences decoded together in one batch, balanced mode).",
+            env="MLX_GATEWAY_MAX_RUNNING",
+            flag="--max-running",
+        ),
+    ] = 32
+    max_running_kv_bytes: Annotated[
+        int | None,
+        Setting(
+            help="KV bytes a model's running sequences may hold at once, each counted at its longest (prompt + "
+            "max_tokens), e.g. 8GiB: arrivals that would pass it wait, a request that could never fit alone "
+            "gets 400.",
+            env="MLX_GATEWAY_MAX_RUNNING_KV_BYTES",
+            flag="--max-running-kv-bytes",
+            size=True,
+            default_help="half of what mlx may allocate on the device; on a CPU, of the host's memory",
+        ),
+    ] = None
+    max_queued: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        Setting(
+            help="Requests waiting behind the running ones before new ones get 429 (with Retry-After).",
+            env="MLX_GATEWAY_MAX_QUEUED",
+            flag="--max-queued",
+        ),
+    ] = 256
+    max_queued_tokens: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        Setting(
+            help="Prompt tokens waiting before new requests get 429.",
+            env="MLX_GATEWAY_MAX_QUEUED_TOKENS",
+            flag="--max-queued-tokens",
+        ),
+    ] = 2_000_000
+    queue_timeout_seconds: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        Setting(
+            help="How long a request may wait for a place before it gets 429.",
+            env="MLX_GATEWAY_QUEUE_TIMEOUT_SECONDS",
+            flag="--queue-timeout",
+            metavar="SECONDS",
+        ),
+    ] = 120.0
+    shutdown_timeout_seconds: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        Setting(
+            help="On SIGTERM/SIGINT: refuse new requests (503) and let running streams finish for up to this long.",
+            env="MLX_GATEWAY_SHUTDOWN_TIMEOUT_SECONDS",
+            flag="--shutdown-timeout",
+            metavar="SECONDS",
+        ),
+    ] = 30.0
+    prefix_caches: Annotated[
+        bool,
+        Setting(
+            help="Named prefix caches on or off (off: requests naming one and the admin cache routes get 400).",
+            env="MLX_GATEWAY_PREFIX_CACHES",
+            flag="--prefix-caches/--no-prefix-caches",
+        ),
+    ] = True
+    prefix_cache_memory_bytes: Annotated[
+        int,
+        Setting(
+            help="Memory for resident prefix caches' KV, least recently used evicted first (files stay on disk): "
+            "bytes or a size such as 2GiB, 512MiB, 4G.",
+            env="MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES",
+            flag="--prefix-cache-memory-bytes",
+            size=True,
+        ),
+    ] = 2 * 1024**3
+    prefix_cache_sync_seconds: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        Setting(
+            help="How often to re-read the cache directory's manifests, which other replicas sharing it may "
+            "write: their creates, replaces and deletes are seen within this time (0: never; one process only).",
+            env="MLX_GATEWAY_PREFIX_CACHE_SYNC_SECONDS",
+            flag="--prefix-cache-sync-seconds",
+            metavar="SECONDS",
+        ),
+    ] = 1.0
+    replica_id: Annotated[
+        str | None,
+        Setting(
+            help="This process's name in /health, to tell replicas apart behind a load balancer.",
+            env="MLX_GATEWAY_REPLICA_ID",
+            flag="--replica-id",
+            default_help="hostname:port",
+        ),
+    ] = None
+    max_body_bytes: Annotated[
+        int,
+        Setting(
+            help="Larger request bodies get 413: bytes or a size such as 16MiB.",
+            env="MLX_GATEWAY_MAX_BODY_BYTES",
+            flag="--max-body-bytes",
+            size=True,
+        ),
+    ] = 16 * 1024 * 1024
+    # Stored responses (/v1/responses with `store`) per tenant, least recently used deleted first; they are kept in
+    # the cache directory (under responses/), so they survive a restart and every replica sharing it sees them.
+    max_stored_responses: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    # A stored response is deleted this long after it was made (OpenAI keeps them 30 days).
+    response_ttl_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30 * 24 * 3600.0
+    # The KV of stored responses' sequences, kept in the engine's memory so that previous_response_id prefills only
+    # the new input; least recently used dropped first, and after response_kv_ttl_seconds unused (0: never). A
+    # response whose KV is gone is continued from its stored token ids: the same answer, prefilled in full.
+    response_kv_memory_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        Setting(
+            help="Stored responses' KV kept in the engine's memory.",
+            env="MLX_GATEWAY_RESPONSE_KV_MEMORY_BYTES",
+            size=True,
+        ),
+    ] = 1024**3
+    response_kv_ttl_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    # Seconds between SSE keep-alive comments (long prefills, slow first tokens).
+    sse_ping_seconds: float = 10.0
+    sse_send_timeout_seconds: float = 30.0
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        Setting(help="How much to log.", env="MLX_GATEWAY_LOG_LEVEL", flag="--log-level"),
+    ] = "info"
+    log_format: Annotated[
+        Literal["text", "json"],
+        Setting(
+            help="text: one human-readable line per record; json: one JSON object per line (with the request id).",
+            env="MLX_GATEWAY_LOG_FORMAT",
+            flag="--log-format",
+        ),
+    ] = "text"
+    cors_allowed_origins: Annotated[
+        tuple[str, ...],
+        Setting(
+            help="Browser origins allowed by CORS, e.g. https://app.example.com (repeat, or separate with commas; "
+            "* for any).",
+            env="MLX_GATEWAY_CORS_ALLOWED_ORIGINS",
+            flag="--cors-allowed-origins",
+            metavar="ORIGIN[,ORIGIN]",
+            items=_origins,
+            default_help="none (CORS off)",
+        ),
+    ] = ()
+    blas: Annotated[
+        str | None,
+        Setting(
+            help="The BLAS library for mlx on CPU: a path, or 'none' for mlx's bundled reference BLAS.",
+            env="MLX_GATEWAY_BLAS",
+            flag="--blas",
+            metavar="PATH|none",
+            default_help="search for MKL",
+        ),
+    ] = None
+    profile_path: Annotated[
+        str | None,
+        Setting(
+            help="Write a cProfile of the engine thread here at shutdown (diagnostics).", env="MLX_GATEWAY_PROFILE"
+        ),
+    ] = None
+    engine_layout: Annotated[
+        Literal["auto", "process", "thread"],
+        Setting(
+            help="process: the engine (mlx, models, batches, resident KV) in its own process, HTTP in this one, so "
+            "that neither waits for the other's GIL; thread: both in this process; auto: the faster one for the "
+            "installed backend, as measured (README, Performance).",
+            env="MLX_GATEWAY_ENGINE_LAYOUT",
+            flag="--engine-layout",
+        ),
+    ] = "auto"
+    api_servers: Annotated[
+        int,
+        msgspec.Meta(ge=1),
+        Setting(
+            help="HTTP front-end processes on the one port, all feeding one engine process, for when HTTP and "
+            "JSON, not the engine, are the limit. More than 1 implies --engine-layout process; admission and "
+            "tenants' limits are counted once for all of them.",
+            env="MLX_GATEWAY_API_SERVERS",
+            flag="--api-servers",
+            metavar="N",
+        ),
+    ] = 1
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def cache_path(self) -> Path:
+        # load_config always sets cache_dir; the default is for a Config built directly (tests).
+        return Path(self.cache_dir) if self.cache_dir else default_prefix_cache_dir()
+
+    def limits(self, tenant: str) -> TenantLimits:
+        own = self.tenants.get(tenant)
+        return self.tenant_defaults if own is None else own.over(self.tenant_defaults)
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+SETTINGS: tuple[Declared, ...] = declared(Config)
+_SIZE_FIELDS = tuple(d.name for d in SETTINGS if d.setting.size)
+_TENANT_SIZE_FIELDS = tuple(d.name for d in declared(TenantLimits) if d.setting.size)
+
+# What ``load_config`` reads besides Config's fields: the file itself, and one model (Config.models holds a list).
+LOAD_SETTINGS: dict[str, Setting] = {
+    "model": Setting(
+        help="smollm2-135m (the default, a real model), a preset with random weights (tiny, small, llama-1b, "
+        "llama-8b), a .gguf file (llama architecture; F32, F16, Q4_0, Q4_1, Q8_0 kept; K-quants read as float16), "
+        "an mlx-lm directory or a Hugging Face id. Replaces the config file's [[models]].",
+        env="MLX_GATEWAY_MODEL",
+        flag="--model",
+    ),
+    "model_name": Setting(
+        help="The model's id in the API.",
+        env="MLX_GATEWAY_MODEL_NAME",
+        flag="--model-name",
+        default_help="--model as given",
+    ),
+    "config": Setting(
+        help="A TOML config file (flags and environment override it).", env="MLX_GATEWAY_CONFIG", flag="--config"
+    ),
+}
 
 
 def _tenant_sizes(raw: dict[str, Any]) -> None:
@@ -248,6 +440,32 @@ def _model_from_flag(value: str, name: str | None) -> dict[str, Any]:
     return {"name": name or value, "path": value}
 
 
+def _env(environ: Mapping[str, str], setting: Setting) -> str | None:
+    # Set-but-empty (as compose passes unset variables) means "not set".
+    return (environ.get(setting.env) or None) if setting.env else None
+
+
+def environment_value(field: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The text the environment gives one Config field (None where its variable is unset or empty), for a
+    command that needs one setting without loading a whole config (``build-model``'s BLAS)."""
+    setting = next(d.setting for d in SETTINGS if d.name == field)
+    return _env(os.environ if environ is None else environ, setting)
+
+
+def _resolved(config: Config, environ: Mapping[str, str]) -> Config:
+    """The defaults that depend on the machine, or on the server-wide setting, filled in: once, here."""
+    models = tuple(
+        m if m.isolation_mode else msgspec.structs.replace(m, isolation_mode=config.isolation_mode)
+        for m in config.models
+    )
+    return msgspec.structs.replace(
+        config,
+        models=models,
+        models_dir=config.models_dir or str(default_models_dir(environ)),
+        cache_dir=config.cache_dir or str(default_prefix_cache_dir(environ)),
+    )
+
+
 def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -255,9 +473,9 @@ def load_config(
     """Build the configuration.
 
     Args:
-        flags: command-line values (None for "not given"): ``config``, ``model``, ``model_name``,
-            ``api_keys`` (``KEY`` or ``KEY:TENANT`` items), ``cors_allowed_origins`` (items), and the
-            Config fields named in ``_FIELD_FLAGS``; sizes may be given as text (``2GiB``).
+        flags: command-line values (None for "not given"), by name: those of ``LOAD_SETTINGS`` (``config``,
+            ``model``, ``model_name``) and of every Config field that declares a flag; a list's items as a
+            list (``api_keys``: ``KEY`` or ``KEY:TENANT``); sizes may be given as text (``2GiB``).
         environ: the environment (``os.environ`` when None).
 
     Raises:
@@ -266,60 +484,27 @@ def load_config(
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
-    path = flags.get("config") or env.get("MLX_GATEWAY_CONFIG")
+    path = flags.get("config") or _env(env, LOAD_SETTINGS["config"])
     if path:
         try:
             raw = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
 
-    env_map = {
-        "MLX_GATEWAY_HOST": "host",
-        "MLX_GATEWAY_PORT": "port",
-        "MLX_GATEWAY_ADMIN_KEY": "admin_key",
-        "MLX_GATEWAY_MODELS_DIR": "models_dir",
-        "MLX_GATEWAY_CACHE_DIR": "cache_dir",
-        "MLX_GATEWAY_LOG_LEVEL": "log_level",
-        "MLX_GATEWAY_LOG_FORMAT": "log_format",
-        "MLX_GATEWAY_BLAS": "blas",
-        "MLX_GATEWAY_ENGINE_LAYOUT": "engine_layout",
-        "MLX_GATEWAY_API_SERVERS": "api_servers",
-        "MLX_GATEWAY_PROFILE": "profile_path",
-        "MLX_GATEWAY_MAX_BODY_BYTES": "max_body_bytes",
-        "MLX_GATEWAY_PREFIX_CACHE_MEMORY_BYTES": "prefix_cache_memory_bytes",
-        "MLX_GATEWAY_RESPONSE_KV_MEMORY_BYTES": "response_kv_memory_bytes",
-        "MLX_GATEWAY_PREFIX_CACHES": "prefix_caches",
-        "MLX_GATEWAY_PREFIX_CACHE_SYNC_SECONDS": "prefix_cache_sync_seconds",
-        "MLX_GATEWAY_REPLICA_ID": "replica_id",
-        "MLX_GATEWAY_ISOLATION_MODE": "isolation_mode",
-        "MLX_GATEWAY_MAX_RUNNING": "max_running",
-        "MLX_GATEWAY_MAX_RUNNING_KV_BYTES": "max_running_kv_bytes",
-        "MLX_GATEWAY_MAX_QUEUED": "max_queued",
-        "MLX_GATEWAY_MAX_QUEUED_TOKENS": "max_queued_tokens",
-        "MLX_GATEWAY_QUEUE_TIMEOUT_SECONDS": "queue_timeout_seconds",
-        "MLX_GATEWAY_SHUTDOWN_TIMEOUT_SECONDS": "shutdown_timeout_seconds",
-    }
-    for var, key in env_map.items():
-        if env.get(var):  # set-but-empty (as compose passes unset variables) means "not set"
-            raw[key] = env[var]
-    if env.get("MLX_GATEWAY_CORS_ALLOWED_ORIGINS"):
-        origins = env["MLX_GATEWAY_CORS_ALLOWED_ORIGINS"].split(",")
-        raw["cors_allowed_origins"] = [o.strip() for o in origins if o.strip()]
-    if env.get("MLX_GATEWAY_API_KEYS"):
-        raw["api_keys"] = _parse_keys(env["MLX_GATEWAY_API_KEYS"].split(","))
-    env_model = env.get("MLX_GATEWAY_MODEL")
+    for d in SETTINGS:
+        value = _env(env, d.setting)
+        if value is not None:
+            raw[d.name] = d.setting.items(value.split(",")) if d.setting.items else value
+    for d in SETTINGS:
+        if d.setting.flag and d.name in flags:
+            value = flags[d.name]
+            raw[d.name] = d.setting.items(list(value)) if d.setting.items else value
 
-    for key in _FIELD_FLAGS:
-        if key in flags:
-            raw[key] = flags[key]
-    if "api_keys" in flags:
-        raw["api_keys"] = _parse_keys(list(flags["api_keys"]))
-    if "cors_allowed_origins" in flags:
-        raw["cors_allowed_origins"] = [o.strip() for o in flags["cors_allowed_origins"] if o.strip()]
+    env_model = _env(env, LOAD_SETTINGS["model"])
     if "model" in flags:
         raw["models"] = [_model_from_flag(flags["model"], flags.get("model_name"))]
     elif env_model:
-        raw["models"] = [_model_from_flag(env_model, flags.get("model_name", env.get("MLX_GATEWAY_MODEL_NAME")))]
+        raw["models"] = [_model_from_flag(env_model, flags.get("model_name", _env(env, LOAD_SETTINGS["model_name"])))]
     elif "model_name" in flags:
         raise ConfigError("--model-name names the model given by --model (or MLX_GATEWAY_MODEL); neither is set")
     if not raw.get("models"):
@@ -342,7 +527,22 @@ def load_config(
             "api_servers > 1 runs the engine in a process of its own, which engine_layout 'thread' rules out "
             "(use 'process' or 'auto')"
         )
-    return config
+    return _resolved(config, env)
+
+
+def redacted(config: Config) -> dict[str, object]:
+    """The configuration as plain data (what ``--print-config`` prints), the fields declared secret redacted:
+    a key -> tenant table keeps its tenants, a single key becomes ``<redacted>``."""
+    shown: dict[str, object] = msgspec.to_builtins(config)
+    for d in SETTINGS:
+        value = getattr(config, d.name)
+        if not d.setting.secret or not value:
+            continue
+        if isinstance(value, dict):
+            shown[d.name] = {f"<key {i}>": tenant for i, tenant in enumerate(value.values(), 1)}
+        else:
+            shown[d.name] = "<redacted>"
+    return shown
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -6,7 +6,8 @@ The ``mlx-cpu`` wheel links the netlib reference BLAS (``libblas-*.so``): float3
 measured here, MKL gave 168-193 GFLOP/s for 512-2048 square matmuls and 11.5 GFLOP/s for the 1x4096
 matrix-vector product that dominates decoding; Debian's OpenBLAS 141-199 and 7.4, but it is not
 installable from PyPI, and ``scipy-openblas32`` prefixes its symbols so it cannot stand in.
-Set ``MLX_GATEWAY_BLAS`` to a library path to choose another one, or to ``none`` to keep mlx's own.
+The gateway's ``blas`` setting (``--blas``, ``MLX_GATEWAY_BLAS``), passed in by the caller, names a library
+to load instead, or ``none`` to keep mlx's own; this module reads no setting of ours from the environment.
 
 **Reproducibility.** MKL documents bitwise run-to-run identical results only in its Conditional Numerical
 Reproducibility (CNR) mode and on a fixed number of threads: otherwise it may pick its code path by the
@@ -77,7 +78,7 @@ def load_optimised_blas(override: str | None = None, reproducible: bool = True) 
     """Load the best BLAS we can find, once, before ``mlx.core`` is imported.
 
     Args:
-        override: a library path, ``"none"``, or None to search for MKL.
+        override: a library path, ``"none"``, or None (or empty) to search for MKL: the config's ``blas``.
         reproducible: put MKL in its reproducible mode (see the module's docstring); False only to measure
             what that mode costs.
     """
@@ -89,7 +90,7 @@ def load_optimised_blas(override: str | None = None, reproducible: bool = True) 
         return _loaded
     if "mlx.core" in sys.modules:
         logger.warning("mlx was imported before the BLAS could be chosen; it keeps its reference BLAS")
-    choice = override if override is not None else os.environ.get("MLX_GATEWAY_BLAS")
+    choice = override
     if choice == "none":
         _loaded = BlasInfo("reference", None, False)
         return _loaded

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sysconfig
 import time
 from collections.abc import Callable
@@ -19,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.mlx_lm.model_dirs import building
+
+# Re-exported: where built models are cached (one helper, adapters.setup, knows every default directory).
+from adapters.setup import default_models_dir
 
 __all__ = ["PRESETS", "Preset", "build_model", "default_models_dir", "preset_dir"]
 
@@ -97,12 +99,6 @@ PRESETS: dict[str, Preset] = {
         Preset("llama-8b", 4096, 32, 14336, 32, 8, 131072, "bfloat16", 128256, 500000.0, False),
     )
 }
-
-
-def default_models_dir() -> Path:
-    """Where built models are cached: ``$XDG_CACHE_HOME/mlx-gateway/models``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlx-gateway" / "models"
 
 
 # Bump when the builder's output changes, so that cached builds of older shapes are not reused.
