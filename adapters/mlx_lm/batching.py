@@ -7,7 +7,8 @@ things, in this order:
 1. **Arrivals.** Prompts waiting at the head of the queue are prefilled: those that continue caches of one
    length (fresh ones, or views of one prefix) and fit one chunk go through the model together, right-padded
    with a causal mask (no array mask: every real position only sees real positions before it); a longer
-   prompt is prefilled alone, one chunk per step, so that it delays the running batch by at most one chunk.
+   prompt is prefilled alone, one chunk per step (:func:`~adapters.mlx_lm.prefill.prefill_chunk`), so that it
+   delays the running batch by at most one chunk.
    A prefilled prompt's first token is sampled from its last position (no extra pass), its KV is copied
    into a free slot of the batch, and the token becomes that slot's input for the decode step that follows.
 2. **Decode.** One forward pass of every slot (free ones masked out), logits processors and grammar masks,
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +62,7 @@ from mlx_lm.models.cache import KVCache
 from adapters.base import SamplingParams, kv_bytes_at_most
 from adapters.mlx_lm.constraints import BatchMasker, GrammarMatcher
 from adapters.mlx_lm.models import LoadedModel
+from adapters.mlx_lm.prefill import prefill_chunk, prefill_step
 from adapters.mlx_lm.sampling import (
     Processor,
     SampledToken,
@@ -150,7 +151,6 @@ class Batcher:
         self.max_running = max_running
         # None: no budget (bench and unit tests that drive a batch directly).
         self.kv_budget = kv_budget
-        self.step_size = loaded.spec.prefill_step_size or 512
         self._eos = set(loaded.tokenizer.eos_token_ids)
         self._uids = itertools.count()
         self._orders = itertools.count()
@@ -168,6 +168,11 @@ class Batcher:
         self.worked = False
         self.preempted = 0  # sequences preempted so far (fair share)
         self.early_count = 0  # first tokens the last step handed out early
+
+    @property
+    def step_size(self) -> int:
+        """The model's prefill chunk (read at each use: a spec replaced on the loaded model takes effect)."""
+        return prefill_step(self.loaded)
 
     @property
     def busy(self) -> bool:
@@ -301,16 +306,15 @@ class Batcher:
 
     def _chunk(self, arrival: _Arrival) -> _Launched | None:
         """The next chunk of one prompt, prefilled alone on its own cache."""
-        chunk = arrival.prompt[arrival.done : arrival.done + self.step_size]
-        started = time.perf_counter()
-        logits = self.loaded.model(mx.array(chunk)[None], cache=arrival.cache)[:, -1, :]
-        arrival.done += len(chunk)
-        if arrival.done < len(arrival.prompt):
-            mx.eval([c.state for c in arrival.cache])
-            self.prefill_timings.append((len(chunk), time.perf_counter() - started))
+        # A batch's caches are plain KV, never quantised (quantised ones run on the sequential path).
+        part = prefill_chunk(self.loaded, arrival.prompt, arrival.cache, arrival.done, quantize=False)
+        arrival.done = part.done
+        if part.seconds is not None:
+            self.prefill_timings.append((part.tokens, part.seconds))
+        if not part.finished:
             return None
         self._arrivals.remove(arrival)
-        return self._join([arrival], logits, arrival.cache, [arrival.offset])
+        return self._join([arrival], part.logits[None], arrival.cache, [arrival.offset])
 
     def _kv_fits(self, group: list[_Arrival]) -> bool:
         """Whether the slots could hold the running sequences and ``group`` at their longest within the budget:

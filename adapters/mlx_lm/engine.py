@@ -50,6 +50,7 @@ from adapters.mlx_lm.batching import Batcher, SequenceOut
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
 from adapters.mlx_lm.models import SOURCE_ERRORS, LoadedModel, MlxTokenizer, ModelSpec, load_steps
 from adapters.mlx_lm.outbox import Outbox
+from adapters.mlx_lm.prefill import prefill_chunk
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.response_kv import ResponseKV
@@ -120,6 +121,10 @@ class MlxEngine:
         kept = ResponseKV(responses.memory_bytes, responses.budget_of, responses.ttl_seconds)
         self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build), kept)
         self.device = "unknown"
+        # Fault injection, for tests: called on the engine thread with a sequential request's plan before each
+        # of its steps (a prefill chunk or a decode step); what it raises fails that request alone, as a
+        # failing MLX call would. None (nothing called) in service.
+        self.fault_hook: Callable[[Plan], None] | None = None
         self._snapshot = EngineSnapshot()
         self._trimmed = True  # nothing freed yet to give back
         self._publish()
@@ -758,6 +763,8 @@ class MlxEngine:
         """Run one prefill chunk or one decode step. Returns True when the request is finished."""
         if request.cache is None and not request.choices:
             self.prefixes.attach(request)
+        if self.fault_hook is not None:
+            self.fault_hook(request.plan)
         if not request.choices:
             logits = self._prefill_chunk(request)
             if logits is not None:
@@ -774,23 +781,14 @@ class MlxEngine:
         return all(c.done for c in request.choices) if request.choices else False
 
     def _prefill_chunk(self, request: Request) -> mx.array | None:
-        """Feed the next chunk of the prompt; return the last position's logits after the final one.
-
-        The whole prompt goes through the model once: the final chunk's last position gives the first
-        token (mlx-lm's generate_step runs the last token as a second pass).
-        """
+        """Feed the next chunk of the prompt (:func:`prefill_chunk`); the last position's logits after the
+        final one. One chunk per turn: the other requests' steps run between two chunks."""
         assert request.cache is not None
-        prompt = request.plan.prompt_tokens
-        step = request.model.spec.prefill_step_size or 512
-        chunk = list(prompt[request.prefilled : request.prefilled + step])
-        request.prefilled += len(chunk)
-        started = time.perf_counter()
-        logits = request.model.forward(chunk, request.cache)
-        if request.prefilled < len(prompt):
-            mx.eval([c.state for c in request.cache])
-            self.prefixes.record_prefill(request.model, len(chunk), time.perf_counter() - started)
-            return None
-        return logits
+        part = prefill_chunk(request.model, request.plan.prompt_tokens, request.cache, request.prefilled)
+        request.prefilled = part.done
+        if part.seconds is not None:
+            self.prefixes.record_prefill(request.model, part.tokens, part.seconds)
+        return part.logits if part.finished else None
 
     def _start_choices(self, request: Request, logits: mx.array) -> None:
         plan, loaded = request.plan, request.model

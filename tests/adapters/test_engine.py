@@ -49,14 +49,11 @@ def plan(rid: str, tokens: tuple[int, ...] = (10, 11, 12), model: str = "tiny", 
 
 
 def test_a_failing_request_fails_alone(engine: MlxEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = engine._prefill_chunk
-
-    def faulty(request):  # type: ignore[no-untyped-def]
-        if request.plan.request_id == "boom":
+    def faulty(plan: Plan) -> None:
+        if plan.request_id == "boom":
             raise RuntimeError("injected fault")
-        return original(request)
 
-    monkeypatch.setattr(engine, "_prefill_chunk", faulty)
+    monkeypatch.setattr(engine, "fault_hook", faulty)
     before = engine.health()["requests"]["failed"]
     events = run(engine, plan("boom"))
     assert isinstance(events[-1], Failed) and "injected fault" in str(events[-1].error)
@@ -148,6 +145,5 @@ def test_prompts_longer_than_a_chunk_still_batch_correctly(engine: MlxEngine, mo
     whole = ids(run(engine, plan("a", tokens, model="tiny-batched", max_tokens=8)))
     loaded = engine.loaded("tiny-batched")
     monkeypatch.setattr(loaded, "spec", ModelSpec(**{**loaded.spec.__dict__, "prefill_step_size": 64}))
-    engine._batchers.pop("tiny-batched", None)  # a new batch with the smaller chunk
     chunked = ids(run(engine, plan("b", tokens, model="tiny-batched", max_tokens=8)))
     assert chunked == whole
