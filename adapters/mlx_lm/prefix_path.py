@@ -51,7 +51,7 @@ class PrefixPath:
         self.reuse = TenantReuse()
         self.responses = responses
         # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
-        self.rates: dict[str, Rate] = {}
+        self._rates: dict[str, Rate] = {}
         self._queue = queue
 
     def attach(self, request: Request) -> None:
@@ -136,7 +136,14 @@ class PrefixPath:
         logger.info("model %s: prefill measured at %.0f tokens/s", loaded.spec.name, rate)
 
     def rate(self, loaded: LoadedModel) -> Rate:
-        return self.rates.setdefault(loaded.spec.name, Rate())
+        """The model's measured prefill rate, to add samples to (engine thread)."""
+        return self._rates.setdefault(loaded.spec.name, Rate())
+
+    def prefill_seconds_per_token(self, model: str) -> float | None:
+        """The model's measured prefill cost, seconds per prompt token; None until measured (calibration
+        at load, when prefix caches are on, then every timed prefill chunk). A float read: any thread."""
+        rate = self._rates.get(model)
+        return None if rate is None else rate.seconds_per_unit
 
     def _recompute_cold(self, request: Request, manifest: Manifest, reuse: int) -> bool:
         """Serve a cold cache by recomputing its tokens when reading its file was measured to cost more.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_cpu_extra_brings_a_fast_blas() -> None:
     ],
     ids=["one-token", "penalties", "logit-bias"],
 )
-def test_batched_first_token_path_agrees_with_sequential(engine: MlxEngine, kw: dict[str, object]) -> None:
+def test_batched_first_token_path_agrees_with_sequential(engine: MlxEngine, kw: dict[str, Any]) -> None:
     """A lone arrival is prefilled in one pass before it joins the batch; penalties, bias and lengths hold."""
     tokens = tuple(range(300, 340))
     ids = lambda evs: [t for e in evs if hasattr(e, "token_ids") for t in e.token_ids]  # noqa: E731
