@@ -40,7 +40,8 @@ fits ``LoadedModel.kv_budget`` (``max_running_kv_bytes``); planning refuses a re
 it alone, so waiting always ends.
 
 A batcher and everything in it (sequences, arrivals, slots) belong to the engine thread; others see only the
-counts the engine publishes in its snapshot (``running``, ``waiting``, ``preempted``).
+counts the engine publishes in its snapshot (``running``, ``waiting``, ``preempted``). The thread that drives
+a batch (the engine's, or a test's or benchmark's) reads its figures as one :class:`BatchState`.
 
 Grammars (structured output) are masked batch-wide: before a step's mask is built each constrained row's
 matcher consumes the token that row is fed, read from the device while the step's forward pass runs; all
@@ -75,7 +76,7 @@ from adapters.mlx_lm.sampling import (
 )
 from adapters.mlx_lm.slot_kv import SlotBatch, capacity_for
 
-__all__ = ["Batcher", "SequenceOut"]
+__all__ = ["BatchState", "Batcher", "SequenceOut"]
 
 # Prompt tokens (padding included) that arrivals prefilled together may bring to one pass, in chunks.
 PREFILL_TOGETHER_CHUNKS = 4
@@ -91,6 +92,20 @@ class SequenceOut:
     sampled: SampledToken
     finish_reason: str | None  # "stop" (an EOS token) | "length" | None
     cache: list[Any] | None = None  # the sequence's own KV, once it finished (when its insert asked)
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What a batch holds at one moment, as plain figures (tests and benchmarks check a batch with it)."""
+
+    sequences: int  # not yet ended: decoding, waiting or preempted
+    running: int  # decoding in slots
+    waiting: int  # waiting for a slot (new, or preempted)
+    slot_rows: int  # rows of slot KV held (0: none held, the KV freed)
+    slot_capacity: int  # positions per row (0: none held)
+    occupied: tuple[int, ...]  # the slots in use, by index
+    constrained: int  # sequences following a grammar (masked batch-wide)
+    processed: int  # sequences whose logits go through their own processors, row by row
 
 
 @dataclass(eq=False)
@@ -187,6 +202,21 @@ class Batcher:
     def waiting(self) -> int:
         """Sequences waiting for a slot (new, or preempted)."""
         return sum(len(a.seqs) for a in self._arrivals)
+
+    def state(self) -> BatchState:
+        """The batch's figures now (engine thread, or the thread driving the batch)."""
+        slots = self._slots
+        seqs = list(self._seqs.values())
+        return BatchState(
+            sequences=len(seqs),
+            running=self.running,
+            waiting=self.waiting,
+            slot_rows=slots.rows if slots is not None else 0,
+            slot_capacity=slots.capacity if slots is not None else 0,
+            occupied=tuple(s.slot for s in self._rows if s is not None and s.slot is not None),
+            constrained=sum(s.matcher is not None for s in seqs),
+            processed=sum(bool(s.processors) for s in seqs),
+        )
 
     def held(self) -> Counter[str]:
         """Slots held per tenant."""
