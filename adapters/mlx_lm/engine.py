@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -94,8 +94,20 @@ class MlxEngine:
         profile_path: str | None = None,
         outbox: Outbox | None = None,
         responses: ResponseKVSetup | None = None,
+        load: Callable[[ModelSpec], Generator[str, None, LoadedModel]] = load_steps,
     ) -> None:
+        """Build the engine (its thread starts with :meth:`start`).
+
+        Args:
+            specs: the models, loaded on the engine thread in turns, each serving as soon as it is ready.
+            store: the prefix-cache store (None: prefix caches off).
+            profile_path: where the engine loop's cProfile output goes (None: not profiled).
+            outbox: where events go at the end of each turn (default: requests' event loops here).
+            responses: stored responses' KV settings.
+            load: how a model loads, one stage per ``next()`` (:func:`load_steps`; tests hold a model back).
+        """
         self._slots = {s.name: ModelSlot(s) for s in specs}
+        self._load_steps = load
         self._store = store
         self._inbox: queue.SimpleQueue[Request | Build | Call | None] = queue.SimpleQueue()
         # Where events go at the end of each turn: requests' event loops here, or the engine process's
@@ -473,7 +485,7 @@ class MlxEngine:
         name = slot.spec.name
         started = time.perf_counter()
         try:
-            stages = load_steps(slot.spec)
+            stages = self._load_steps(slot.spec)
             while True:
                 try:
                     slot.stage = next(stages)
