@@ -8,7 +8,8 @@ failed alone; the loop keeps serving.
 Ownership: the engine thread ("mlx-engine") owns ``_active``, ``_batched``, ``_batchers``, the model slots'
 states, ``prefixes`` (automatic reuse included) and every MLX array. Other threads put items in ``_inbox``,
 set a request's ``cancelled`` flag, read ``stats`` (lock-guarded) and read ``_snapshot``: an immutable
-:class:`~adapters.snapshot.EngineSnapshot` the engine thread rebuilds after every turn of its loop.
+:class:`~adapters.snapshot.EngineSnapshot` the engine thread rebuilds after every turn of its loop. Tests may
+set ``fault_hook`` (one attribute, read once per step) and read ``prefixes.prefill_seconds_per_token``.
 """
 
 from __future__ import annotations
