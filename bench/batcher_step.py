@@ -110,12 +110,13 @@ def main() -> None:
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefill import prefill_step
 
     model_name = args.model or DEFAULT_MODEL[args.device]
     batches = [int(b) for b in (args.batches or ("1,8" if args.device == "cpu" else "1,8,32,64")).split(",")]
     steps = args.steps or (32 if args.device == "cpu" else 128)
     loaded = load_model(ModelSpec(model_name, model_name, max_running=max(batches)))
-    chunk = loaded.spec.prefill_step_size or 512
+    chunk = prefill_step(loaded)
     texts = Texts(model_name)
     runs: dict[str, Callable[[list[list[int]]], float]] = {
         "plain": lambda p: plain(loaded.model, p, chunk, args.warmup, steps),

@@ -143,6 +143,7 @@ def main() -> None:
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefill import prefill_step
 
     model_name = args.model or DEFAULT_MODEL[args.device]
     batches = [int(b) for b in (args.batches or ("1,8,32" if args.device == "cpu" else "1,8,32,64,128")).split(",")]
@@ -152,7 +153,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     loaded = load_model(ModelSpec(model_name, model_name, max_running=max(batches)))
-    chunk = loaded.spec.prefill_step_size or 512
+    chunk = prefill_step(loaded)
     texts = Texts(model_name)
     rows: list[dict[str, Any]] = []
     for variant in variants:

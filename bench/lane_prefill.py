@@ -27,6 +27,7 @@ def main() -> None:
     from adapters.base import SamplingParams
     from adapters.mlx_lm.batching import Batcher
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefill import prefill_step
 
     model_name = args.model or DEFAULT_MODEL[args.device]
     loaded = load_model(ModelSpec(model_name, model_name, max_running=8))
@@ -49,7 +50,7 @@ def main() -> None:
     lane(), one_pass()  # warm-up
     lanes = [lane() for _ in range(args.repeats)]
     passes = [one_pass() for _ in range(args.repeats)]
-    step = loaded.spec.prefill_step_size
+    step = prefill_step(loaded)
     ratio = statistics.median(lanes) / statistics.median(passes)
     print(
         f"{len(tokens)}-token prompt, {model_name}, {mx.default_device()}: lane (chunks of {step}) "

@@ -74,6 +74,7 @@ def cache_io(model: str, texts: Texts, tokens: int, folder: Path, repeats: int) 
     import mlx.core as mx
 
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefill import prefill_step
     from adapters.mlx_lm.prefix_kv import new_manifest
     from prefix_caches import kv
     from prefix_caches.names import cache_paths
@@ -81,7 +82,7 @@ def cache_io(model: str, texts: Texts, tokens: int, folder: Path, repeats: int) 
 
     loaded = load_model(ModelSpec(model, model))
     ids = texts.ids[:tokens]
-    step = loaded.spec.prefill_step_size or 512
+    step = prefill_step(loaded)
 
     def prefill() -> list[Any]:
         cache = loaded.make_cache()

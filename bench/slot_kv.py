@@ -105,6 +105,7 @@ def main() -> None:
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefill import prefill_step
 
     model_name = args.model or DEFAULT_MODEL[args.device]
     steps = args.steps or (32 if args.device == "cpu" else 128)
@@ -115,7 +116,7 @@ def main() -> None:
     prompts = _prompts(texts, args.batch + arrivals, args.prompt_tokens, mixed=True)
     pool = _prefilled(model, prompts)
     capacity = args.prompt_tokens + steps + 8
-    chunk = loaded.spec.prefill_step_size or 512
+    chunk = prefill_step(loaded)
     equal = _prompts(texts, args.batch, args.prompt_tokens, mixed=False)
     times: dict[str, list[float]] = {"plain (no churn)": [], "BatchKVCache filter/extend": [], "slots": []}
     for _ in range(args.repeats):  # interleaved rounds

@@ -167,6 +167,7 @@ def suffix_floor(
     import mlx.core as mx
 
     from adapters.mlx_lm.models import ModelSpec, load_model
+    from adapters.mlx_lm.prefill import prefill_step
     from prefix_caches import kv
 
     loaded = load_model(ModelSpec(model, model))
@@ -174,7 +175,7 @@ def suffix_floor(
     for s in scenarios:
         cache = loaded.make_cache()
         prefix = texts.ids[: s.prefix_tokens]
-        step = loaded.spec.prefill_step_size or 512
+        step = prefill_step(loaded)
         for i in range(0, len(prefix), step):
             loaded.model(mx.array(prefix[i : i + step])[None], cache=cache)
             mx.eval([c.state for c in cache])

@@ -617,7 +617,12 @@ class PrefixCacheStore:
         return kv.arrays_sha256(entry[0]) if entry else None
 
     def evict(self, tenant: str, name: str) -> None:
-        """Let go of a cache's resident KV (engine thread; tests use it to make a cache cold)."""
+        """Let go of a cache's resident KV: its next use reads its file again (a cold hit). Engine thread.
+
+        The counterpart of :meth:`arrays` keeping a cache resident: what the LRU budget does to the least
+        recently used cache, for one named cache (tests make a cache cold with it, through the engine's
+        ``call``). Nothing on disk changes; a cache not resident is left as it is.
+        """
         if self._resident.pop((tenant, name), None) is not None:
             self._publish_resident()
 

@@ -7,7 +7,8 @@ things, in this order:
 1. **Arrivals.** Prompts waiting at the head of the queue are prefilled: those that continue caches of one
    length (fresh ones, or views of one prefix) and fit one chunk go through the model together, right-padded
    with a causal mask (no array mask: every real position only sees real positions before it); a longer
-   prompt is prefilled alone, one chunk per step, so that it delays the running batch by at most one chunk.
+   prompt is prefilled alone, one chunk per step (:func:`~adapters.mlx_lm.prefill.prefill_chunk`), so that it
+   delays the running batch by at most one chunk.
    A prefilled prompt's first token is sampled from its last position (no extra pass), its KV is copied
    into a free slot of the batch, and the token becomes that slot's input for the decode step that follows.
 2. **Decode.** One forward pass of every slot (free ones masked out), logits processors and grammar masks,
@@ -39,7 +40,8 @@ fits ``LoadedModel.kv_budget`` (``max_running_kv_bytes``); planning refuses a re
 it alone, so waiting always ends.
 
 A batcher and everything in it (sequences, arrivals, slots) belong to the engine thread; others see only the
-counts the engine publishes in its snapshot (``running``, ``waiting``, ``preempted``).
+counts the engine publishes in its snapshot (``running``, ``waiting``, ``preempted``). The thread that drives
+a batch (the engine's, or a test's or benchmark's) reads its figures as one :class:`BatchState`.
 
 Grammars (structured output) are masked batch-wide: before a step's mask is built each constrained row's
 matcher consumes the token that row is fed, read from the device while the step's forward pass runs; all
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from mlx_lm.models.cache import KVCache
 from adapters.base import SamplingParams, kv_bytes_at_most
 from adapters.mlx_lm.constraints import BatchMasker, GrammarMatcher
 from adapters.mlx_lm.models import LoadedModel
+from adapters.mlx_lm.prefill import prefill_chunk, prefill_step
 from adapters.mlx_lm.sampling import (
     Processor,
     SampledToken,
@@ -74,7 +76,7 @@ from adapters.mlx_lm.sampling import (
 )
 from adapters.mlx_lm.slot_kv import SlotBatch, capacity_for
 
-__all__ = ["Batcher", "SequenceOut"]
+__all__ = ["BatchState", "Batcher", "SequenceOut"]
 
 # Prompt tokens (padding included) that arrivals prefilled together may bring to one pass, in chunks.
 PREFILL_TOGETHER_CHUNKS = 4
@@ -90,6 +92,20 @@ class SequenceOut:
     sampled: SampledToken
     finish_reason: str | None  # "stop" (an EOS token) | "length" | None
     cache: list[Any] | None = None  # the sequence's own KV, once it finished (when its insert asked)
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What a batch holds at one moment, as plain figures (tests and benchmarks check a batch with it)."""
+
+    sequences: int  # not yet ended: decoding, waiting or preempted
+    running: int  # decoding in slots
+    waiting: int  # waiting for a slot (new, or preempted)
+    slot_rows: int  # rows of slot KV held (0: none held, the KV freed)
+    slot_capacity: int  # positions per row (0: none held)
+    occupied: tuple[int, ...]  # the slots in use, by index
+    constrained: int  # sequences following a grammar (masked batch-wide)
+    processed: int  # sequences whose logits go through their own processors, row by row
 
 
 @dataclass(eq=False)
@@ -150,7 +166,6 @@ class Batcher:
         self.max_running = max_running
         # None: no budget (bench and unit tests that drive a batch directly).
         self.kv_budget = kv_budget
-        self.step_size = loaded.spec.prefill_step_size or 512
         self._eos = set(loaded.tokenizer.eos_token_ids)
         self._uids = itertools.count()
         self._orders = itertools.count()
@@ -170,6 +185,11 @@ class Batcher:
         self.early_count = 0  # first tokens the last step handed out early
 
     @property
+    def step_size(self) -> int:
+        """The model's prefill chunk (read at each use: a spec replaced on the loaded model takes effect)."""
+        return prefill_step(self.loaded)
+
+    @property
     def busy(self) -> bool:
         return bool(self._seqs) or self._pending is not None
 
@@ -182,6 +202,21 @@ class Batcher:
     def waiting(self) -> int:
         """Sequences waiting for a slot (new, or preempted)."""
         return sum(len(a.seqs) for a in self._arrivals)
+
+    def state(self) -> BatchState:
+        """The batch's figures now (engine thread, or the thread driving the batch)."""
+        slots = self._slots
+        seqs = list(self._seqs.values())
+        return BatchState(
+            sequences=len(seqs),
+            running=self.running,
+            waiting=self.waiting,
+            slot_rows=slots.rows if slots is not None else 0,
+            slot_capacity=slots.capacity if slots is not None else 0,
+            occupied=tuple(s.slot for s in self._rows if s is not None and s.slot is not None),
+            constrained=sum(s.matcher is not None for s in seqs),
+            processed=sum(bool(s.processors) for s in seqs),
+        )
 
     def held(self) -> Counter[str]:
         """Slots held per tenant."""
@@ -301,16 +336,15 @@ class Batcher:
 
     def _chunk(self, arrival: _Arrival) -> _Launched | None:
         """The next chunk of one prompt, prefilled alone on its own cache."""
-        chunk = arrival.prompt[arrival.done : arrival.done + self.step_size]
-        started = time.perf_counter()
-        logits = self.loaded.model(mx.array(chunk)[None], cache=arrival.cache)[:, -1, :]
-        arrival.done += len(chunk)
-        if arrival.done < len(arrival.prompt):
-            mx.eval([c.state for c in arrival.cache])
-            self.prefill_timings.append((len(chunk), time.perf_counter() - started))
+        # A batch's caches are plain KV, never quantised (quantised ones run on the sequential path).
+        part = prefill_chunk(self.loaded, arrival.prompt, arrival.cache, arrival.done, quantize=False)
+        arrival.done = part.done
+        if part.seconds is not None:
+            self.prefill_timings.append((part.tokens, part.seconds))
+        if not part.finished:
             return None
         self._arrivals.remove(arrival)
-        return self._join([arrival], logits, arrival.cache, [arrival.offset])
+        return self._join([arrival], part.logits[None], arrival.cache, [arrival.offset])
 
     def _kv_fits(self, group: list[_Arrival]) -> bool:
         """Whether the slots could hold the running sequences and ``group`` at their longest within the budget:

@@ -8,7 +8,8 @@ failed alone; the loop keeps serving.
 Ownership: the engine thread ("mlx-engine") owns ``_active``, ``_batched``, ``_batchers``, the model slots'
 states, ``prefixes`` (automatic reuse included) and every MLX array. Other threads put items in ``_inbox``,
 set a request's ``cancelled`` flag, read ``stats`` (lock-guarded) and read ``_snapshot``: an immutable
-:class:`~adapters.snapshot.EngineSnapshot` the engine thread rebuilds after every turn of its loop.
+:class:`~adapters.snapshot.EngineSnapshot` the engine thread rebuilds after every turn of its loop. Tests may
+set ``fault_hook`` (one attribute, read once per step) and read ``prefixes.prefill_seconds_per_token``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -50,6 +51,7 @@ from adapters.mlx_lm.batching import Batcher, SequenceOut
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
 from adapters.mlx_lm.models import SOURCE_ERRORS, LoadedModel, MlxTokenizer, ModelSpec, load_steps
 from adapters.mlx_lm.outbox import Outbox
+from adapters.mlx_lm.prefill import prefill_chunk
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.response_kv import ResponseKV
@@ -93,8 +95,20 @@ class MlxEngine:
         profile_path: str | None = None,
         outbox: Outbox | None = None,
         responses: ResponseKVSetup | None = None,
+        load: Callable[[ModelSpec], Generator[str, None, LoadedModel]] = load_steps,
     ) -> None:
+        """Build the engine (its thread starts with :meth:`start`).
+
+        Args:
+            specs: the models, loaded on the engine thread in turns, each serving as soon as it is ready.
+            store: the prefix-cache store (None: prefix caches off).
+            profile_path: where the engine loop's cProfile output goes (None: not profiled).
+            outbox: where events go at the end of each turn (default: requests' event loops here).
+            responses: stored responses' KV settings.
+            load: how a model loads, one stage per ``next()`` (:func:`load_steps`; tests hold a model back).
+        """
         self._slots = {s.name: ModelSlot(s) for s in specs}
+        self._load_steps = load
         self._store = store
         self._inbox: queue.SimpleQueue[Request | Build | Call | None] = queue.SimpleQueue()
         # Where events go at the end of each turn: requests' event loops here, or the engine process's
@@ -120,6 +134,10 @@ class MlxEngine:
         kept = ResponseKV(responses.memory_bytes, responses.budget_of, responses.ttl_seconds)
         self.prefixes = PrefixPath(store, self.stats, lambda build: self._active.append(build), kept)
         self.device = "unknown"
+        # Fault injection, for tests: called on the engine thread with a sequential request's plan before each
+        # of its steps (a prefill chunk or a decode step); what it raises fails that request alone, as a
+        # failing MLX call would. None (nothing called) in service.
+        self.fault_hook: Callable[[Plan], None] | None = None
         self._snapshot = EngineSnapshot()
         self._trimmed = True  # nothing freed yet to give back
         self._publish()
@@ -468,7 +486,7 @@ class MlxEngine:
         name = slot.spec.name
         started = time.perf_counter()
         try:
-            stages = load_steps(slot.spec)
+            stages = self._load_steps(slot.spec)
             while True:
                 try:
                     slot.stage = next(stages)
@@ -758,6 +776,8 @@ class MlxEngine:
         """Run one prefill chunk or one decode step. Returns True when the request is finished."""
         if request.cache is None and not request.choices:
             self.prefixes.attach(request)
+        if self.fault_hook is not None:
+            self.fault_hook(request.plan)
         if not request.choices:
             logits = self._prefill_chunk(request)
             if logits is not None:
@@ -774,23 +794,14 @@ class MlxEngine:
         return all(c.done for c in request.choices) if request.choices else False
 
     def _prefill_chunk(self, request: Request) -> mx.array | None:
-        """Feed the next chunk of the prompt; return the last position's logits after the final one.
-
-        The whole prompt goes through the model once: the final chunk's last position gives the first
-        token (mlx-lm's generate_step runs the last token as a second pass).
-        """
+        """Feed the next chunk of the prompt (:func:`prefill_chunk`); the last position's logits after the
+        final one. One chunk per turn: the other requests' steps run between two chunks."""
         assert request.cache is not None
-        prompt = request.plan.prompt_tokens
-        step = request.model.spec.prefill_step_size or 512
-        chunk = list(prompt[request.prefilled : request.prefilled + step])
-        request.prefilled += len(chunk)
-        started = time.perf_counter()
-        logits = request.model.forward(chunk, request.cache)
-        if request.prefilled < len(prompt):
-            mx.eval([c.state for c in request.cache])
-            self.prefixes.record_prefill(request.model, len(chunk), time.perf_counter() - started)
-            return None
-        return logits
+        part = prefill_chunk(request.model, request.plan.prompt_tokens, request.cache, request.prefilled)
+        request.prefilled = part.done
+        if part.seconds is not None:
+            self.prefixes.record_prefill(request.model, part.tokens, part.seconds)
+        return part.logits if part.finished else None
 
     def _start_choices(self, request: Request, logits: mx.array) -> None:
         plan, loaded = request.plan, request.model

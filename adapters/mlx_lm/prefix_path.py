@@ -10,10 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import mlx.core as mx
-
 from adapters.base import BuildProgress, EngineError, Failed, PrefixBuildRefused, PrefixBuilt, Started, StorageFull
 from adapters.mlx_lm.models import LoadedModel
+from adapters.mlx_lm.prefill import prefill_chunk, prefill_step
 from adapters.mlx_lm.prefix_kv import exact_prefix, library_version, new_manifest
 from adapters.mlx_lm.response_kv import ResponseKV
 from adapters.mlx_lm.reuse import TenantReuse
@@ -52,7 +51,7 @@ class PrefixPath:
         self.reuse = TenantReuse()
         self.responses = responses
         # Seconds per prompt token, per model, measured on evaluated prefill chunks (decides cold caches).
-        self.rates: dict[str, Rate] = {}
+        self._rates: dict[str, Rate] = {}
         self._queue = queue
 
     def attach(self, request: Request) -> None:
@@ -126,20 +125,25 @@ class PrefixPath:
         cache is already decided by measured costs; traffic refines the rate later."""
         if self.store is None:
             return
-        step = loaded.spec.prefill_step_size or 512
-        tokens = [i % min(loaded.vocab_size, 1000) for i in range(step)]
+        tokens = [i % min(loaded.vocab_size, 1000) for i in range(prefill_step(loaded))]
         for timed in (False, True):
-            cache = loaded.make_cache()
-            started = time.perf_counter()
-            loaded.forward(tokens, cache, quantize=False)
-            mx.eval([c.state for c in cache])
-            if timed:
-                self.rate(loaded).add(step, time.perf_counter() - started)
+            part = prefill_chunk(loaded, tokens, loaded.make_cache(), 0, quantize=False, evaluate_last=True)
+            if timed and part.seconds is not None:
+                # Added whatever the chunk's length (record_prefill's floor is for traffic's short chunks):
+                # one sample is better than none, and traffic refines it.
+                self.rate(loaded).add(part.tokens, part.seconds)
         rate = self.rate(loaded).per_second() or 0.0
         logger.info("model %s: prefill measured at %.0f tokens/s", loaded.spec.name, rate)
 
     def rate(self, loaded: LoadedModel) -> Rate:
-        return self.rates.setdefault(loaded.spec.name, Rate())
+        """The model's measured prefill rate, to add samples to (engine thread)."""
+        return self._rates.setdefault(loaded.spec.name, Rate())
+
+    def prefill_seconds_per_token(self, model: str) -> float | None:
+        """The model's measured prefill cost, seconds per prompt token; None until measured (calibration
+        at load, when prefix caches are on, then every timed prefill chunk). A float read: any thread."""
+        rate = self._rates.get(model)
+        return None if rate is None else rate.seconds_per_unit
 
     def _recompute_cold(self, request: Request, manifest: Manifest, reuse: int) -> bool:
         """Serve a cold cache by recomputing its tokens when reading its file was measured to cost more.
@@ -214,13 +218,12 @@ class PrefixPath:
             if build.cache is None:
                 build.cache = build.model.make_cache()
             tokens = manifest.tokens
-            step = build.model.spec.prefill_step_size or 512
-            chunk = tokens[build.prefilled : build.prefilled + step]
-            started = time.perf_counter()
-            build.model.forward(chunk, build.cache, quantize=False)
-            mx.eval([c.state for c in build.cache])
-            self.record_prefill(build.model, len(chunk), time.perf_counter() - started)
-            build.prefilled += len(chunk)
+            # Full precision while building (quantised once, when saved); every chunk evaluated, the last
+            # one too: its KV is saved, not sampled from.
+            part = prefill_chunk(build.model, tokens, build.cache, build.prefilled, quantize=False, evaluate_last=True)
+            if part.seconds is not None:
+                self.record_prefill(build.model, part.tokens, part.seconds)
+            build.prefilled = part.done
             logger.info(
                 "prefix cache %s: %d/%d tokens",
                 manifest.name,

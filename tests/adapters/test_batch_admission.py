@@ -104,7 +104,8 @@ def test_a_waiting_tenant_preempts_one_above_its_share(loaded: LoadedModel) -> N
     for uid, t in zip(a_uids, noisy, strict=True):
         assert len(results[uid]) == 40
         assert_same_greedy(alone(loaded, t, long), results[uid])
-    assert batcher._slots is None and not batcher._arrivals  # idle: nothing parked or left behind
+    state = batcher.state()
+    assert not state.slot_rows and not state.waiting  # idle: nothing parked or left behind
 
 
 def test_the_kv_budget_holds_arrivals_back(loaded: LoadedModel) -> None:
@@ -121,9 +122,8 @@ def test_the_kv_budget_holds_arrivals_back(loaded: LoadedModel) -> None:
     most = 0
     for _ in drive(batcher, results, finished):
         most = max(most, batcher.running)
-        slots = batcher._slots
-        if slots is not None:
-            assert slots.rows * slots.capacity * loaded.kv_bytes_per_token <= 2 * per_row
+        state = batcher.state()
+        assert state.slot_rows * state.slot_capacity * loaded.kv_bytes_per_token <= 2 * per_row
     assert most == 2
     for uid, t in zip(uids, requests, strict=True):
         assert_same_greedy(alone(loaded, t, p), results[uid])

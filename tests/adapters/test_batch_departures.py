@@ -43,12 +43,13 @@ def test_departures_free_slots_for_arrivals_and_change_no_token(loaded: LoadedMo
     most = 0
     for _ in drive(batcher, results, finished):
         most = max(most, batcher.running)
-        if batcher._slots is not None:
-            assert batcher._slots.rows <= 4
-            slots_used.update(s.slot for s in batcher._rows if s is not None and s.slot is not None)
+        state = batcher.state()
+        assert state.slot_rows <= 4
+        slots_used.update(state.occupied)
     assert set(finished) == set(uids) and set(finished.values()) == {"length"}
     for uid, (tokens, p) in zip(uids, requests, strict=True):
         assert len(results[uid]) == p.max_tokens
         assert_same_greedy(alone(loaded, tokens, p), results[uid])
     assert most == 4 and slots_used == {0, 1, 2, 3}  # twelve sequences went through four slots
-    assert batcher._slots is None and not batcher._seqs  # idle: nothing left behind, the KV freed
+    state = batcher.state()
+    assert not state.slot_rows and not state.sequences  # idle: nothing left behind, the KV freed

@@ -135,7 +135,8 @@ def test_lane_burst_and_unconstrained_neighbours_match_alone(
     text = text_of(loaded, results[uids[3]])
     assert finished[uids[3]] == "stop" and text.startswith("<tool_call>") and text.endswith("</tool_call>")
     check_schema(json.loads(text.removeprefix("<tool_call>").removesuffix("</tool_call>")), TOOL_CALL)
-    assert not batcher._seqs and batcher._slots is None  # nothing left behind
+    state = batcher.state()
+    assert not state.sequences and not state.slot_rows  # nothing left behind
 
 
 def test_n_choices_and_a_sequence_leaving_mid_way(
@@ -163,7 +164,8 @@ def test_n_choices_and_a_sequence_leaving_mid_way(
         assert_same_greedy(ref, results[uid])
     assert len(results[u3]) == 5
     assert_same_greedy(alone(loaded, t3, replace(p3, max_tokens=5)), results[u3])
-    assert not batcher._seqs and batcher._slots is None
+    state = batcher.state()
+    assert not state.sequences and not state.slot_rows
 
 
 def test_the_batch_masks_constrained_rows_at_once(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,8 +188,9 @@ def test_the_batch_masks_constrained_rows_at_once(loaded: LoadedModel, monkeypat
     while batcher.running < 5:
         next(steps)
     next(steps)
-    assert not any(s.processors for s in batcher._seqs.values())  # no row-by-row processing
-    assert sum(s.matcher is not None for s in batcher._seqs.values()) == 4
+    state = batcher.state()
+    assert state.processed == 0  # no row-by-row processing
+    assert state.constrained == 4
     for _ in steps:
         pass
     assert calls and max(calls) == 4  # one call for all four constrained rows

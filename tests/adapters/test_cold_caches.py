@@ -100,7 +100,7 @@ def test_cold_cache_is_loaded_or_recomputed_by_measured_cost(engine: MlxEngine, 
 
     # Cold, with loading measured cheap (as it is on this machine): the file is read.
     on_engine(engine, lambda: store.evict("default", name))
-    assert engine.prefixes.rates[model].seconds_per_unit is not None  # timed while building
+    assert engine.prefixes.prefill_seconds_per_token(model) is not None  # timed while building
     cold, cold_tokens, _ = ask(engine, model)
     assert cold.prefix_hit and not cold.prefix_resident
     assert store.estimated_load_seconds(manifest) is not None

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,14 +50,11 @@ def plan(rid: str, tokens: tuple[int, ...] = (10, 11, 12), model: str = "tiny", 
 
 
 def test_a_failing_request_fails_alone(engine: MlxEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = engine._prefill_chunk
-
-    def faulty(request):  # type: ignore[no-untyped-def]
-        if request.plan.request_id == "boom":
+    def faulty(plan: Plan) -> None:
+        if plan.request_id == "boom":
             raise RuntimeError("injected fault")
-        return original(request)
 
-    monkeypatch.setattr(engine, "_prefill_chunk", faulty)
+    monkeypatch.setattr(engine, "fault_hook", faulty)
     before = engine.health()["requests"]["failed"]
     events = run(engine, plan("boom"))
     assert isinstance(events[-1], Failed) and "injected fault" in str(events[-1].error)
@@ -133,7 +131,7 @@ def test_cpu_extra_brings_a_fast_blas() -> None:
     ],
     ids=["one-token", "penalties", "logit-bias"],
 )
-def test_batched_first_token_path_agrees_with_sequential(engine: MlxEngine, kw: dict[str, object]) -> None:
+def test_batched_first_token_path_agrees_with_sequential(engine: MlxEngine, kw: dict[str, Any]) -> None:
     """A lone arrival is prefilled in one pass before it joins the batch; penalties, bias and lengths hold."""
     tokens = tuple(range(300, 340))
     ids = lambda evs: [t for e in evs if hasattr(e, "token_ids") for t in e.token_ids]  # noqa: E731
@@ -148,6 +146,5 @@ def test_prompts_longer_than_a_chunk_still_batch_correctly(engine: MlxEngine, mo
     whole = ids(run(engine, plan("a", tokens, model="tiny-batched", max_tokens=8)))
     loaded = engine.loaded("tiny-batched")
     monkeypatch.setattr(loaded, "spec", ModelSpec(**{**loaded.spec.__dict__, "prefill_step_size": 64}))
-    engine._batchers.pop("tiny-batched", None)  # a new batch with the smaller chunk
     chunked = ids(run(engine, plan("b", tokens, model="tiny-batched", max_tokens=8)))
     assert chunked == whole

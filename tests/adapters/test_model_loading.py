@@ -15,10 +15,9 @@ from adapters.mlx_lm.blas import load_optimised_blas
 
 load_optimised_blas()  # before mlx is imported below
 
-import adapters.mlx_lm.engine as engine_module  # noqa: E402
 from adapters.base import EngineNotReady, Finished, ModelUnavailable, Plan, SamplingParams  # noqa: E402
 from adapters.mlx_lm.engine import MlxEngine  # noqa: E402
-from adapters.mlx_lm.models import LoadedModel, ModelSpec  # noqa: E402
+from adapters.mlx_lm.models import LoadedModel, ModelSpec, load_steps  # noqa: E402
 
 
 def _wait(engine: MlxEngine, model: str, state: str, timeout: float = 60) -> None:
@@ -38,20 +37,19 @@ def _complete(engine: MlxEngine, model: str) -> Finished:
     return last
 
 
-def test_a_ready_model_serves_while_another_loads(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ready_model_serves_while_another_loads(models_dir: Path) -> None:
     gate = threading.Event()
-    real = engine_module.load_steps
 
     def held(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
         while spec.name == "slow" and not gate.is_set():
             yield "held by the test"
             time.sleep(0.002)
-        return (yield from real(spec))
+        return (yield from load_steps(spec))
 
-    monkeypatch.setattr(engine_module, "load_steps", held)
     # "slow" comes first: the engine must not wait for it before serving "tiny".
     engine = MlxEngine(
-        [ModelSpec("slow", "tiny", models_dir=str(models_dir)), ModelSpec("tiny", "tiny", models_dir=str(models_dir))]
+        [ModelSpec("slow", "tiny", models_dir=str(models_dir)), ModelSpec("tiny", "tiny", models_dir=str(models_dir))],
+        load=held,
     )
     engine.start()
     try:
