@@ -1,6 +1,7 @@
-"""The one home for upstream private names: every use of an underscore name of mlx, mlx-lm, llguidance or
-transformers that the gateway makes is a small documented function here, and nowhere else
-(``tests/test_upstream_names.py`` fails on any other module that reaches for one).
+"""The one home for upstream private names: every use of an underscore name of mlx, mlx-lm, llguidance,
+transformers or litestar that the gateway makes is here, each a small documented function (or a type
+re-exported for annotations), and nowhere else (``tests/test_upstream_names.py`` fails on any other module
+that reaches for one).
 
 Private names change without notice between releases; the version pins in ``pyproject.toml`` are what
 keeps them working. So that an upgrade (or an install that ignored the pins) does not break them
@@ -9,7 +10,9 @@ warning naming this module when they differ: re-check each function below agains
 update :data:`WRITTEN_AGAINST`.
 
 Nothing here imports mlx at import time (only :mod:`importlib.metadata`): the front end process, which
-must never import mlx, may import this module. Each function imports what it wraps when called.
+must never import mlx, may import this module, so one module serves both processes. Each function imports
+what it wraps when called. litestar and transformers are not version-checked: litestar's names here are
+types only, and transformers' is used by the tests only.
 """
 
 from __future__ import annotations
@@ -20,15 +23,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    # A TypedDict that llguidance declares only in its private extension module's stub (not re-exported by
-    # ``llguidance``): what ``LLMatcher.grammar_from_json_schema(defaults=...)`` takes. Types only.
+    # Types only: a rename breaks the type check, never a running process.
+    # litestar: the types in the signatures of the AbstractDTO methods gateway/body.py overrides, which
+    # litestar keeps in private modules. llguidance: what ``LLMatcher.grammar_from_json_schema(defaults=...)``
+    # takes, a TypedDict declared only in its private extension module's stub (``llguidance`` does not export it).
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.dto._backend import DTOBackend
     from llguidance._lib import JsonCompileOptions
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "WRITTEN_AGAINST",
+    "DTOBackend",
     "JsonCompileOptions",
+    "SchemaCreator",
     "check_versions",
     "compile_chat_template",
     "hf_tokenizer",
