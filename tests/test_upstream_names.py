@@ -1,6 +1,7 @@
 """Upstream private names are used in one module only (adapters/upstream.py), and that module warns when
 the installed versions are not the ones it was written against. Nowhere are classes swapped
-(``x.__class__ = ...``) or recognised by name (``type(x).__name__ == ...``).
+(``x.__class__ = ...``), recognised by name (``type(x).__name__ == ...``), or subclassed to override an
+upstream private method.
 
 The check is syntactic (``ast``), so it cannot know an object's type; an access ``x._name`` (``x`` not
 ``self``/``cls``) fails unless ``_name`` is one of ours: defined somewhere in this code base *and* not a
@@ -77,6 +78,23 @@ def ours() -> frozenset[str]:
 
 
 @cache
+def our_classes() -> frozenset[str]:
+    return frozenset(n.name for tree in parsed().values() for n in ast.walk(tree) if isinstance(n, ast.ClassDef))
+
+
+def overrides_upstream_private(node: ast.ClassDef) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Methods of a class with an upstream base that override one of upstream's private names."""
+    bases = [b.attr if isinstance(b, ast.Attribute) else b.id if isinstance(b, ast.Name) else "" for b in node.bases]
+    if all(b in our_classes() for b in bases):
+        return []
+    return [
+        f
+        for f in node.body
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) and private(f.name) and f.name in upstream_privates()
+    ]
+
+
+@cache
 def upstream_privates() -> frozenset[str]:
     names: set[str] = set()
     for package, parts in SOURCES.items():
@@ -123,6 +141,8 @@ def upstream_private_uses(path: Path, tree: ast.Module) -> list[str]:
             found.append(where(node))  # a class swap: overriding an upstream class's private methods from outside
         elif isinstance(node, ast.Compare) and any(class_name(e) for e in [node.left, *node.comparators]):
             found.append(where(node))  # which upstream class, by its name: use isinstance on the public class
+        elif isinstance(node, ast.ClassDef):
+            found += [f"{path}:{f.lineno}: {node.name}.{f.name}" for f in overrides_upstream_private(node)]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
             if parts[0] in UPSTREAM and (any(private(p) for p in parts) or any(private(a.name) for a in node.names)):
@@ -173,6 +193,7 @@ def test_no_module_but_the_home_touches_upstream_private_names() -> None:
         "byte_level = d.__class__.__name__ in ('A', 'B')",
         "f = getattr(detok, '_maybe_trim_space')",
         "x = obj._a_name_nobody_here_defines",
+        "class Exact(BPEStreamingDetokenizer):\n    def _maybe_trim_space(self, text): return text",
     ],
 )
 def test_the_check_catches(source: str) -> None:
@@ -188,6 +209,7 @@ def test_the_check_catches(source: str) -> None:
         "p = point._replace(x=1)",
         "n = stats._requests",  # defined by our code (adapters/stats.py) and not upstream's
         "message = f'{type(exc).__name__}: {exc}'",
+        "class Detok(StreamingDetokenizer):\n    def _our_own_step(self): pass",  # a private name of our own
     ],
 )
 def test_the_check_lets_pass(source: str) -> None:
