@@ -24,8 +24,9 @@ import llguidance as llg
 from adapters.base import OutputConstraint, ToolCalling
 
 if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions
     from transformers import PreTrainedTokenizerFast
+
+    from adapters.upstream import JsonCompileOptions
 
 __all__ = [
     "CACHE_ENTRIES",

@@ -31,11 +31,11 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
-from mlx_lm.tokenizer_utils import _byte_decoder  # noqa: E402
 
 from adapters.base import OutputConstraint  # noqa: E402
 from adapters.grammar import JSON_OPTIONS  # noqa: E402
 from adapters.mlx_lm.constraints import MaskingGrammarCompiler  # noqa: E402
+from adapters.mlx_lm.detokenizer import byte_decoder  # noqa: E402
 from adapters.mlx_lm.models import ModelSpec, load_model  # noqa: E402
 from bench.harness import DEFAULT_MODEL, RESULTS, bench_parser, summary, write_result  # noqa: E402
 
@@ -179,7 +179,7 @@ class OutlinesCore(Lib):
         import outlines_core as oc
 
         self.oc = oc
-        table = dict(_byte_decoder())
+        table = byte_decoder()
         special = set(hf.added_tokens_decoder)
         pieces: dict[bytes, list[int]] = {}
         for piece, i in hf.get_vocab().items():
@@ -376,7 +376,7 @@ def main() -> None:
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     loaded = load_model(ModelSpec(model, model))
-    hf = loaded.tokenizer.wrapper._tokenizer
+    hf = loaded.tokenizer.text.hf
     eos = sorted(loaded.tokenizer.eos_token_ids)
     chat = [{"role": "user", "content": "Reply with a JSON object describing an order."}]
     prompt = mx.array(loaded.tokenizer.encode(loaded.tokenizer.render_chat(chat, add_generation_prompt=True)))

@@ -61,15 +61,15 @@ def question(texts: Texts, i: int) -> str:
 
 
 def one(
-    client: openai.OpenAI, s: Scenario, prefix: dict[str, Any], q: str, cache: str | None, max_tokens: int
+    client: ModelClient, s: Scenario, prefix: dict[str, Any], q: str, cache: str | None, max_tokens: int
 ) -> tuple[float, float, int, int]:
     """(ttft, total seconds, prompt tokens, cached tokens) of one streamed request."""
     extra = {"prefix_cache": cache} if cache else {}
     start = time.perf_counter()
     if s.kind == "chat":
         messages = ([] if cache else prefix["messages"]) + [{"role": "user", "content": q}]
-        stream: Any = client.chat.completions.create(
-            model=client._model,  # type: ignore[attr-defined]
+        stream: Any = client.sdk.chat.completions.create(
+            model=client.model,
             messages=messages,
             max_tokens=max_tokens,
             temperature=0,
@@ -80,8 +80,8 @@ def one(
         )
     else:
         prompt = ("" if cache else prefix["prompt"]) + "\n\nQ: " + q + "\nA:"
-        stream = client.completions.create(
-            model=client._model,  # type: ignore[attr-defined]
+        stream = client.sdk.completions.create(
+            model=client.model,
             prompt=prompt,
             max_tokens=max_tokens,
             temperature=0,
@@ -102,10 +102,16 @@ def one(
     return first, total, usage.prompt_tokens, cached or 0
 
 
-def client_for(gw: Gateway, model: str) -> openai.OpenAI:
-    client = openai.OpenAI(base_url=gw.v1, api_key="bench", max_retries=0, timeout=600)
-    client._model = model  # type: ignore[attr-defined]
-    return client
+@dataclass(frozen=True)
+class ModelClient:
+    """An OpenAI client and the model its requests name (kept beside it, not set on the SDK's object)."""
+
+    sdk: openai.OpenAI
+    model: str
+
+
+def client_for(gw: Gateway, model: str) -> ModelClient:
+    return ModelClient(openai.OpenAI(base_url=gw.v1, api_key="bench", max_retries=0, timeout=600), model)
 
 
 PHASES = ("planning", "admission", "to_engine", "engine_queue", "prefill", "first_token_out")
@@ -136,7 +142,7 @@ def breakdown(before: dict[tuple[str, str], float], after: dict[tuple[str, str],
 
 
 def measure(
-    client: openai.OpenAI,
+    client: ModelClient,
     s: Scenario,
     prefix: dict[str, Any],
     texts: Texts,

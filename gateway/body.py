@@ -22,9 +22,9 @@ from gateway.errors import InvalidRequest
 from gateway.schemas.openai import CACHE_NAME_PATTERN, CACHE_NAME_RULE
 
 if TYPE_CHECKING:
-    from litestar._openapi.schema_generation import SchemaCreator
-    from litestar.dto._backend import DTOBackend
     from litestar.openapi.spec import Reference, Schema
+
+    from adapters.upstream import DTOBackend, SchemaCreator
 
 __all__ = ["StrictBody", "cache_name_error", "invalid_body"]
 

@@ -38,5 +38,5 @@ def closing_bias_ids(decode: Callable[[list[int]], str], vocab: int) -> dict[int
 def closing_bias(models_dir: Path) -> dict[str, float]:
     """The tiny model's closing bias in OpenAI's ``logit_bias`` form."""
     tok = load_tokenizer(build_model("tiny", models_dir=models_dir))
-    hf = tok._tokenizer
-    return {str(i): b for i, b in closing_bias_ids(hf.decode, len(hf)).items()}
+    # mlx-lm's wrapper forwards decode() and len() to its Hugging Face tokenizer.
+    return {str(i): b for i, b in closing_bias_ids(tok.decode, len(tok)).items()}

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,18 @@ import msgspec
 from mlx.utils import tree_flatten
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper, _byte_decoder
-from mlx_lm.utils import _download as hf_snapshot  # mlx-lm's snapshot download, with its file patterns
+from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import dequantize_model, load
 
 from adapters.base import OutputConstraint, ToolCalling
 from adapters.mlx_lm.constraints import MaskingGrammarCompiler
+from adapters.mlx_lm.detokenizer import ByteLevelDetokenizer, byte_decoder, exact_detokenizer
 from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
 from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 from adapters.setup import ModelSpec
 from adapters.tokenizer import TextTokenizer, TokenizerFacts
+from adapters.upstream import hf_tokenizer, snapshot_download
 
 __all__ = ["SOURCE_ERRORS", "LoadedModel", "MlxTokenizer", "ModelNotFound", "ModelSpec", "load_model", "load_steps"]
 
@@ -58,7 +59,7 @@ class MlxTokenizer:
             trust_remote_code: how it was loaded, so that the front end loads it the same way.
         """
         self.wrapper = wrapper
-        self._hf: Any = wrapper._tokenizer
+        self._hf: Any = hf_tokenizer(wrapper)
         parser = wrapper.tool_parser
         facts = TokenizerFacts(
             path=str(path if path is not None else self._hf.name_or_path),
@@ -71,13 +72,9 @@ class MlxTokenizer:
             trust_remote_code=trust_remote_code,
         )
         self.text = TextTokenizer(self._hf, facts, compiler=MaskingGrammarCompiler)
-        self._byte_level = type(wrapper._detokenizer).__name__ == "BPEStreamingDetokenizer"
-        self._id_to_piece: list[str] = self._hf.convert_ids_to_tokens(list(range(len(self._hf))))
-        self._detokenizer: Any = copy.copy(wrapper._detokenizer)
-        if self._byte_level:
-            self._detokenizer.__class__ = _ExactBPEDetokenizer
-        elif hasattr(self._detokenizer, "trim_space"):
-            self._detokenizer.trim_space = False
+        self._id_to_piece: list[str | None] = self._hf.convert_ids_to_tokens(list(range(len(self._hf))))
+        self._detokenizer = exact_detokenizer(wrapper, self._id_to_piece)
+        self._byte_level = isinstance(self._detokenizer, ByteLevelDetokenizer)
 
     def facts(self) -> TokenizerFacts:
         """What a process without mlx needs to tokenise as this model does (:meth:`TextTokenizer.load`)."""
@@ -90,10 +87,11 @@ class MlxTokenizer:
         assert isinstance(grammars, MaskingGrammarCompiler)  # the compiler class given to TextTokenizer
         return grammars
 
-    def detokenizer(self) -> Any:
+    def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer whose text is exactly the tokens' decoding.
 
-        mlx-lm's own drops the first leading space, which loses text for completions (``x =`` + `` 5``).
+        mlx-lm's own drops the first leading space, which loses text for completions (``x =`` + `` 5``):
+        see :mod:`adapters.mlx_lm.detokenizer`.
         """
         detok = copy.copy(self._detokenizer)
         detok.reset()
@@ -138,20 +136,10 @@ class MlxTokenizer:
         return _token_text(self, token)
 
 
-class _ExactBPEDetokenizer(BPEStreamingDetokenizer):
-    def _maybe_trim_space(self, current_text: str) -> str:
-        return current_text
-
-
-@cache
-def _bytes_map() -> dict[str, int]:
-    return dict(_byte_decoder())
-
-
 def _token_text(tok: MlxTokenizer, token: int) -> tuple[str, tuple[int, ...]]:
-    if tok._byte_level and token < len(tok._id_to_piece) and tok._id_to_piece[token] is not None:
-        table = _bytes_map()
-        piece = tok._id_to_piece[token]
+    piece = tok._id_to_piece[token] if tok._byte_level and token < len(tok._id_to_piece) else None
+    if piece is not None:
+        table = byte_decoder()
         if all(ch in table for ch in piece):
             raw = bytes(table[ch] for ch in piece)
             return raw.decode("utf-8", errors="replace"), tuple(raw)
@@ -224,7 +212,7 @@ def _resolve(spec: ModelSpec) -> str:
     # patterns), so that the model's fingerprint covers the snapshot's files: a stored prefix cache is
     # never used on weights that changed under the same id.
     try:
-        return str(hf_snapshot(spec.source))
+        return str(snapshot_download(spec.source))
     except Exception as exc:  # offline, unknown repo, gated ...: say which, not a repo-id validation error
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if "/" not in spec.source:  # a mistyped preset more likely than an id without an owner
@@ -355,7 +343,7 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
     mx.eval(model.parameters())
     yield "reading the tokenizer"
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 0)
-    hf_vocab = len(wrapper._tokenizer)
+    hf_vocab = len(wrapper)  # the wrapper's len() is its Hugging Face tokenizer's
     vocab = vocab or hf_vocab
     ctx = spec.context_length or int(
         config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings") or 4096
@@ -378,7 +366,7 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
         mx.default_device(),
         weights,
     )
-    hf = wrapper._tokenizer
+    hf = hf_tokenizer(wrapper)
     vocab_digest = hashlib.sha256(msgspec.json.encode(sorted(hf.get_vocab().items())))
     template = getattr(hf, "chat_template", None) or ""
     args = getattr(model, "args", None)

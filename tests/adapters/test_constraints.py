@@ -226,17 +226,13 @@ def test_invalid_constraints_raise(compiler: MaskingGrammarCompiler, kind: Any, 
             compiler.check(OutputConstraint(kind, source))
 
 
-def test_compile_cache_returns_the_cached_grammar(compiler: MaskingGrammarCompiler) -> None:
+def test_compile_cache_returns_the_cached_grammar(compiler: MaskingGrammarCompiler, loaded: LoadedModel) -> None:
     constraint = OutputConstraint("json_schema", json.dumps(NESTED))
     first = compiler.compile(constraint)
     assert compiler.compile(OutputConstraint("json_schema", json.dumps(NESTED))) is first
     a, b = compiler.matcher(constraint), compiler.matcher(constraint)
-    a.advance(compiler_token(compiler, "{"))
+    a.advance(loaded.tokenizer.encode("{")[0])
     assert a._matcher is not b._matcher and not b.done  # one state per sequence
-
-
-def compiler_token(compiler: MaskingGrammarCompiler, text: str) -> int:
-    return compiler._tokenizer.tokenize_str(text)[0]
 
 
 def test_check_from_many_threads(compiler: MaskingGrammarCompiler) -> None:

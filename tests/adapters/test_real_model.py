@@ -118,10 +118,10 @@ def test_a_missing_path_says_so(source: str, tmp_path: Path) -> None:
 
 
 def test_preset_template_renders_as_smollm2s_own_without_tools(smollm: LoadedModel, models_dir: Path) -> None:
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from adapters.upstream import compile_chat_template
 
     _, meta = mx.load(str(models_dir / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"), return_metadata=True)
-    own = _compile_jinja_template(str(meta["tokenizer.chat_template"]))  # type: ignore[index]
+    own = compile_chat_template(str(meta["tokenizer.chat_template"]))  # type: ignore[index]
     for messages in (
         [{"role": "user", "content": "hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],

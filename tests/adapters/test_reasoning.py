@@ -93,7 +93,7 @@ def test_no_block_opened_everything_is_answer(pieces: list[str], answer: str) ->
 def thinking(models_dir: Path) -> MlxTokenizer:
     path = build_thinking_model(models_dir)
     wrapper = load_tokenizer(path)
-    return MlxTokenizer(wrapper, len(wrapper._tokenizer))
+    return MlxTokenizer(wrapper, len(wrapper))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def tiny(models_dir: Path) -> MlxTokenizer:
     from adapters.mlx_lm.presets import build_model
 
     wrapper = load_tokenizer(build_model("tiny", models_dir=models_dir))
-    return MlxTokenizer(wrapper, len(wrapper._tokenizer))
+    return MlxTokenizer(wrapper, len(wrapper))
 
 
 def test_the_rule_on_real_prompts(thinking: MlxTokenizer, tiny: MlxTokenizer) -> None:

@@ -15,6 +15,7 @@ from adapters.base import OutputConstraint, ToolCalling
 from adapters.grammar import InvalidConstraint
 from adapters.mlx_lm.models import MlxTokenizer, ModelSpec, load_model
 from adapters.tokenizer import TextTokenizer, TokenizerFacts
+from adapters.upstream import hf_tokenizer
 
 MODEL = "smollm2-135m"  # the gateway's default model
 REPO = Path(__file__).parents[2]
@@ -79,7 +80,7 @@ def test_facts_say_what_mlx_lm_decided(engine_tok: MlxTokenizer) -> None:
 
 def test_a_new_tokenizer_is_loaded_not_shared(engine_tok: MlxTokenizer, text_tok: TextTokenizer) -> None:
     assert text_tok.hf is not engine_tok.text.hf  # the comparisons below are between two loads
-    assert engine_tok.text.hf is engine_tok.wrapper._tokenizer  # the engine's: no second load
+    assert engine_tok.text.hf is hf_tokenizer(engine_tok.wrapper)  # the engine's: no second load
 
 
 @pytest.mark.parametrize("text", TEXTS)

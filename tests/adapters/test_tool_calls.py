@@ -23,7 +23,7 @@ WEATHER = {
 @pytest.fixture(scope="module")
 def tokenizer(models_dir: Path) -> MlxTokenizer:
     wrapper = load_tokenizer(build_model("tiny", models_dir=models_dir))
-    return MlxTokenizer(wrapper, len(wrapper._tokenizer))
+    return MlxTokenizer(wrapper, len(wrapper))
 
 
 def run(tokenizer: MlxTokenizer, text: str, tools: ToolCalling | None, stop: tuple[str, ...] = ()) -> tuple[str, list]:
