@@ -40,8 +40,15 @@ PUBLIC = {"_replace", "_asdict", "_fields", "_make", "_field_defaults", "_exit",
 
 
 def project_files() -> list[Path]:
-    skip = {".venv", ".git", "node_modules"}
-    return sorted(p.relative_to(ROOT) for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts[:-1]))
+    """The project's own files: what git tracks or would (ignored folders such as a venv or a build are not ours)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return sorted(Path(p) for p in listed if (ROOT / p).exists())
 
 
 def private(name: str) -> bool:
