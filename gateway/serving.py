@@ -11,7 +11,7 @@ import msgspec
 
 from adapters.base import Engine, EngineEvent, Failed, Plan, Started, TokenEvent
 from gateway.encoding import ChunkEncoder, ResponseEncoder
-from gateway.errors import ServerError
+from gateway.errors import APIError, EngineFailed, failure
 from gateway.metrics import GenerationObserver
 from gateway.planning import PlannedRequest
 from gateway.schemas.openai import ChatCompletion, CompletionResponse
@@ -59,9 +59,9 @@ async def _events(engine: Engine, plans: tuple[Plan, ...]) -> AsyncIterator[tupl
                 await task
 
 
-def _failure(event: Failed, planned: PlannedRequest) -> ServerError:
+def _failure(event: Failed, planned: PlannedRequest) -> APIError:
     logger.error("[%s] engine failure: %s", planned.id, event.error)
-    return ServerError(f"The engine failed on this request: {event.error}")
+    return failure(event.error, EngineFailed)
 
 
 class Running:

@@ -8,7 +8,8 @@ import contextlib
 
 import pytest
 
-from gateway.tenancy.admission import Admission, RateLimited
+from gateway.errors import RateLimited
+from gateway.tenancy.admission import Admission
 
 
 async def _hold(admission: Admission, tenant: str, order: list[str], release: asyncio.Event) -> None:
