@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from types import TracebackType
 
 import msgspec
@@ -177,8 +178,14 @@ class Serving:
     """
 
     def __init__(
-        self, engine: Engine, admission: Places, planned: PlannedRequest, observer: GenerationObserver | None = None
+        self,
+        engine: Engine,
+        admission: Places,
+        planned: PlannedRequest,
+        observer: Callable[[], GenerationObserver] | None = None,
     ) -> None:
+        """``observer`` makes the run's metrics observer; it is called once the request holds its place (the
+        observer takes that moment as the end of the request's time in the queue)."""
         self.planned = planned
         self._engine = engine
         self._admission = admission
@@ -200,7 +207,7 @@ class Serving:
         ticket = await self._stack.enter_async_context(slot)
         try:
             count_planned_misses(planned, self._engine)
-            running = Running(self._engine, planned, self._observer)
+            running = Running(self._engine, planned, self._observer() if self._observer else None)
 
             def settle() -> None:
                 ticket.used = running.used_tokens
@@ -245,7 +252,8 @@ class Serving:
 def serve(state: State, planned: PlannedRequest) -> Serving:
     """:class:`Serving` with the app's engine, admission and metrics (its observer times the request's phases)."""
     metrics: Metrics = state.metrics
-    observer = metrics.observer(planned.model, planned.plans[0].tenant, arrival(), planned_at())
+    arrived, planned_by = arrival(), planned_at()
+    observer = partial(metrics.observer, planned.model, planned.plans[0].tenant, arrived, planned_by)
     return Serving(state.engine, state.admission, planned, observer)
 
 

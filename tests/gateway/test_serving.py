@@ -183,3 +183,21 @@ def test_a_request_refused_a_place_holds_nothing() -> None:
         _free(admission, engine)
 
     asyncio.run(scenario())
+
+
+def test_the_metrics_observer_is_made_once_the_request_holds_its_place() -> None:
+    """The observer takes the moment it is made as the end of the request's time in the queue."""
+
+    async def scenario() -> None:
+        engine, admission = FakeEngine(TOKENS), _admission()
+        running_when_made: list[int] = []
+
+        def observer() -> Any:
+            running_when_made.append(admission.stats()["running"])
+            return None
+
+        async with Serving(cast(Engine, engine), admission, _planned(), observer) as run:
+            await run.collect("fp")
+        assert running_when_made == [1]
+
+    asyncio.run(scenario())
