@@ -1,10 +1,11 @@
-"""The Litestar app: routes, the engine in app state, and the one table that turns errors into
-OpenAI-shaped responses."""
+"""The Litestar app: routes, the engine in app state, and the one exception handler that turns every error into
+an OpenAI-shaped response (what each error answers is declared in ``gateway.errors``)."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from litestar import Litestar, Request, Response
@@ -12,7 +13,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.routes import HTTPRoute
 
-from adapters.base import Engine, EngineError, EngineNotReady, ModelUnavailable, UnknownModel
+from adapters.base import Engine
 from gateway.body import StrictBody, cache_name_error
 from gateway.browsers import cors_config, docs_assets_router, playground_router
 from gateway.config import Config
@@ -20,16 +21,14 @@ from gateway.draining import Drain
 from gateway.errors import (
     APIError,
     AuthenticationError,
-    Conflict,
     ErrorResponse,
     InvalidRequest,
     MethodNotAllowed,
-    ModelUnavailableError,
     NotFound,
     PayloadTooLarge,
-    QuotaExceeded,
     ServerError,
-    ServiceUnavailable,
+    api_error,
+    logged,
 )
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_config
@@ -42,14 +41,6 @@ from gateway.routes.responses import responses_router
 from gateway.routes.seed import seed_router
 from gateway.tenancy.admission import Admission, Places
 from gateway.tenancy.rate_limits import RateLimitHeaders
-from prefix_caches import (
-    InvalidCacheName,
-    InvalidKVSettings,
-    PrefixCacheError,
-    PrefixCacheExists,
-    PrefixCacheNotFound,
-    PrefixCacheQuotaExceeded,
-)
 
 __all__ = ["create_app"]
 
@@ -58,10 +49,6 @@ logger = logging.getLogger(__name__)
 
 def _respond(exc: APIError) -> Response[ErrorResponse]:
     return Response(exc.body(), status_code=exc.status_code, headers=exc.headers())
-
-
-def _api_error(_: Request, exc: APIError) -> Response[ErrorResponse]:
-    return _respond(exc)
 
 
 _MISSING = re.compile(r"missing required field `([^`]+)`")
@@ -87,57 +74,47 @@ def _validation_error(exc: ValidationException) -> InvalidRequest:
     return InvalidRequest("; ".join(texts), param=params[0])
 
 
-def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
-    status = exc.status_code
+def _method_not_allowed(request: Request, exc: HTTPException) -> APIError:
+    allow = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()))
+    return MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}", allow=allow)
+
+
+# Litestar's own HTTP errors (routing, body size, its guards), by status, as ours; the rest: see _http_error.
+_HTTP_ERRORS: dict[int, Callable[[Request, HTTPException], APIError]] = {
+    400: lambda _, exc: InvalidRequest(exc.detail),
+    401: lambda _, exc: AuthenticationError(exc.detail),
+    404: lambda request, _: NotFound(f"No route for {request.method} {request.url.path}", code="not_found"),
+    405: _method_not_allowed,
+    413: lambda _, __: PayloadTooLarge("The request body is too large"),
+}
+
+
+def _http_error(request: Request, exc: HTTPException) -> APIError:
     if isinstance(exc, ValidationException):
-        return _respond(_validation_error(exc))
-    if status == 400:
-        return _respond(InvalidRequest(exc.detail))
-    if status == 401:
-        return _respond(AuthenticationError(exc.detail))
-    if status == 404:
-        return _respond(NotFound(f"No route for {request.method} {request.url.path}", code="not_found"))
-    if status == 405:
-        allow = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()))
-        return _respond(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}", allow=allow))
-    if status == 413:
-        return _respond(PayloadTooLarge("The request body is too large"))
+        return _validation_error(exc)
+    status = exc.status_code
+    if status in _HTTP_ERRORS:
+        return _HTTP_ERRORS[status](request, exc)
     if status >= 500:
         logger.error("HTTP %d on %s: %s", status, request.url.path, exc.detail)
-        return _respond(ServerError(exc.detail))
+        return ServerError(exc.detail)
     error = APIError(exc.detail)
     error.status_code, error.type = status, "invalid_request_error"
+    return error
+
+
+def _error(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    """The app's one exception handler: ours as they are, the engine's and the store's as ``gateway.errors``
+    declares them, Litestar's by status, and anything else as a 500 logged with its traceback."""
+    if isinstance(exc, HTTPException):
+        return _respond(_http_error(request, exc))
+    error = api_error(exc)
+    if error is None:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _respond(ServerError("The server had an error while processing your request"))
+    if logged(exc):
+        logger.error("engine error: %s", exc)
     return _respond(error)
-
-
-def _engine_error(_: Request, exc: EngineError) -> Response[ErrorResponse]:
-    if isinstance(exc, UnknownModel):
-        return _respond(NotFound(str(exc), param="model", code="model_not_found"))
-    if isinstance(exc, EngineNotReady):
-        return _respond(ServiceUnavailable(str(exc), param="model", code="model_loading"))
-    if isinstance(exc, ModelUnavailable):
-        return _respond(ModelUnavailableError(str(exc), param="model"))
-    logger.error("engine error: %s", exc)
-    return _respond(ServerError(str(exc)))
-
-
-def _prefix_error(_: Request, exc: PrefixCacheError) -> Response[ErrorResponse]:
-    if isinstance(exc, PrefixCacheNotFound):
-        return _respond(NotFound(str(exc), param="prefix_cache", code="prefix_cache_not_found"))
-    if isinstance(exc, PrefixCacheExists):
-        return _respond(Conflict(str(exc), param="name", code="prefix_cache_exists"))
-    if isinstance(exc, PrefixCacheQuotaExceeded):
-        return _respond(QuotaExceeded(str(exc), code=exc.quota))
-    if isinstance(exc, InvalidKVSettings):
-        return _respond(InvalidRequest(str(exc), param="kv_group_size", code="invalid_kv_settings"))
-    if isinstance(exc, InvalidCacheName):
-        return _respond(InvalidRequest(str(exc), param="name", code="invalid_prefix_cache_name"))
-    return _respond(InvalidRequest(str(exc), param="prefix_cache", code="prefix_cache_unusable"))
-
-
-def _unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _respond(ServerError("The server had an error while processing your request"))
 
 
 def _answer_options(request: Request) -> Response[None] | None:
@@ -181,13 +158,7 @@ def create_app(
         state=State({"config": config, "engine": engine, "drain": drain, "admission": admission, "metrics": registry}),
         on_startup=[lambda: engine.start()],
         on_shutdown=[lambda: engine.stop()],
-        exception_handlers={
-            APIError: _api_error,
-            EngineError: _engine_error,
-            PrefixCacheError: _prefix_error,
-            HTTPException: _http_error,
-            Exception: _unexpected,
-        },
+        exception_handlers={Exception: _error},
         request_max_body_size=config.max_body_bytes,
         # Bodies decode strictly into their Structs (Litestar's default conversion is lax: "5" -> 5).
         dto=StrictBody,

@@ -24,22 +24,13 @@ from typing import TypeVar
 from litestar import Request
 from litestar.types import Receive
 
-from gateway.errors import APIError
+from gateway.errors import APIError, ClientLeft
 
-__all__ = ["ClientLeft", "unless_client_leaves"]
+__all__ = ["unless_client_leaves"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ClientLeft(APIError):
-    """The client closed its connection before its answer. Nobody reads this response (the ASGI server drops
-    what is sent on a closed connection); its status, nginx's 499, is what the request metrics count."""
-
-    status_code = 499
-    type = "client_closed_request"
-    code = "client_closed_request"
 
 
 async def _client_left(receive: Receive) -> None:

@@ -16,19 +16,18 @@ from adapters.base import (
     Engine,
     Failed,
     PrefixBuild,
-    PrefixBuildRefused,
     PrefixBuilt,
-    StorageFull,
     UnknownModel,
 )
 from gateway.config import Config
 from gateway.errors import (
+    BuildFailed,
     Conflict,
     ContextLengthExceeded,
-    InsufficientStorage,
     InvalidRequest,
     QuotaExceeded,
     ServerError,
+    failure,
 )
 from gateway.limits import check_prompt_chars
 from gateway.planning import message_dicts
@@ -145,13 +144,10 @@ async def _start_build(
 
 
 def _built(store: PrefixCacheStore, event: BuildEvent) -> PrefixCacheOut | None:
-    """The cache once ``event`` says it is built; None while it is being prefilled."""
-    if isinstance(event, Failed) and isinstance(event.error, StorageFull):
-        raise InsufficientStorage(f"The prefix cache could not be saved: {event.error}")
+    """The cache once ``event`` says it is built; None while it is being prefilled. A failure is raised as
+    ``gateway.errors`` declares it (a full disk, a quota's refusal; else a 500 saying the build failed)."""
     if isinstance(event, Failed):
-        if isinstance(event.error, PrefixBuildRefused):
-            raise event.error.refusal
-        raise ServerError(f"Building the prefix cache failed: {event.error}")
+        raise failure(event.error, BuildFailed)
     if isinstance(event, PrefixBuilt):
         return describe(store, event.manifest)
     return None

@@ -1,22 +1,31 @@
-"""Running a planned request on the engine: its events, merged over prompts, as a response or chunks."""
+"""Serving a planned request on the engine, the one way every generating route does it (chat, completions,
+Responses, the seed API's aliases): :class:`Serving` holds its admission slot and its run from submission to
+the last event; :class:`Running` merges its prompts' events; :func:`collect` and :func:`stream_chunks` encode
+them as one response or as chunks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from types import TracebackType
 
 import msgspec
+from litestar.datastructures import State
 
 from adapters.base import Engine, EngineEvent, Failed, Plan, Started, TokenEvent
 from gateway.encoding import ChunkEncoder, ResponseEncoder
-from gateway.errors import ServerError
-from gateway.metrics import GenerationObserver
+from gateway.errors import APIError, EngineFailed, failure
+from gateway.metrics import GenerationObserver, Metrics
 from gateway.planning import PlannedRequest
+from gateway.request_context import arrival
+from gateway.request_context import planned as planned_at
 from gateway.schemas.openai import ChatCompletion, CompletionResponse
+from gateway.tenancy.admission import Places
 
-__all__ = ["Running", "collect", "count_planned_misses", "prefix_header", "stream_chunks"]
+__all__ = ["Running", "Serving", "collect", "count_planned_misses", "prefix_header", "serve", "stream_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +68,9 @@ async def _events(engine: Engine, plans: tuple[Plan, ...]) -> AsyncIterator[tupl
                 await task
 
 
-def _failure(event: Failed, planned: PlannedRequest) -> ServerError:
+def _failure(event: Failed, planned: PlannedRequest) -> APIError:
     logger.error("[%s] engine failure: %s", planned.id, event.error)
-    return ServerError(f"The engine failed on this request: {event.error}")
+    return failure(event.error, EngineFailed)
 
 
 class Running:
@@ -126,28 +135,126 @@ class Running:
 
 
 async def collect(running: Running, fingerprint: str) -> ChatCompletion | CompletionResponse:
+    """The whole answer, once every prompt's events have come."""
     encoder = ResponseEncoder(running.planned, fingerprint)
-    try:
-        async for index, event in running:
-            encoder.feed(index, event)  # type: ignore[arg-type]
-    finally:
-        await running.aclose()
+    async for index, event in running:
+        encoder.feed(index, event)  # type: ignore[arg-type]
     return encoder.build()
 
 
 async def stream_chunks(running: Running, fingerprint: str) -> AsyncIterator[msgspec.Struct]:
+    """The answer as chunks, as the events come (the usage chunk last, when the request asked for it)."""
     planned = running.planned
     encoder = ChunkEncoder(planned, fingerprint)
     for chunk in encoder.opening():
         yield chunk
-    try:
-        async for index, event in running:
-            for chunk in encoder.feed(index, event):  # type: ignore[arg-type]
-                yield chunk
-    finally:
-        await running.aclose()
+    async for index, event in running:
+        for chunk in encoder.feed(index, event):  # type: ignore[arg-type]
+            yield chunk
     if planned.include_usage:
         yield encoder.usage()
+
+
+def _prompt_tokens(planned: PlannedRequest) -> int:
+    return sum(len(p.prompt_tokens) for p in planned.plans)
+
+
+def _most_tokens(planned: PlannedRequest) -> int:
+    """Prompt and completion tokens the request may use at most (what its tenant's window reserves)."""
+    return sum(len(p.prompt_tokens) + p.sampling.max_tokens * p.sampling.n for p in planned.plans)
+
+
+class Serving:
+    """One planned request's life on the engine, as an async context manager.
+
+    Entering takes an admission slot (a 429 is raised there, before any byte is sent), counts the prompts
+    planned without the cache they named, and submits the plans (:attr:`running`). Leaving closes the engine's
+    events (which cancels whatever still runs), settles the tenant's tokens on what the run used and gives the
+    slot back, however the body ends: an answer, an error, or a client that left (a cancellation).
+
+    A streamed answer outlives the handler that returns it: :meth:`chunks` hands the run over to the stream,
+    which leaves it when its chunks end, fail or are cancelled; :meth:`close` (the SSE response's ``on_close``)
+    leaves it however the response ends, also when its body never started. Leaving twice does nothing.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        admission: Places,
+        planned: PlannedRequest,
+        observer: Callable[[], GenerationObserver] | None = None,
+    ) -> None:
+        """``observer`` makes the run's metrics observer; it is called once the request holds its place (the
+        observer takes that moment as the end of the request's time in the queue)."""
+        self.planned = planned
+        self._engine = engine
+        self._admission = admission
+        self._observer = observer
+        # Unwound last-in first-out: the run's events closed, its tokens settled, then the slot given back.
+        self._stack = contextlib.AsyncExitStack()
+        self._handed_over = False
+        self._running: Running | None = None
+
+    @property
+    def running(self) -> Running:
+        """The submitted request's events (once entered)."""
+        assert self._running is not None, "Serving is used as `async with`"
+        return self._running
+
+    async def __aenter__(self) -> Serving:
+        planned = self.planned
+        slot = self._admission.slot(_prompt_tokens(planned), planned.plans[0].tenant, _most_tokens(planned))
+        ticket = await self._stack.enter_async_context(slot)
+        try:
+            count_planned_misses(planned, self._engine)
+            running = Running(self._engine, planned, self._observer() if self._observer else None)
+
+            def settle() -> None:
+                ticket.used = running.used_tokens
+
+            self._stack.callback(settle)
+            self._stack.push_async_callback(running.aclose)
+            self._running = running
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._handed_over and exc is None:
+            return  # the stream leaves it
+        await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def close(self) -> None:
+        """Leave the run now (idempotent)."""
+        await self._stack.aclose()
+
+    async def collect(self, fingerprint: str) -> ChatCompletion | CompletionResponse:
+        """The whole answer (:func:`collect`)."""
+        return await collect(self.running, fingerprint)
+
+    def chunks(self, fingerprint: str) -> AsyncIterator[msgspec.Struct]:
+        """The answer's chunks (:func:`stream_chunks`); the run is left as soon as they end (before whatever the
+        caller sends after them), fail, or are cancelled, rather than when the ``async with`` ends."""
+        self._handed_over = True
+        return self._leaving(stream_chunks(self.running, fingerprint))
+
+    async def _leaving(self, chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[msgspec.Struct]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await self.close()
+
+
+def serve(state: State, planned: PlannedRequest) -> Serving:
+    """:class:`Serving` with the app's engine, admission and metrics (its observer times the request's phases)."""
+    metrics: Metrics = state.metrics
+    arrived, planned_by = arrival(), planned_at()
+    observer = partial(metrics.observer, planned.model, planned.plans[0].tenant, arrived, planned_by)
+    return Serving(state.engine, state.admission, planned, observer)
 
 
 def count_planned_misses(planned: PlannedRequest, engine: Engine) -> None:

@@ -15,7 +15,7 @@ from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from gateway.errors import APIError, ServerError
+from gateway.errors import ServerError, api_error
 
 __all__ = ["sse_response"]
 
@@ -32,13 +32,15 @@ async def _frames(chunks: AsyncIterator[msgspec.Struct], request_id: str) -> Asy
     try:
         async for chunk in chunks:
             yield _event(_encoder.encode(chunk).decode())
-    except APIError as exc:
-        logger.warning("[%s] stream failed: %s", request_id, exc.message)
-        yield _event(_encoder.encode(exc.body()).decode())
-        return
-    except Exception:
-        logger.exception("[%s] stream failed", request_id)
-        yield _event(_encoder.encode(ServerError("The server failed mid-stream").body()).decode())
+    except Exception as exc:
+        # As the app's exception handler answers it (gateway.errors), but as the stream's last event.
+        error = api_error(exc)
+        if error is None:
+            logger.exception("[%s] stream failed", request_id)
+            error = ServerError("The server failed mid-stream")
+        else:
+            logger.warning("[%s] stream failed: %s", request_id, error.message)
+        yield _event(_encoder.encode(error.body()).decode())
         return
     yield _event("[DONE]")
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import anyio.to_thread
-import msgspec
 from litestar import Request, Router, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -22,11 +20,9 @@ from adapters.base import Engine, ModelInfo, UnknownModel
 from gateway.config import Config, ModelConfig
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
-from gateway.metrics import GenerationObserver, Metrics
 from gateway.openapi import GENERATE, errors
 from gateway.planning import PlannedRequest, check_kv_budget, plan_chat, plan_completion
-from gateway.request_context import arrival, current_request_id, mark_planned
-from gateway.request_context import planned as planned_at
+from gateway.request_context import current_request_id, mark_planned
 from gateway.schemas.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -35,20 +31,11 @@ from gateway.schemas.openai import (
     Model,
     ModelList,
 )
-from gateway.serving import Running, collect, count_planned_misses, prefix_header, stream_chunks
+from gateway.serving import prefix_header, serve
 from gateway.sse import sse_response
-from gateway.tenancy.admission import Admission, Ticket
 from gateway.tenancy.auth import provide_tenant
 
-__all__ = [
-    "admission_slot",
-    "complete_planned",
-    "complete_running",
-    "generation_observer",
-    "openai_router",
-    "plan_request",
-    "resolve_model",
-]
+__all__ = ["openai_router", "plan_request", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,50 +75,8 @@ def _fingerprint(info: ModelInfo) -> str:
     return f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
 
 
-def _prompt_tokens(planned: PlannedRequest) -> int:
-    return sum(len(p.prompt_tokens) for p in planned.plans)
-
-
-def _most_tokens(planned: PlannedRequest) -> int:
-    """Prompt and completion tokens the request may use at most (what its tenant's window reserves)."""
-    return sum(len(p.prompt_tokens) + p.sampling.max_tokens * p.sampling.n for p in planned.plans)
-
-
-def admission_slot(admission: Admission, planned: PlannedRequest) -> contextlib.AbstractAsyncContextManager[Ticket]:
-    return admission.slot(_prompt_tokens(planned), planned.plans[0].tenant, _most_tokens(planned))
-
-
-def generation_observer(state: State, planned: PlannedRequest) -> GenerationObserver:
-    metrics: Metrics = state.metrics
-    return metrics.observer(planned.model, planned.plans[0].tenant, arrival(), planned_at())
-
-
-async def complete_planned(
-    state: State, planned: PlannedRequest, fingerprint: str
-) -> ChatCompletion | CompletionResponse:
-    """Run a non-streaming request inside an admission slot."""
-    body, _ = await complete_running(state, planned, fingerprint)
-    return body
-
-
-async def complete_running(
-    state: State, planned: PlannedRequest, fingerprint: str
-) -> tuple[ChatCompletion | CompletionResponse, Running]:
-    """``complete_planned``, with the finished run (its output ids)."""
-    admission: Admission = state.admission
-    async with admission_slot(admission, planned) as ticket:
-        count_planned_misses(planned, state.engine)
-        running = Running(state.engine, planned, generation_observer(state, planned))
-        try:
-            return await collect(running, fingerprint), running
-        finally:
-            ticket.used = running.used_tokens
-
-
 async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> ASGIApp:
     config: Config = state.config
-    engine: Engine = state.engine
-    admission: Admission = state.admission
     headers: dict[str, str] = {}  # x-request-id: gateway.request_context, on every response
     logger.info(
         "%s %s model=%s prompts=%d prompt_tokens=%s n=%d stream=%s",
@@ -143,44 +88,23 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
         planned.n,
         planned.stream,
     )
-    stack = contextlib.AsyncExitStack()
-    ticket = await stack.enter_async_context(admission_slot(admission, planned))  # 429 before any byte
-    try:
-        count_planned_misses(planned, engine)
-        running = Running(engine, planned, generation_observer(state, planned))
-
-        def settle() -> None:  # before the slot is given back (an exit stack unwinds last-in first)
-            ticket.used = running.used_tokens
-
-        stack.callback(settle)
+    async with serve(state, planned) as run:
         if planned.prefix_name is not None:
             # The x-prefix-cache header says what the cache gave: wait for the engine to admit the request.
-            header = prefix_header(planned, await running.wait_started())
+            header = prefix_header(planned, await run.running.wait_started())
             if header:
                 headers["x-prefix-cache"] = header
-        if not planned.stream:
-            body = await collect(running, _fingerprint(info))
-            await stack.aclose()
-            return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
-    except BaseException:
-        await stack.aclose()
-        raise
-
-    async def chunks() -> AsyncIterator[msgspec.Struct]:
-        try:
-            async for chunk in stream_chunks(running, _fingerprint(info)):
-                yield chunk
-        finally:
-            await stack.aclose()
-
-    return sse_response(
-        chunks(),
-        request_id=planned.id,
-        ping_seconds=config.sse_ping_seconds,
-        send_timeout=config.sse_send_timeout_seconds,
-        headers=headers,
-        on_close=stack.aclose,
-    )
+        if planned.stream:
+            return sse_response(
+                run.chunks(_fingerprint(info)),
+                request_id=planned.id,
+                ping_seconds=config.sse_ping_seconds,
+                send_timeout=config.sse_send_timeout_seconds,
+                headers=headers,
+                on_close=run.close,
+            )
+        body = await run.collect(_fingerprint(info))
+    return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
 
 
 async def _serve(

@@ -1,12 +1,12 @@
 """The Responses API routes (``/v1/responses``): thin. Decode, plan as chat, submit, answer; store when asked.
 
-Generation goes through the chat path unchanged (planning, admission slot, ``Running``, disconnects), so tenants'
-quotas, auth, backpressure and cancellation apply as they do on ``/v1/chat/completions``.
+Generation goes through the chat path unchanged (chat planning, ``gateway.serving.Serving``: admission slot, run,
+settled tokens; disconnects), so tenants' quotas, auth, backpressure and cancellation apply as they do on
+``/v1/chat/completions``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -44,7 +44,7 @@ from gateway.responses.planning import (
 )
 from gateway.responses.store import ResponseStore, StoredResponse
 from gateway.responses.streaming import OutputEvents
-from gateway.routes.openai import admission_slot, complete_running, generation_observer, plan_request
+from gateway.routes.openai import plan_request
 from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
 from gateway.schemas.responses import (
     DeletedResponse,
@@ -55,9 +55,8 @@ from gateway.schemas.responses import (
     ResponseEvent,
     ResponsesRequest,
 )
-from gateway.serving import Running, count_planned_misses, stream_chunks
+from gateway.serving import Running, serve
 from gateway.sse import sse_response
-from gateway.tenancy.admission import Admission
 from gateway.tenancy.auth import provide_tenant
 
 __all__ = ["responses_router"]
@@ -165,32 +164,22 @@ async def _serve(state: State, req: ResponsesRequest, tenant: str) -> ASGIApp:
         len(planned.plans[0].prompt_tokens),
         planned.stream,
     )
-    if not planned.stream:
-        completion, ran = await complete_running(state, planned, fingerprint)
-        assert isinstance(completion, ChatCompletion)
-        response = from_chat(req, response_id, created, completion)
-        await _keep(state, tenant, req, turn, response, planned, ran.output_ids)
-        return ASGIResponse(body=encode(response), media_type="application/json")
-    engine: Engine = state.engine
-    admission: Admission = state.admission
     config: Config = state.config
-    stack = contextlib.AsyncExitStack()
-    ticket = await stack.enter_async_context(admission_slot(admission, planned))  # 429 before any byte
-    try:
-        count_planned_misses(planned, engine)
-        running = Running(engine, planned, generation_observer(state, planned))
-        stack.callback(lambda: setattr(ticket, "used", running.used_tokens))
-    except BaseException:
-        await stack.aclose()
-        raise
-    events = _events(state, tenant, req, turn, running, fingerprint, response_id, created, stack)
-    return sse_response(
-        events,
-        request_id=planned.id,
-        ping_seconds=config.sse_ping_seconds,
-        send_timeout=config.sse_send_timeout_seconds,
-        on_close=stack.aclose,
-    )
+    async with serve(state, planned) as run:
+        if planned.stream:
+            events = _events(state, tenant, req, turn, run.chunks(fingerprint), run.running, response_id, created)
+            return sse_response(
+                events,
+                request_id=planned.id,
+                ping_seconds=config.sse_ping_seconds,
+                send_timeout=config.sse_send_timeout_seconds,
+                on_close=run.close,
+            )
+        completion = await run.collect(fingerprint)
+    assert isinstance(completion, ChatCompletion)
+    response = from_chat(req, response_id, created, completion)
+    await _keep(state, tenant, req, turn, response, planned, run.running.output_ids)
+    return ASGIResponse(body=encode(response), media_type="application/json")
 
 
 async def _events(
@@ -198,13 +187,14 @@ async def _events(
     tenant: str,
     req: ResponsesRequest,
     turn: _Turn,
+    chunks: AsyncIterator[msgspec.Struct],
     running: Running,
-    fingerprint: str,
     response_id: str,
     created: int,
-    stack: contextlib.AsyncExitStack,
 ) -> AsyncIterator[msgspec.Struct]:
-    """The typed events in order, each with its ``sequence_number``; a failure is ``response.failed``."""
+    """The typed events in order, each with its ``sequence_number``; a failure is ``response.failed``. ``chunks``
+    (``Serving.chunks``) leave the run once they end: its slot is given back before the response is stored and
+    its last event sent."""
     out = OutputEvents()
     progress = response_of(req, response_id, created, status="in_progress")
     yield ResponseEvent(type="response.created", sequence_number=out.seq(), response=progress)
@@ -212,7 +202,7 @@ async def _events(
     finish: str | None = None
     usage = None
     try:
-        async for chunk in stream_chunks(running, fingerprint):
+        async for chunk in chunks:
             assert isinstance(chunk, ChatCompletionChunk)
             if chunk.usage is not None:
                 usage = chunk.usage
@@ -225,8 +215,6 @@ async def _events(
         failed.error = ResponseErrorBody(code=exc.code or "server_error", message=exc.message)
         yield ResponseEvent(type="response.failed", sequence_number=out.seq(), response=failed)
         return
-    finally:
-        await stack.aclose()
     incomplete = finish == "length"
     for event in out.close(incomplete):
         yield event

@@ -11,10 +11,11 @@ from gateway import prefix_service
 from gateway.disconnect import unless_client_leaves
 from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
-from gateway.routes.openai import complete_planned, plan_request
+from gateway.routes.openai import plan_request
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
 from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
+from gateway.serving import serve
 from gateway.tenancy.auth import Access, provide_access, provide_tenant
 
 __all__ = ["seed_router"]
@@ -48,7 +49,8 @@ async def _generate(state: State, tenant: str, data: SeedGenerate, cache_name: s
         prefix_cache=cache_name,
     )
     planned, _ = await plan_request(state, plan_completion, req, tenant)
-    result = await complete_planned(state, planned, "")
+    async with serve(state, planned) as run:
+        result = await run.collect("")
     assert isinstance(result, CompletionResponse) and result.usage is not None
     choice = result.choices[0]
     return SeedGenerated(

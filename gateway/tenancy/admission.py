@@ -26,24 +26,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.config import Config, TenantLimits
-from gateway.errors import APIError
-from gateway.tenancy.rate_limits import Rates, Reservation, TenantRateLimited
+from gateway.errors import RateLimited, TenantRateLimited
+from gateway.tenancy.rate_limits import Rates, Reservation
 
-__all__ = ["Admission", "Places", "RateLimited", "Ticket"]
-
-
-class RateLimited(APIError):
-    status_code = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
-    retryable = True
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, round(self.retry_after)))}
+__all__ = ["Admission", "Places", "Ticket"]
 
 
 @dataclass(eq=False)

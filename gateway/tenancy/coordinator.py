@@ -35,9 +35,8 @@ import zmq
 import zmq.asyncio
 
 from gateway.config import TenantLimits
-from gateway.errors import APIError, ServiceUnavailable
-from gateway.tenancy.admission import Admission, RateLimited, Ticket
-from gateway.tenancy.rate_limits import TenantRateLimited
+from gateway.errors import APIError, RateLimited, ServiceUnavailable, TenantRateLimited
+from gateway.tenancy.admission import Admission, Ticket
 
 __all__ = ["Coordinator", "SharedAdmission"]
 

@@ -16,27 +16,11 @@ from dataclasses import dataclass, field
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import TenantLimits
-from gateway.errors import APIError
+from gateway.errors import TenantRateLimited
 
-__all__ = ["RateLimitHeaders", "TenantRateLimited", "Rates", "Reservation", "Window", "duration", "set_tenant"]
+__all__ = ["RateLimitHeaders", "Rates", "Reservation", "Window", "duration", "set_tenant"]
 
 WINDOW_SECONDS = 60.0
-
-
-class TenantRateLimited(APIError):
-    """A tenant past one of its own limits; ``type`` is ``requests`` or ``tokens``, as OpenAI's are."""
-
-    status_code = 429
-    code = "rate_limit_exceeded"
-    retryable = True
-
-    def __init__(self, message: str, kind: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.type = kind
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(max(1, round(self.retry_after + 0.499))), "x-should-retry": "true"}
 
 
 @dataclass

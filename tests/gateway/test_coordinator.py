@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import TenantLimits
-from gateway.tenancy.admission import Admission, RateLimited
+from gateway.errors import RateLimited, TenantRateLimited
+from gateway.tenancy.admission import Admission
 from gateway.tenancy.coordinator import Coordinator, SharedAdmission
-from gateway.tenancy.rate_limits import TenantRateLimited
 
 LIMITS = {"alpha": TenantLimits(requests_per_minute=2, tokens_per_minute=100)}
 

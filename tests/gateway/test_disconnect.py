@@ -9,8 +9,8 @@ from typing import cast
 import pytest
 from litestar import Request
 
-from gateway.disconnect import ClientLeft, unless_client_leaves
-from gateway.errors import InvalidRequest
+from gateway.disconnect import unless_client_leaves
+from gateway.errors import ClientLeft, InvalidRequest
 
 
 def fake_request(left: asyncio.Event) -> Request:

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, TenantLimits, load_config
+from gateway.errors import TenantRateLimited
 from gateway.tenancy.auth import _tenant_of  # pyright: ignore[reportPrivateUsage]
 from gateway.tenancy.keys import entry_digest, hashed_form, is_hashed, new_key
-from gateway.tenancy.rate_limits import Rates, TenantRateLimited, duration
+from gateway.tenancy.rate_limits import Rates, duration
 
 
 def test_hashed_keys_match_their_key_never_the_digest_itself() -> None:
