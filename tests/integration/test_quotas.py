@@ -159,11 +159,13 @@ def test_admin_alone_sees_every_tenants_quotas(quotas: tuple[Server, str]) -> No
         "max_queued_tokens": None,
         "tokens_per_minute": 1000000,
         "requests_per_minute": 10000,
+        "max_response_kv_bytes": None,
     }
     assert set(tenants["beta"]["use"]) == {
         "prefix_caches",
         "prefix_cache_disk_bytes",
         "prefix_cache_memory_bytes",
+        "response_kv_bytes",
         "requests_in_progress",
         "queued_tokens",
         "requests_last_minute",
