@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -28,7 +29,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -316,8 +317,7 @@ class RemoteEngine:
     def models(self) -> list[ModelInfo]:
         """A model is ready here once the engine serves it and this front end has its tokenizer."""
         return [
-            m.info if self._has_tokenizer(m) else msgspec.structs.replace(m.info, ready=False)
-            for m in self.report.models
+            m.info if self._has_tokenizer(m) else dataclasses.replace(m.info, ready=False) for m in self.report.models
         ]
 
     def _has_tokenizer(self, m: wire.ModelFacts) -> bool:
@@ -438,7 +438,7 @@ class RemoteEngine:
     def response_kv_bytes(self) -> dict[str, int]:
         return self.report.snapshot.response_kv.tenant_bytes
 
-    async def _events_of(self, ident: int, command: wire.Command) -> AsyncIterator[Any]:
+    async def _events_of(self, ident: int, command: wire.Command) -> AsyncGenerator[Any, None]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._waiting[ident] = queue
         try:

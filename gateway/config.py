@@ -358,7 +358,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         Setting(
             help="process: the engine (mlx, models, batches, resident KV) in its own process, HTTP in this one, so "
             "that neither waits for the other's GIL; thread: both in this process; auto: the faster one for the "
-            "installed backend, as measured (README, Performance).",
+            "installed backend, as measured (docs/performance.md).",
             env="MLX_GATEWAY_ENGINE_LAYOUT",
             flag="--engine-layout",
         ),

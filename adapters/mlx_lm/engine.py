@@ -50,7 +50,7 @@ from adapters.base import (
 from adapters.mlx_lm.batching import Batcher, SequenceOut
 from adapters.mlx_lm.choices import accept, choice_text, end_choice
 from adapters.mlx_lm.models import SOURCE_ERRORS, LoadedModel, MlxTokenizer, ModelSpec, load_steps
-from adapters.mlx_lm.outbox import Outbox
+from adapters.mlx_lm.outbox import EventOutbox, Outbox
 from adapters.mlx_lm.prefill import prefill_chunk
 from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
@@ -93,7 +93,7 @@ class MlxEngine:
         specs: list[ModelSpec],
         store: PrefixCacheStore | None = None,
         profile_path: str | None = None,
-        outbox: Outbox | None = None,
+        outbox: EventOutbox | None = None,
         responses: ResponseKVSetup | None = None,
         load: Callable[[ModelSpec], Generator[str, None, LoadedModel]] = load_steps,
     ) -> None:

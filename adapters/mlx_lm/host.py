@@ -13,6 +13,7 @@ Ownership in the engine process:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -100,7 +101,7 @@ class WireOutbox:
 
         return emit
 
-    def channel(self) -> Any:
+    def channel(self) -> tuple[asyncio.Queue[Any], Any]:
         raise RuntimeError("the engine process has no event loop: requests come as commands")
 
     def flush(self) -> None:

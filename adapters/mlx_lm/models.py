@@ -323,6 +323,7 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
         lazy=True,
     )
     on_cpu = mx.default_device() == mx.cpu
+    weights = ""
     if on_cpu:  # the conversion stays lazy: each group below computes its float32 weights once
         model, weights = _choose_weights(model, on_cpu, spec.max_running)
     arrays: list[mx.array] = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]

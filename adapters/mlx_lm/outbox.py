@@ -5,9 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Outbox"]
+__all__ = ["EventOutbox", "Outbox"]
+
+
+class EventOutbox(Protocol):
+    """Where the engine thread's events go at the end of each turn: this process's event loops (:class:`Outbox`)
+    or the engine process's front ends (``adapters.mlx_lm.host.WireOutbox``)."""
+
+    def channel(self) -> tuple[asyncio.Queue[Any], Any]: ...
+
+    def flush(self) -> None: ...
 
 
 class Outbox:

@@ -66,7 +66,7 @@ def _serve(flags: dict[str, object], print_config: bool) -> int:
 
 def engine_layout(config: Config) -> str:
     """``process`` or ``thread``: the configured one, or for ``auto`` the one measured faster on the installed
-    backend (README, Performance): the process on an NVIDIA GPU, the thread on a CPU. Several API servers need
+    backend (docs/performance.md): the process on an NVIDIA GPU, the thread on a CPU. Several API servers need
     the process (the config refuses them with ``thread``)."""
     if config.engine_layout != "auto":
         return config.engine_layout

@@ -179,6 +179,10 @@ class ResponseStore:
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write(path, write)
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)  # conversations are the tenant's own

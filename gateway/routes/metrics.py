@@ -31,7 +31,7 @@ _REFUSED = {
     },
 )
 async def metrics(request: Request, state: State) -> Response[bytes]:
-    """Every metric of this server (README, Operations). Open while no key is configured; then the admin key
+    """Every metric of this server (docs/operations.md). Open while no key is configured; then the admin key
     as a bearer token."""
     check_metrics_access(request, state.config)
     registry: Metrics = state.metrics
