@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
-import anyio.to_thread
 from litestar import Request, Router, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -16,13 +14,13 @@ from litestar.params import FromPath, JSONBody
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
-from adapters.base import Engine, ModelInfo, UnknownModel
-from gateway.config import Config, ModelConfig
+from adapters.base import ModelInfo
+from gateway.config import Config
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
 from gateway.openapi import GENERATE, errors
-from gateway.planning import PlannedRequest, check_kv_budget, plan_chat, plan_completion
-from gateway.request_context import current_request_id, mark_planned
+from gateway.planning import PlannedRequest, plan_chat, plan_completion
+from gateway.request_planning import fingerprint_of, model_info, plan_request
 from gateway.schemas.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -35,44 +33,9 @@ from gateway.serving import prefix_header, serve
 from gateway.sse import sse_response
 from gateway.tenancy.auth import provide_tenant
 
-__all__ = ["openai_router", "plan_request", "resolve_model"]
+__all__ = ["openai_router"]
 
 logger = logging.getLogger(__name__)
-
-
-def _model_info(engine: Engine, name: str) -> ModelInfo:
-    for info in engine.models():
-        if info.id == name:
-            return info
-    engine.tokenizer(name)  # a configured model that failed to load: the error that says why
-    raise UnknownModel(name)
-
-
-async def plan_request(
-    state: State, planner: Callable[..., PlannedRequest], data: Any, tenant: str
-) -> tuple[PlannedRequest, ModelInfo]:
-    """Plan ``data`` (tokenising, rendering, prefix matching) off the event loop; the plan and its model."""
-    model, info = resolve_model(state, data.model)
-    tokenizer = state.engine.tokenizer(data.model)
-    planned = await anyio.to_thread.run_sync(
-        partial(
-            planner,
-            data,
-            tokenizer,
-            model,
-            info.context_length,
-            tenant,
-            state.engine.prefix_store,
-            request_id=current_request_id.get(),
-        )
-    )
-    check_kv_budget(planned, info)
-    mark_planned()
-    return planned, info
-
-
-def _fingerprint(info: ModelInfo) -> str:
-    return f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
 
 
 async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> ASGIApp:
@@ -96,14 +59,14 @@ async def _respond(state: State, planned: PlannedRequest, info: ModelInfo) -> AS
                 headers["x-prefix-cache"] = header
         if planned.stream:
             return sse_response(
-                run.chunks(_fingerprint(info)),
+                run.chunks(fingerprint_of(info)),
                 request_id=planned.id,
                 ping_seconds=config.sse_ping_seconds,
                 send_timeout=config.sse_send_timeout_seconds,
                 headers=headers,
                 on_close=run.close,
             )
-        body = await run.collect(_fingerprint(info))
+        body = await run.collect(fingerprint_of(info))
     return ASGIResponse(body=encode(body), media_type="application/json", headers=headers)
 
 
@@ -114,14 +77,6 @@ async def _serve(
     prefix cache, once the engine admitted it). A client that leaves before then cancels this."""
     planned, info = await plan_request(state, planner, data, tenant)
     return await _respond(state, planned, info)
-
-
-def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
-    config: Config = state.config
-    model = config.model(name)
-    if model is None:
-        raise UnknownModel(name)
-    return model, _model_info(state.engine, name)
 
 
 @post(
@@ -165,7 +120,7 @@ async def list_models(state: State, tenant: NamedDependency[str]) -> ModelList:
 
 @get("/models/{model_id:path}", responses=errors([400, 401, 404, 500, 503]))
 async def get_model(model_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Model:
-    return _model_out(_model_info(state.engine, model_id.lstrip("/")))
+    return _model_out(model_info(state.engine, model_id.lstrip("/")))
 
 
 openai_router = Router(

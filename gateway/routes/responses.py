@@ -30,6 +30,7 @@ from gateway.encoding import encode
 from gateway.errors import APIError
 from gateway.openapi import GENERATE, READ, errors
 from gateway.planning import PlannedRequest, plan_chat
+from gateway.request_planning import fingerprint_of, plan_request
 from gateway.responses.continuation import common_prefix, continued_tokens, sequence_text
 from gateway.responses.planning import (
     as_chat,
@@ -44,7 +45,6 @@ from gateway.responses.planning import (
 )
 from gateway.responses.store import ResponseStore, StoredResponse
 from gateway.responses.streaming import OutputEvents
-from gateway.routes.openai import plan_request
 from gateway.schemas.openai import ChatCompletion, ChatCompletionChunk, ChatMessage
 from gateway.schemas.responses import (
     DeletedResponse,
@@ -150,7 +150,7 @@ async def _plan(
         keep_as=None if req.store is False else response_id,
     )
     planned = dataclasses.replace(planned, plans=(dataclasses.replace(plan, response_kv=use),))
-    fingerprint = f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
+    fingerprint = fingerprint_of(info)
     return planned, turn, fingerprint
 
 

@@ -11,7 +11,7 @@ from gateway import prefix_service
 from gateway.disconnect import unless_client_leaves
 from gateway.openapi import GENERATE, MANAGE, READ, CachePath, errors
 from gateway.planning import plan_completion
-from gateway.routes.openai import plan_request
+from gateway.request_planning import plan_request
 from gateway.schemas.admin import CreatePrefixCache, DeletedPrefixCache, PrefixCacheList, PrefixCacheOut
 from gateway.schemas.openai import CompletionRequest, CompletionResponse
 from gateway.schemas.seed import SeedCreate, SeedGenerate, SeedGenerated, SeedGenerateWithPrefix
