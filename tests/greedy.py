@@ -7,6 +7,12 @@ are tied. The comparison allows a divergence only at such a tie, and checks logp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from adapters.base import TokenEvent
+
+Greedy = list[tuple[str, float, list[tuple[str, float]]]]
+
 TOL = 1e-4
 
 
@@ -25,3 +31,13 @@ def assert_same_greedy(
         )
         return  # the decodes legitimately part at a tie
     assert len(ref) == len(got)
+
+
+def greedy_of(events: Sequence[object]) -> Greedy:
+    """An engine run's tokens with their logprobs and top alternatives, as :func:`assert_same_greedy` takes them."""
+    return [
+        (lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top])
+        for e in events
+        if isinstance(e, TokenEvent)
+        for lp in e.logprobs
+    ]

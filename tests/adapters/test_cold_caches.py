@@ -26,12 +26,11 @@ from adapters.base import (  # noqa: E402
     PrefixUse,
     SamplingParams,
     Started,
-    TokenEvent,
 )
 from adapters.mlx_lm.engine import MlxEngine  # noqa: E402
 from adapters.mlx_lm.models import ModelSpec  # noqa: E402
 from prefix_caches.store import PrefixCacheStore  # noqa: E402
-from tests.greedy import assert_same_greedy  # noqa: E402
+from tests.greedy import assert_same_greedy, greedy_of  # noqa: E402
 
 PREFIX = tuple(range(300, 900))  # two build chunks of up to 512 tokens: the first one is timed
 SUFFIX = (40, 41, 42, 43, 44, 45, 46, 47)
@@ -77,12 +76,7 @@ def ask(engine: MlxEngine, model: str) -> tuple[Started, list[tuple[str, float, 
 
     events = asyncio.run(go())
     started = next(e for e in events if isinstance(e, Started))
-    greedy = [
-        (lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top])
-        for e in events
-        if isinstance(e, TokenEvent)
-        for lp in e.logprobs
-    ]
+    greedy = greedy_of(events)
     finished = events[-1]
     assert isinstance(finished, Finished), events[-1]
     return started, greedy, finished

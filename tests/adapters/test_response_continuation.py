@@ -17,9 +17,7 @@ load_optimised_blas()  # before mlx is imported below
 from adapters.base import Finished, Plan, ResponseKVUse, SamplingParams, Started, TokenEvent  # noqa: E402
 from adapters.mlx_lm.engine import MlxEngine  # noqa: E402
 from adapters.mlx_lm.models import ModelSpec  # noqa: E402
-from tests.greedy import assert_same_greedy  # noqa: E402
-
-Greedy = list[tuple[str, float, list[tuple[str, float]]]]
+from tests.greedy import Greedy, assert_same_greedy, greedy_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +49,7 @@ def ask(
     events = asyncio.run(go())
     started = next(e for e in events if isinstance(e, Started))
     ids = [t for e in events if isinstance(e, TokenEvent) and e.choice == 0 for t in e.token_ids]
-    greedy = [
-        (lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top])
-        for e in events
-        if isinstance(e, TokenEvent)
-        for lp in e.logprobs
-    ]
+    greedy = greedy_of(events)
     finished = events[-1]
     assert isinstance(finished, Finished), events[-1]
     return started, ids, greedy, finished
