@@ -27,6 +27,7 @@ __all__ = [
     "ResponseKVUse",
     "Started",
     "ChoiceFinished",
+    "common_prefix",
     "Engine",
     "EngineError",
     "EngineEvent",
@@ -54,6 +55,16 @@ __all__ = [
 
 # Positions a sequence's KV grows by at a time (the slot batch's capacity step, as mlx-lm's KVCache.step).
 KV_STEP = 256
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share (planning's cache matching, continued conversations, and the
+    engine's automatic reuse all ask it)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def kv_bytes_at_most(prompt_tokens: int, max_tokens: int, bytes_per_token: int) -> int:

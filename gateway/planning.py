@@ -27,6 +27,7 @@ from adapters.base import (
     PromptTokenizer,
     SamplingParams,
     ToolCalling,
+    common_prefix,
     kv_bytes_at_most,
 )
 from gateway.config import ModelConfig
@@ -131,9 +132,7 @@ def _prefix_use(
     if prefix is None or prefix.manifest is None:
         return None, None
     cached = prefix.manifest.tokens
-    common = next((i for i, (a, b) in enumerate(zip(tokens, cached, strict=False)) if a != b), None)
-    if common is None:
-        common = min(len(tokens), len(cached))
+    common = common_prefix(tokens, cached)
     aligned = cache_text is not None and text is not None and text.startswith(cache_text)
     if common < len(cached) and not aligned:
         message = (

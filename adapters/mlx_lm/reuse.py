@@ -11,15 +11,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from adapters.base import common_prefix
+
 __all__ = ["TenantReuse"]
-
-
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class TenantReuse:
@@ -40,7 +34,7 @@ class TenantReuse:
         """The stored KV sharing the longest prefix with ``tokens`` (at least ``min_tokens``)."""
         best: tuple[list[Any], int] | None = None
         for stored, cache in (self._entries.get((model, tenant)) or {}).items():
-            n = _common_prefix(stored, tokens)
+            n = common_prefix(stored, tokens)
             if n >= self.min_tokens and (best is None or n > best[1]):
                 best = (cache, n)
         if best is not None:

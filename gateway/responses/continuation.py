@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from adapters.base import PromptTokenizer
 
-__all__ = ["common_prefix", "continued_tokens", "sequence_text"]
+__all__ = ["continued_tokens", "sequence_text"]
 
 
 def sequence_text(prompt_text: str, output_ids: Sequence[int], tokenizer: PromptTokenizer) -> tuple[int, str]:
@@ -59,11 +59,3 @@ def continued_tokens(
             return None
         tail = tail[len(end) :]
     return ids + tokenizer.encode(tail)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

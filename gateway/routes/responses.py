@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Literal
 
@@ -23,7 +23,7 @@ from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
-from adapters.base import Engine, ResponseKVUse
+from adapters.base import Engine, ResponseKVUse, common_prefix
 from gateway.config import Config
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
@@ -31,7 +31,7 @@ from gateway.errors import APIError
 from gateway.openapi import GENERATE, READ, errors
 from gateway.planning import PlannedRequest, plan_chat
 from gateway.request_planning import fingerprint_of, plan_request
-from gateway.responses.continuation import common_prefix, continued_tokens, sequence_text
+from gateway.responses.continuation import continued_tokens, sequence_text
 from gateway.responses.planning import (
     as_chat,
     assistant_message,
@@ -125,25 +125,27 @@ async def _plan(
         history = parent.conversation
     new, items = input_messages(req)
     turn = _Turn(history=history, new=tuple(new), items=tuple(items))
+    # The stored ids stand for the conversation only under the model that wrote them.
+    same = parent if parent is not None and parent.model == req.model else None
+    continued: Callable[[str], list[int] | None] | None = None
+    if same is not None:
+        stored, tokenizer = same, state.engine.tokenizer(req.model)
+
+        def continued_from_stored(text: str) -> list[int] | None:
+            return continued_tokens(text, stored.token_ids, stored.text_chars, stored.text_sha256, tokenizer)
+
+        continued = continued_from_stored
+
     # A thinking model's reasoning becomes its own output item, never the answer's text.
-    planner = partial(plan_chat, reasoning=True)
-    if parent is not None and parent.model == req.model:
-        stored, tokenizer = parent, state.engine.tokenizer(req.model)
-        planner = partial(
-            plan_chat,
-            reasoning=True,
-            continued=lambda text: continued_tokens(
-                text, stored.token_ids, stored.text_chars, stored.text_sha256, tokenizer
-            ),
-        )
+    planner = partial(plan_chat, reasoning=True, continued=continued)
     try:
         planned, info = await plan_request(state, planner, as_chat(req, turn.history, turn.new), tenant)
     except APIError as exc:
         raise rename_param(exc) from None
     plan = planned.plans[0]
     reuse = 0
-    if parent is not None and parent.model == plan.model:
-        reuse = min(common_prefix(plan.prompt_tokens, parent.token_ids), len(plan.prompt_tokens) - 1)
+    if same is not None:
+        reuse = min(common_prefix(plan.prompt_tokens, same.token_ids), len(plan.prompt_tokens) - 1)
     use = ResponseKVUse(
         parent=req.previous_response_id if reuse > 0 else None,
         reuse=reuse,
