@@ -18,6 +18,8 @@ from prefix_caches.manifest import Manifest
 from prefix_caches.store import PrefixCacheStore
 
 __all__ = [
+    "AdapterExists",
+    "AdapterRefused",
     "BuildEvent",
     "BuildProgress",
     "PrefixBuild",
@@ -101,6 +103,14 @@ class EngineNotReady(EngineError):
     """The model is still loading: retrying shortly will help."""
 
 
+class AdapterRefused(EngineError):
+    """Files that cannot be served as an adapter of the named base model (the caller's to fix: a 400)."""
+
+
+class AdapterExists(EngineError):
+    """An adapter or model of that name is already served (a 409)."""
+
+
 class ModelUnavailable(EngineError):
     """The model failed to load, or the engine stopped: retrying will not help until the server restarts."""
 
@@ -119,6 +129,12 @@ class ModelInfo:
     kv_bytes_per_token: int = 0
     kv_budget: int = 0
     batched: bool = True
+    # An adapter: its base model (as vLLM names it), the tenant it belongs to (None: every tenant), the digest of
+    # its files, and their size in memory.
+    parent: str | None = None
+    owner: str | None = None
+    adapter_fingerprint: str = ""
+    adapter_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from prefix_caches.quotas import NO_QUOTA, StorageQuota
 
 __all__ = [
+    "AdapterSpec",
     "EngineSetup",
     "ModelSpec",
     "ResponseKVSetup",
@@ -81,6 +82,17 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA or DoRA adapter (an ``mlx_lm.lora`` directory) served as model ``name`` on model ``base``;
+    ``owner``: the one tenant that may use it (None: every tenant)."""
+
+    name: str
+    base: str
+    path: str
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
 class StoreSetup:
     """The prefix-cache store: its folder, resident-KV budget, tenants' quotas and the disk re-read period."""
 
@@ -115,6 +127,7 @@ class ResponseKVSetup:
 @dataclass(frozen=True)
 class EngineSetup:
     models: tuple[ModelSpec, ...]
+    adapters: tuple[AdapterSpec, ...] = ()
     store: StoreSetup | None = None
     responses: ResponseKVSetup = ResponseKVSetup()
     blas: str | None = None  # the CPU BLAS to load before mlx (adapters.mlx_lm.blas)

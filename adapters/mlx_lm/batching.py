@@ -125,6 +125,12 @@ class _Seq:
     # Preempted: the arrival it waits in to resume (its prompt is its last token, once that is read).
     parked: _Arrival | None = None
     final: int = 0  # the most positions its KV can reach (prompt + max_tokens)
+    model: LoadedModel | None = None  # a view of the batch's model with an adapter (None: the model itself)
+
+    @property
+    def adapter(self) -> int:
+        """Its adapter's index in the model's bank (0: the base model)."""
+        return self.model.adapter if self.model is not None else 0
 
     @property
     def preemptible(self) -> bool:
@@ -139,6 +145,7 @@ class _Arrival:
     prompt: list[int]  # the tokens to prefill into ``cache`` (empty: a preempted one's last token, not yet read)
     cache: list[Any]
     context: mx.array  # the whole prompt (a processor's first call sees it)
+    model: LoadedModel  # the batch's model, or a view of it with an adapter
     tenant: str = ""
     order: int = 0  # arrival order: first come, first served within a tenant
     done: int = 0  # prompt tokens prefilled so far
@@ -232,11 +239,14 @@ class Batcher:
         context: Sequence[int],
         keep_cache: bool = False,
         tenant: str = "",
+        model: LoadedModel | None = None,
     ) -> list[int]:
         """Queue ``params.n`` sequences continuing ``cache`` (empty: a fresh one) with ``prompt``; their uids.
         ``context`` is the whole prompt, the part already in ``cache`` included (a repetition penalty covers
         it). With ``keep_cache``, the first sequence's finish carries its KV. The sequences join in parts of
-        at most ``max_running``, each on its own copy of ``cache``."""
+        at most ``max_running``, each on its own copy of ``cache``. ``model``: a view of the batch's model with
+        one of its adapters (None: the model itself); each row of a pass runs its own."""
+        model = model or self.loaded
         if not prompt:
             raise ValueError("a sequence needs at least one prompt token to prefill")
         final = len(context) + params.max_tokens
@@ -260,6 +270,7 @@ class Batcher:
                 seeded=params.seed is not None and params.temperature > 0.0,
                 tenant=tenant,
                 final=final,
+                model=model if model is not self.loaded else None,
             )
             self._seqs[seq.uid] = seq
             seqs.append(seq)
@@ -268,7 +279,7 @@ class Batcher:
         for start in range(0, len(seqs), size):
             part = seqs[start : start + size]
             own = (cache if start == 0 else _copy_cache(cache)) if cache else self.loaded.make_cache()
-            self._arrivals.append(_Arrival(part, list(prompt), own, whole, tenant, next(self._orders)))
+            self._arrivals.append(_Arrival(part, list(prompt), own, whole, model, tenant, next(self._orders)))
         return [s.uid for s in seqs]
 
     def _part_size(self, final: int, row: int) -> int:
@@ -337,7 +348,7 @@ class Batcher:
     def _chunk(self, arrival: _Arrival) -> _Launched | None:
         """The next chunk of one prompt, prefilled alone on its own cache."""
         # A batch's caches are plain KV, never quantised (quantised ones run on the sequential path).
-        part = prefill_chunk(self.loaded, arrival.prompt, arrival.cache, arrival.done, quantize=False)
+        part = prefill_chunk(arrival.model, arrival.prompt, arrival.cache, arrival.done, quantize=False)
         arrival.done = part.done
         if part.seconds is not None:
             self.prefill_timings.append((part.tokens, part.seconds))
@@ -371,7 +382,8 @@ class Batcher:
         width = max(len(a.prompt) for a in group)
         cache = self._stacked([a.cache for a in group], offset)
         inputs = mx.array([a.prompt + [0] * (width - len(a.prompt)) for a in group])
-        logits = self.loaded.model(inputs, cache=cache)
+        with self.loaded.rows([a.model.adapter for a in group]):
+            logits = self.loaded.model(inputs, cache=cache)
         last = mx.array([len(a.prompt) - 1 for a in group])
         logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]
         return self._join(group, logits, cache, [offset + len(a.prompt) for a in group])
@@ -480,7 +492,8 @@ class Batcher:
         self._slots.release(seq.slot)
         self._rows[seq.slot] = None
         seq.slot = None
-        arrival = _Arrival([seq], [], cache, mx.zeros((0,), mx.int32), seq.tenant, next(self._orders))
+        model = seq.model or self.loaded
+        arrival = _Arrival([seq], [], cache, mx.zeros((0,), mx.int32), model, seq.tenant, next(self._orders))
         seq.parked = arrival
         self._arrivals.append(arrival)
         self.preempted += 1
@@ -494,7 +507,8 @@ class Batcher:
             return None
         inputs = self._inputs
         slots.prepare_step()
-        logits = self.loaded.model(inputs[:, None], cache=slots.layers)[:, -1, :]
+        with self.loaded.rows([s.adapter if s is not None else 0 for s in self._rows]):
+            logits = self.loaded.model(inputs[:, None], cache=slots.layers)[:, -1, :]
         slots.advance()
         rows = list(self._rows)
         if any(s is not None and s.matcher is not None for s in rows):

@@ -25,13 +25,15 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from adapters.base import (
+    AdapterExists,
+    AdapterRefused,
     BuildEvent,
     EngineError,
     EngineEvent,
@@ -56,12 +58,13 @@ from adapters.mlx_lm.prefix_kv import new_manifest
 from adapters.mlx_lm.prefix_path import PrefixPath
 from adapters.mlx_lm.response_kv import ResponseKV
 from adapters.mlx_lm.sampling import ChoiceSampler, choice_keys
+from adapters.mlx_lm.served_adapters import ServedAdapters
 from adapters.mlx_lm.work import Build, Call, Choice, ModelSlot, Request, log_extra
-from adapters.setup import ResponseKVSetup
+from adapters.setup import AdapterSpec, ResponseKVSetup
 from adapters.snapshot import EngineSnapshot, MemoryUse, ModelHealth, ReuseUse, health_report
 from adapters.stats import EngineStats
 from prefix_caches import kv
-from prefix_caches.errors import InvalidKVSettings, PrefixCacheUnusable
+from prefix_caches.errors import InvalidKVSettings, PrefixCacheError, PrefixCacheUnusable
 from prefix_caches.names import cache_paths
 from prefix_caches.store import PrefixCacheStore, file_sha256
 
@@ -96,6 +99,7 @@ class MlxEngine:
         outbox: EventOutbox | None = None,
         responses: ResponseKVSetup | None = None,
         load: Callable[[ModelSpec], Generator[str, None, LoadedModel]] = load_steps,
+        adapters: Sequence[AdapterSpec] = (),
     ) -> None:
         """Build the engine (its thread starts with :meth:`start`).
 
@@ -106,8 +110,14 @@ class MlxEngine:
             outbox: where events go at the end of each turn (default: requests' event loops here).
             responses: stored responses' KV settings.
             load: how a model loads, one stage per ``next()`` (:func:`load_steps`; tests hold a model back).
+            adapters: the configured adapters, each loaded once its base model is.
         """
         self._slots = {s.name: ModelSlot(s) for s in specs}
+        self._configured_adapters = tuple(adapters)
+        # The engine thread's own; other threads read the published views and infos (replaced, never changed).
+        self.adapters = ServedAdapters()
+        self._views: dict[str, LoadedModel] = {}
+        self._adapter_infos: tuple[ModelInfo, ...] = ()
         self._load_steps = load
         self._store = store
         self._inbox: queue.SimpleQueue[Request | Build | Call | None] = queue.SimpleQueue()
@@ -182,12 +192,15 @@ class MlxEngine:
                     batched=loaded is not None and self._batches(loaded),
                 )
             )
-        return out
+        return out + list(self._adapter_infos)
 
     def tokenizer(self, model: str) -> MlxTokenizer:
         return self._ready(model).tokenizer
 
     def tokenizer_if_ready(self, model: str) -> MlxTokenizer | None:
+        view = self._views.get(model)
+        if view is not None:
+            return view.tokenizer
         slot = self._slots.get(model)
         return slot.loaded.tokenizer if slot is not None and slot.loaded is not None else None
 
@@ -241,12 +254,12 @@ class MlxEngine:
         """Engine thread, between two turns: the decode steps from here to the request's leaving are its lag
         (a step already running when the client left cannot be stopped, and is not counted)."""
         if isinstance(item, Request) and item.cancel_seen is None:
-            item.cancel_seen = self.stats.decode_steps(item.plan.model)
+            item.cancel_seen = self.stats.decode_steps(item.model.base_name)
 
     def _cancel_lag(self, request: Request) -> int:
         if request.cancel_seen is None:
             return 0  # dropped before the engine thread took the cancellation from its inbox
-        return self.stats.decode_steps(request.plan.model) - request.cancel_seen
+        return self.stats.decode_steps(request.model.base_name) - request.cancel_seen
 
     def wake(self) -> None:
         """Make the engine thread finish its turn (and hand over its events) if it blocks on its inbox."""
@@ -288,6 +301,68 @@ class MlxEngine:
             return PrefixWarmed(was_resident, store.is_resident(manifest), seconds, kv.cache_nbytes(cache))
 
         return self.call(load)
+
+    def load_adapter(self, spec: AdapterSpec) -> concurrent.futures.Future[ModelInfo]:
+        """Serve ``spec`` (on the engine thread, between two turns); its model entry.
+
+        Raises (through the future): UnknownModel (no such base model), EngineNotReady (still loading),
+        AdapterExists, AdapterRefused.
+        """
+
+        def load() -> ModelInfo:
+            if spec.name in self._slots:
+                raise AdapterExists(f"'{spec.name}' is a model served here: an adapter needs a name of its own")
+            self._add_adapter(spec)
+            return next(i for i in self._adapter_infos if i.id == spec.name)
+
+        return self.call(load)
+
+    def unload_adapter(self, name: str) -> concurrent.futures.Future[bool]:
+        """Stop serving adapter ``name`` (whether it was served): new requests naming it get a 404, running
+        ones finish on it, and then its weights go. The KV computed under it goes at once: its named prefix
+        caches (every tenant's), automatic reuse and stored responses' KV."""
+
+        def unload() -> bool:
+            served = self.adapters.remove(name)
+            if served is None:
+                return False
+            self._publish_adapters()
+            fingerprint = served.view.fingerprint
+            self.prefixes.reuse.forget_model(fingerprint)
+            self.prefixes.responses.forget_model(fingerprint)
+            if self._store is not None:
+                for manifest in self._store.all():
+                    if manifest.model == name:
+                        with contextlib.suppress(PrefixCacheError):
+                            self._store.delete(manifest.tenant, manifest.name)
+                            logger.info("prefix cache %s/%s removed with its adapter", manifest.tenant, manifest.name)
+            self._release_adapters()
+            return True
+
+        return self.call(unload)
+
+    def _add_adapter(self, spec: AdapterSpec) -> None:
+        """Engine thread: load ``spec`` onto its (ready) base model and publish it."""
+        slot = self._slots.get(spec.base)
+        if slot is None or slot.state == "failed":
+            raise AdapterRefused(f"the base model '{spec.base}' is not served here")
+        if slot.loaded is None:
+            raise EngineNotReady(f"The model '{spec.base}' is still loading ({slot.stage}); retry shortly")
+        self.adapters.add(spec, slot.loaded)
+        self._publish_adapters()
+        self.prefixes.check_stored(self.adapters.get(spec.name).view)  # type: ignore[union-attr]
+
+    def _publish_adapters(self) -> None:
+        self._views = {s.spec.name: s.view for s in self.adapters.all()}
+        self._adapter_infos = tuple(self.adapters.infos(self._batches))
+
+    def _release_adapters(self) -> None:
+        """Free unloaded adapters' weights once no request runs on them."""
+        if not self.adapters.draining:
+            return
+        running = [r.model for r in self._active] + [r.model for r, _ in self._batched.values()]
+        if self.adapters.release(running):
+            self._record_memory()
 
     def _enabled_store(self) -> PrefixCacheStore:
         if self._store is None:
@@ -392,6 +467,10 @@ class MlxEngine:
         )
 
     def _ready(self, model: str) -> LoadedModel:
+        view = self._views.get(model)
+        if view is not None:
+            self._ready(view.base_name)  # the engine runs, its base model serves
+            return view
         slot = self._slots.get(model)
         if slot is None:
             raise UnknownModel(model)
@@ -451,6 +530,7 @@ class MlxEngine:
                 if self._active:
                     self._turn()
                 self._outbox.flush()
+                self._release_adapters()
                 self._publish()
             self._fail_all("The server is stopping")
         except BaseException as exc:
@@ -504,6 +584,12 @@ class MlxEngine:
             slot.load_seconds = round(time.perf_counter() - started, 2)
             logger.info("model %s: ready after %.1fs", name, slot.load_seconds)
             self.prefixes.check_stored(loaded)
+            for spec in self._configured_adapters:
+                if spec.base == name:
+                    try:
+                        self._add_adapter(spec)
+                    except AdapterRefused as exc:  # the operator's to fix; the base model and others serve
+                        logger.error("adapter %s not served: %s", spec.name, exc)
         except Exception as exc:  # a bad model must not take the others down
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             if isinstance(exc, SOURCE_ERRORS):  # the operator's to fix, not a bug: one line
@@ -612,16 +698,16 @@ class MlxEngine:
         plan = request.plan
         sampling = plan.sampling
         need = sampling.n * kv_bytes_at_most(len(plan.prompt_tokens), sampling.max_tokens, loaded.kv_bytes_per_token)
-        held = self._sequential_kv.get(loaded.spec.name, 0)
+        held = self._sequential_kv.get(loaded.base_name, 0)
         if held and held + need > loaded.kv_budget:
             return False
         request.kv_reserved = max(1, need)
-        self._sequential_kv[loaded.spec.name] = held + request.kv_reserved
+        self._sequential_kv[loaded.base_name] = held + request.kv_reserved
         return True
 
     def _unreserve(self, request: Request) -> None:
         if request.kv_reserved:
-            name = request.model.spec.name
+            name = request.model.base_name
             self._sequential_kv[name] = self._sequential_kv.get(name, 0) - request.kv_reserved
             request.kv_reserved = 0
 
@@ -645,10 +731,12 @@ class MlxEngine:
         cache: list[Any] = request.cache or []
         if any(type(c) is not KVCache for c in cache):
             return False  # e.g. a q4/q8 prefix cache: the sequential path serves it
-        batcher = self._batchers.get(loaded.spec.name)
-        if batcher is None:
-            batcher = Batcher(loaded, loaded.spec.max_running, loaded.kv_budget or None)
-            self._batchers[loaded.spec.name] = batcher
+        batcher = self._batchers.get(loaded.base_name)
+        if batcher is None:  # one batch per base model: its adapters' rows decode in it, each with its own
+            base = self._slots[loaded.base_name].loaded
+            assert base is not None
+            batcher = Batcher(base, base.spec.max_running, base.kv_budget or None)
+            self._batchers[loaded.base_name] = batcher
         params = request.plan.sampling
         prompt = request.plan.prompt_tokens
         uids = batcher.insert(
@@ -658,6 +746,7 @@ class MlxEngine:
             prompt,
             keep_cache=self._keeps_cache(request),
             tenant=request.plan.tenant,
+            model=loaded,
         )
         request.cache = None
         request.batched = True
@@ -756,7 +845,7 @@ class MlxEngine:
         cancelled = {id(r): r for r, _ in self._batched.values() if r.cancelled.is_set()}
         for request in cancelled.values():
             uids = [c.uid for c in request.choices if c.uid in self._batched]
-            self._batchers[request.model.spec.name].remove(uids)
+            self._batchers[request.model.base_name].remove(uids)
             for uid in uids:
                 self._batched.pop(uid, None)
             logger.info("request %s cancelled", request.plan.request_id, extra=log_extra(request.plan))
@@ -764,10 +853,10 @@ class MlxEngine:
         return bool(cancelled)
 
     def _fail_batch(self, name: str, exc: Exception) -> None:
-        failed = {id(r): r for r, _ in self._batched.values() if r.model.spec.name == name}
+        failed = {id(r): r for r, _ in self._batched.values() if r.model.base_name == name}
         for request in failed.values():
             self._fail(request, exc, log=False)  # the batch's failure is logged once, above
-        self._batched = {u: e for u, e in self._batched.items() if e[0].model.spec.name != name}
+        self._batched = {u: e for u, e in self._batched.items() if e[0].model.base_name != name}
         batcher = self._batchers.pop(name)
         with contextlib.suppress(Exception):
             batcher.close()
@@ -790,7 +879,7 @@ class MlxEngine:
                     assert choice.cache is not None and choice.sampler is not None
                     logits = request.model.forward([choice.last], choice.cache)
                     accept(request, choice, choice.sampler(logits))
-            self.stats.decode_step(request.plan.model, "sequential", time.perf_counter() - started)
+            self.stats.decode_step(request.model.base_name, "sequential", time.perf_counter() - started)
         return all(c.done for c in request.choices) if request.choices else False
 
     def _prefill_chunk(self, request: Request) -> mx.array | None:

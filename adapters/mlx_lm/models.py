@@ -9,6 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Generator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,7 @@ from adapters.base import OutputConstraint, ToolCalling
 from adapters.mlx_lm.constraints import MaskingGrammarCompiler
 from adapters.mlx_lm.detokenizer import ByteLevelDetokenizer, byte_decoder, exact_detokenizer
 from adapters.mlx_lm.gguf import GGUFError, build_from_gguf
+from adapters.mlx_lm.lora import AdapterBank
 from adapters.mlx_lm.presets import PRESETS, build_model, default_models_dir
 from adapters.mlx_lm.registry_models import REGISTRY_MODELS, build_registry_model
 from adapters.setup import ModelSpec
@@ -164,6 +166,21 @@ class LoadedModel:
     weights: str = ""  # the weight format chosen for this backend, and why
     kv_bytes_per_token: int = 0  # one position of one sequence, every layer's keys and values
     kv_budget: int = 0  # bytes of KV that running sequences may hold at once (max_running_kv_bytes)
+    # Adapters (adapters.mlx_lm.lora): the base model's bank, shared by the views of its adapters; a view's
+    # index in it (0: the base model), its base model's name and its adapter's files digest.
+    bank: AdapterBank | None = None
+    adapter: int = 0
+    parent: str | None = None
+    adapter_digest: str = ""
+
+    @property
+    def base_name(self) -> str:
+        """The base model's name: an adapter's requests share its batch, KV budget and prefill rate."""
+        return self.parent or self.spec.name
+
+    def rows(self, adapters: Sequence[int]) -> AbstractContextManager[None]:
+        """Build the forward passes inside it with row ``i`` on adapter ``adapters[i]`` (0: the base model)."""
+        return self.bank.selected(adapters) if self.bank is not None else nullcontext()
 
     def make_cache(self) -> list[Any]:
         return make_prompt_cache(self.model, max_kv_size=self.spec.max_kv_size)
@@ -176,7 +193,8 @@ class LoadedModel:
     def forward(self, tokens: list[int], cache: list[Any], quantize: bool = True) -> mx.array:
         """One pass over ``tokens`` into ``cache``; the last position's logits. ``quantize``: the spec's KV
         quantisation applies (a prefix-cache build keeps full precision and quantises at the end)."""
-        logits = self.model(mx.array(tokens)[None], cache=cache)[0, -1, :]
+        with self.rows([self.adapter]):
+            logits = self.model(mx.array(tokens)[None], cache=cache)[0, -1, :]
         spec = self.spec
         if quantize:
             maybe_quantize_kv_cache(cache, spec.quantized_kv_start, spec.kv_group_size, spec.kv_bits)
@@ -390,6 +408,7 @@ def load_steps(spec: ModelSpec) -> Generator[str, None, LoadedModel]:
         weights=weights,
         kv_bytes_per_token=per_token,
         kv_budget=spec.max_running_kv_bytes or default_kv_budget(),
+        bank=AdapterBank(model),
     )
     _ = loaded.batchable  # made here, on the engine thread: it builds a cache (MLX work)
     return loaded

@@ -99,7 +99,8 @@ class PrefixPath:
         use = plan.response_kv
         assert use is not None and use.parent is not None
         start = time.perf_counter()
-        found = self.responses.view(plan.model, plan.tenant, use.parent, min(use.reuse, len(plan.prompt_tokens) - 1))
+        reuse = min(use.reuse, len(plan.prompt_tokens) - 1)
+        found = self.responses.view(request.model.fingerprint, plan.tenant, use.parent, reuse)
         if found is None:
             request.cache = request.model.make_cache()
             request.emit(Started(0, prefix_miss_reason="the previous response's KV is not in memory: recomputed"))
@@ -116,7 +117,7 @@ class PrefixPath:
             return
         reused = request.cached_tokens if use.parent is not None else 0
         try:
-            self.responses.keep(plan.model, plan.tenant, use.keep_as, cache, use.parent, reused)
+            self.responses.keep(request.model.fingerprint, plan.tenant, use.keep_as, cache, use.parent, reused)
         except Exception:  # keeping is an optimisation: the answer has been given either way
             logger.exception("response %s: KV not kept", use.keep_as, extra=log_extra(plan))
 
@@ -186,7 +187,7 @@ class PrefixPath:
     def _reuse_hit(self, request: Request) -> bool:
         """performance mode: start from this tenant's longest matching earlier prompt, if any."""
         plan = request.plan
-        found = self.reuse.find(plan.model, plan.tenant, plan.prompt_tokens)
+        found = self.reuse.find(request.model.fingerprint, plan.tenant, plan.prompt_tokens)
         if found is None:
             return False
         cache, common = found
@@ -202,7 +203,7 @@ class PrefixPath:
             return
         prefix = exact_prefix(cache, len(plan.prompt_tokens))
         if prefix is not None:
-            self.reuse.add(plan.model, plan.tenant, plan.prompt_tokens, prefix)
+            self.reuse.add(request.model.fingerprint, plan.tenant, plan.prompt_tokens, prefix)
 
     # ---- prefix-cache builds -------------------------------------------------------------------
 

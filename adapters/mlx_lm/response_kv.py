@@ -175,6 +175,13 @@ class ResponseKV:
         self._unlist(node)
         return True
 
+    def forget_model(self, model: str) -> int:
+        """Drop every response's KV computed by ``model`` (an adapter unloaded); how many."""
+        nodes = [n for n in self._listed.values() if n.model == model]
+        for node in nodes:
+            self._unlist(node)
+        return len(nodes)
+
     def expire(self) -> None:
         if self.ttl_seconds <= 0:
             return

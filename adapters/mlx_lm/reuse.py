@@ -41,6 +41,11 @@ class TenantReuse:
             self.hits += 1
         return best
 
+    def forget_model(self, model: str) -> None:
+        """Drop every prompt kept for ``model`` (an adapter unloaded)."""
+        for key in [k for k in self._entries if k[0] == model]:
+            del self._entries[key]
+
     def entry_count(self) -> int:
         """Prompts kept (engine thread: the snapshot publishes it)."""
         return sum(len(e) for e in self._entries.values())
