@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from adapters.setup import AdapterSpec
 from adapters.stats import EngineStats
 from prefix_caches.errors import PrefixCacheError
 from prefix_caches.manifest import Manifest
@@ -377,6 +378,14 @@ class PromptTokenizer(Protocol):
 
 class Engine(Protocol):
     def models(self) -> list[ModelInfo]: ...
+
+    async def load_adapter(self, spec: AdapterSpec) -> ModelInfo:
+        """Serve an adapter as a model of its own name on its base model (AdapterRefused, AdapterExists)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Stop serving adapter ``name`` (running requests finish on it); whether it was served."""
+        ...
 
     def tokenizer(self, model: str) -> PromptTokenizer:
         """Raises UnknownModel, EngineNotReady (loading) or ModelUnavailable (failed)."""

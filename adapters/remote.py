@@ -55,7 +55,7 @@ from adapters.base import (
     PromptTokenizer,
     UnknownModel,
 )
-from adapters.setup import EngineSetup, StoreSetup
+from adapters.setup import AdapterSpec, EngineSetup, StoreSetup
 from adapters.snapshot import EngineSnapshot, health_report
 from adapters.stats import EngineStats, StatsExport
 from adapters.tokenizer import TokenizerFacts
@@ -321,10 +321,13 @@ class RemoteEngine:
         ]
 
     def _has_tokenizer(self, m: wire.ModelFacts) -> bool:
-        cached = self._tokenizers.get(m.info.id)
+        cached = self._tokenizers.get(m.info.parent or m.info.id)  # an adapter speaks as its base model
         return m.tokenizer is not None and cached is not None and cached[0] == m.tokenizer
 
     def tokenizer(self, model: str) -> PromptTokenizer:
+        adapter = next((m.info for m in self.report.models if m.info.id == model and m.info.parent), None)
+        if adapter is not None:
+            model = adapter.parent or model
         if model not in self._specs:
             raise UnknownModel(model)
         facts = self._model(model)
@@ -337,7 +340,7 @@ class RemoteEngine:
         """Load each newly ready model's tokenizer on a worker thread (it takes a second, not the event loop)."""
         for m in report.models:
             facts = m.tokenizer
-            if facts is None or m.info.id in self._loading:
+            if facts is None or m.info.id in self._loading or m.info.parent:
                 continue
             cached = self._tokenizers.get(m.info.id)
             if cached is not None and cached[0] == facts:
@@ -486,7 +489,18 @@ class RemoteEngine:
             if not ended and self._dead is None:
                 self.tell(wire.Abort(self.front, ident))
 
-    async def _ask(self, command: wire.Verify | wire.Warm) -> wire.Reply:
+    async def load_adapter(self, spec: AdapterSpec) -> ModelInfo:
+        reply = await self._ask(wire.LoadAdapter(self.front, next(self._ids), spec))
+        assert reply.adapter is not None
+        await self.refresh()  # lists it from now on
+        return reply.adapter
+
+    async def unload_adapter(self, name: str) -> bool:
+        reply = await self._ask(wire.UnloadAdapter(self.front, next(self._ids), name))
+        await self.refresh()
+        return bool(reply.unloaded)
+
+    async def _ask(self, command: wire.Verify | wire.Warm | wire.LoadAdapter | wire.UnloadAdapter) -> wire.Reply:
         events = self._events_of(command.id, command)
         try:
             async for event in events:

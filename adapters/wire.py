@@ -36,6 +36,7 @@ from adapters.base import (
     Started,
     TokenEvent,
 )
+from adapters.setup import AdapterSpec
 from adapters.snapshot import EngineSnapshot
 from adapters.stats import StatsExport
 from adapters.tokenizer import TokenizerFacts
@@ -52,6 +53,8 @@ __all__ = [
     "Command",
     "Event",
     "Hello",
+    "LoadAdapter",
+    "UnloadAdapter",
     "ModelFacts",
     "Reply",
     "Report",
@@ -121,6 +124,18 @@ class Warm(msgspec.Struct, frozen=True, tag=True):
     name: str
 
 
+class LoadAdapter(msgspec.Struct, frozen=True, tag=True):
+    front: int
+    id: int
+    spec: AdapterSpec
+
+
+class UnloadAdapter(msgspec.Struct, frozen=True, tag=True):
+    front: int
+    id: int
+    name: str
+
+
 class RecordMiss(msgspec.Struct, frozen=True, tag=True):
     """A request named a cache and was planned without it (the engine counts prefix-cache use)."""
 
@@ -153,7 +168,20 @@ class ReportWanted(msgspec.Struct, frozen=True, tag=True):
 
 
 Command = (
-    Hello | Bye | Submit | Build | Built | Abort | Verify | Warm | RecordMiss | Forget | ForgetResponse | ReportWanted
+    Hello
+    | Bye
+    | Submit
+    | Build
+    | Built
+    | Abort
+    | Verify
+    | Warm
+    | LoadAdapter
+    | UnloadAdapter
+    | RecordMiss
+    | Forget
+    | ForgetResponse
+    | ReportWanted
 )
 
 
@@ -161,10 +189,12 @@ Command = (
 
 
 class Reply(msgspec.Struct, frozen=True, tag=True):
-    """The answer to a :class:`Verify` or a :class:`Warm`, or its error."""
+    """The answer to a :class:`Verify`, :class:`Warm`, :class:`LoadAdapter` or :class:`UnloadAdapter`, or its error."""
 
     verified: dict[str, Any] | None = None
     warmed: PrefixWarmed | None = None
+    adapter: ModelInfo | None = None
+    unloaded: bool | None = None
     error: Exception | None = None
 
 

@@ -56,6 +56,17 @@ def _parse_keys(items: list[str]) -> dict[str, str]:
     return keys
 
 
+def _parse_adapters(items: list[str]) -> list[dict[str, str]]:
+    """``NAME=PATH`` or ``NAME=BASE:PATH`` items (which one: ``_check_adapters`` knows the models' names)."""
+    out = []
+    for item in filter(None, (part.strip() for part in items)):
+        name, eq, rest = item.partition("=")
+        if not eq or not name or not rest:
+            raise ConfigError(f"--adapter takes NAME=PATH or NAME=BASE:PATH, not '{item}'")
+        out.append({"name": name, "path": rest})
+    return out
+
+
 def _origins(items: list[str]) -> list[str]:
     """Origins from items that may each hold several, separated by commas."""
     return [o.strip() for item in items for o in item.split(",") if o.strip()]
@@ -92,6 +103,17 @@ class ModelConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     isolation_mode: IsolationMode | None = None
 
 
+class AdapterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A LoRA or DoRA adapter made by ``mlx_lm.lora`` (its directory), served as model ``name`` on model ``base``
+    (None: the one model served). ``tenant``: the one tenant that may use it (None: every tenant). Written as
+    ``[[adapters]]`` tables, or ``[[models]]`` entries with ``adapter = PATH`` and ``base``."""
+
+    name: str
+    path: str
+    base: str | None = None
+    tenant: str | None = None
+
+
 class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """One tenant's quotas; None (absent) is unlimited. Sizes may be written as text (``2GiB``)."""
 
@@ -109,6 +131,9 @@ class TenantLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     # Stored responses' KV in the engine's memory (previous_response_id): past it the tenant's own least
     # recently used responses lose their KV first (None: only the server-wide response_kv_memory_bytes).
     max_response_kv_bytes: Annotated[int | None, _SIZE] = None
+    # Adapters the tenant owns (registered at run time or configured for it), and their weights' bytes together.
+    max_adapters: int | None = None
+    max_adapter_bytes: Annotated[int | None, _SIZE] = None
 
     def over(self, defaults: TenantLimits) -> TenantLimits:
         """These limits, each absent one taken from ``defaults``."""
@@ -127,6 +152,26 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         Setting(help="The port to listen on.", env="MLX_GATEWAY_PORT", flag="--port"),
     ] = 8000
     models: tuple[ModelConfig, ...] = ()
+    adapters: Annotated[
+        tuple[AdapterConfig, ...],
+        Setting(
+            help="Serve an mlx_lm.lora adapter directory as model NAME on the base model (BASE: needed when several "
+            "models are served). Repeat for several; they share the base model's weights.",
+            env="MLX_GATEWAY_ADAPTERS",
+            flag="--adapter",
+            metavar="NAME=[BASE:]PATH",
+            items=_parse_adapters,
+        ),
+    ] = ()
+    adapters_dir: Annotated[
+        str | None,
+        Setting(
+            help="The directory that adapters registered at run time (POST /admin/adapters) must lie in.",
+            env="MLX_GATEWAY_ADAPTERS_DIR",
+            flag="--adapters-dir",
+            default_help="none (no registration at run time)",
+        ),
+    ] = None
     # API key -> tenant. A key written ``sha256:<64 hex>`` is the SHA-256 digest of the key (gateway.tenancy.keys).
     # Empty: auth is off and every request belongs to the default tenant.
     api_keys: Annotated[
@@ -392,6 +437,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    @property
+    def adapters_path(self) -> Path:
+        """Where adapters registered at run time are recorded: beside the caches, so replicas share them."""
+        return self.cache_path / "adapters"
+
 
 SETTINGS: tuple[Declared, ...] = declared(Config)
 _SIZE_FIELDS = tuple(d.name for d in SETTINGS if d.setting.size)
@@ -434,6 +484,47 @@ def _check_keys(config: Config) -> None:
                 f"a key starting '{HASHED_PREFIX}' must be '{HASHED_PREFIX}' and the 64 hex digits of a SHA-256 "
                 "digest ('mlx-gateway keys new --hashed' prints one)"
             )
+
+
+def _adapters_from_models(raw: dict[str, Any]) -> None:
+    """``[[models]]`` entries with ``adapter = PATH`` are adapters: moved to ``adapters``."""
+    models = raw.get("models")
+    if not isinstance(models, list):
+        return
+    moved = [m for m in models if isinstance(m, dict) and "adapter" in m]
+    if not moved:
+        return
+    raw["models"] = [m for m in models if m not in moved]
+    entries = [{**{k: v for k, v in m.items() if k != "adapter"}, "path": m["adapter"]} for m in moved]
+    if any("path" in m for m in moved):
+        raise ConfigError("a [[models]] entry with 'adapter' takes no 'path' (the adapter's directory is 'adapter')")
+    raw["adapters"] = [*(raw.get("adapters") or []), *entries]
+
+
+def _check_adapters(config: Config) -> Config:
+    """Every adapter names a served base model (the one model when it names none) and a name of its own."""
+    bases = [m.name for m in config.models]
+    adapters = []
+    for adapter in config.adapters:
+        base, path = adapter.base, adapter.path
+        if base is None:  # NAME=BASE:PATH from a flag: BASE is a served model's name (which may hold ':' or '/')
+            base = next((b for b in bases if path.startswith(b + ":")), None)
+            path = path[len(base) + 1 :] if base is not None else path
+        if base is None:
+            if len(bases) > 1:
+                raise ConfigError(
+                    f"adapter '{adapter.name}': several models are served ({', '.join(bases)}): name its base "
+                    f"(--adapter {adapter.name}=BASE:PATH, or base = ... in the file)"
+                )
+            base = bases[0]
+        if base not in bases:
+            raise ConfigError(f"adapter '{adapter.name}': its base '{base}' is not a served model ({', '.join(bases)})")
+        path = str(Path(path).expanduser().resolve())  # the engine process may not share our working directory
+        adapters.append(msgspec.structs.replace(adapter, base=base, path=path))
+    names = bases + [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model and adapter names must be unique: {names}")
+    return msgspec.structs.replace(config, adapters=tuple(adapters))
 
 
 def _model_from_flag(value: str, name: str | None) -> dict[str, Any]:
@@ -509,6 +600,7 @@ def load_config(
         raise ConfigError("--model-name names the model given by --model (or MLX_GATEWAY_MODEL); neither is set")
     if not raw.get("models"):
         raw["models"] = [_model_from_flag(DEFAULT_MODEL, None)]
+    _adapters_from_models(raw)
     for key in _SIZE_FIELDS:
         if isinstance(raw.get(key), str):
             raw[key] = parse_size(raw[key])
@@ -521,6 +613,7 @@ def load_config(
     names = [m.name for m in config.models]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique: {names}")
+    config = _check_adapters(config)
     _check_keys(config)
     if config.api_servers > 1 and config.engine_layout == "thread":
         raise ConfigError(

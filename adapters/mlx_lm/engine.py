@@ -302,7 +302,13 @@ class MlxEngine:
 
         return self.call(load)
 
-    def load_adapter(self, spec: AdapterSpec) -> concurrent.futures.Future[ModelInfo]:
+    async def load_adapter(self, spec: AdapterSpec) -> ModelInfo:
+        return await asyncio.wrap_future(self.adapter_loaded(spec))
+
+    async def unload_adapter(self, name: str) -> bool:
+        return await asyncio.wrap_future(self.adapter_unloaded(name))
+
+    def adapter_loaded(self, spec: AdapterSpec) -> concurrent.futures.Future[ModelInfo]:
         """Serve ``spec`` (on the engine thread, between two turns); its model entry.
 
         Raises (through the future): UnknownModel (no such base model), EngineNotReady (still loading),
@@ -317,7 +323,7 @@ class MlxEngine:
 
         return self.call(load)
 
-    def unload_adapter(self, name: str) -> concurrent.futures.Future[bool]:
+    def adapter_unloaded(self, name: str) -> concurrent.futures.Future[bool]:
         """Stop serving adapter ``name`` (whether it was served): new requests naming it get a 404, running
         ones finish on it, and then its weights go. The KV computed under it goes at once: its named prefix
         caches (every tenant's), automatic reuse and stored responses' KV."""

@@ -57,7 +57,9 @@ def build_engine(setup: EngineSetup, outbox: WireOutbox | None = None) -> Any:  
             )
     else:
         logger.info("device %s", mx.default_device())
-    return MlxEngine(list(setup.models), _open_store(setup), setup.profile_path, outbox, setup.responses)
+    return MlxEngine(
+        list(setup.models), _open_store(setup), setup.profile_path, outbox, setup.responses, adapters=setup.adapters
+    )
 
 
 def _open_store(setup: EngineSetup) -> Any:
@@ -189,7 +191,7 @@ class Host:
             item = self._live.pop((command.front, command.id), None)
             if item is not None:
                 engine.cancel(item)
-        elif isinstance(command, wire.Verify | wire.Warm):
+        elif isinstance(command, wire.Verify | wire.Warm | wire.LoadAdapter | wire.UnloadAdapter):
             self._call(command)
         elif isinstance(command, wire.Hello):
             self.outbox.join(command.front, command.address)
@@ -220,27 +222,34 @@ class Host:
             self._store_changes += 1
             self._report_all()  # every front end learns of it now
 
-    def _call(self, command: wire.Verify | wire.Warm) -> None:
+    def _call(self, command: wire.Verify | wire.Warm | wire.LoadAdapter | wire.UnloadAdapter) -> None:
         emit = self.outbox.emitter(command.front, command.id)
         try:
             if isinstance(command, wire.Verify):
                 future = self.engine.verify(command.tenant, command.name)
-            else:
+            elif isinstance(command, wire.Warm):
                 future = self.engine.warm(command.tenant, command.name)
+            elif isinstance(command, wire.LoadAdapter):
+                future = self.engine.adapter_loaded(command.spec)
+            else:
+                future = self.engine.adapter_unloaded(command.name)
         except Exception as exc:  # an unknown cache, caches off: the error crosses with its class
             emit(wire.Reply(error=exc))
             self.engine.wake()
             return
-        verify = isinstance(command, wire.Verify)
 
         def done(f: Any) -> None:  # on the engine thread, which flushes at the end of its turn
             exc = f.exception()
             if exc is not None:
                 emit(wire.Reply(error=exc))
-            elif verify:
+            elif isinstance(command, wire.Verify):
                 emit(wire.Reply(verified=f.result()))
-            else:
+            elif isinstance(command, wire.Warm):
                 emit(wire.Reply(warmed=f.result()))
+            elif isinstance(command, wire.LoadAdapter):
+                emit(wire.Reply(adapter=f.result()))
+            else:
+                emit(wire.Reply(unloaded=f.result()))
 
         future.add_done_callback(done)
 

@@ -166,7 +166,7 @@ def test_an_unloaded_adapter_lets_its_running_requests_finish(engine: MlxEngine)
     async def scenario() -> tuple[list[object], bool]:
         running = asyncio.create_task(_collect(engine, _plan(name, tuple(range(30, 60)), max_tokens=40)))
         await asyncio.sleep(0.05)
-        unloaded = await asyncio.wrap_future(engine.unload_adapter(name))
+        unloaded = await asyncio.wrap_future(engine.adapter_unloaded(name))
         return await running, unloaded
 
     events, unloaded = asyncio.run(scenario())
@@ -182,12 +182,12 @@ def test_an_unloaded_adapter_lets_its_running_requests_finish(engine: MlxEngine)
 
 
 def test_loading_at_run_time_checks_the_files_and_the_base(engine: MlxEngine, adapter_dirs: dict[str, Path]) -> None:
-    info = engine.load_adapter(AdapterSpec("late", "batched", str(adapter_dirs["lora"]), owner="alpha")).result(30)
+    info = engine.adapter_loaded(AdapterSpec("late", "batched", str(adapter_dirs["lora"]), owner="alpha")).result(30)
     assert info.id == "late" and info.owner == "alpha" and info.parent == "batched"
     events = asyncio.run(_collect(engine, _plan("late", (4, 5, 6))))
     assert isinstance(events[-1], Finished)
     with pytest.raises(AdapterRefused, match="base model 'nope'"):
-        engine.load_adapter(AdapterSpec("x", "nope", str(adapter_dirs["lora"]))).result(30)
+        engine.adapter_loaded(AdapterSpec("x", "nope", str(adapter_dirs["lora"]))).result(30)
     with pytest.raises(AdapterRefused, match="no adapter_config.json"):
-        engine.load_adapter(AdapterSpec("y", "batched", str(adapter_dirs["lora"].parent))).result(30)
-    assert engine.unload_adapter("late").result(30)
+        engine.adapter_loaded(AdapterSpec("y", "batched", str(adapter_dirs["lora"].parent))).result(30)
+    assert engine.adapter_unloaded("late").result(30)

@@ -7,16 +7,30 @@ import dataclasses
 import json
 from typing import Any, Literal, get_args, get_origin
 
+import msgspec
 import pytest
 
 from adapters.setup import ModelSpec
 from gateway.cli.engine_setup import SHARED_MODEL_FIELDS, engine_setup
 from gateway.cli.main import main
 from gateway.cli.options import help_text, shown_default
-from gateway.config import LOAD_SETTINGS, SETTINGS, Config, Declared, ModelConfig, TenantLimits, declared, load_config
+from gateway.config import (
+    DEFAULT_MODEL,
+    LOAD_SETTINGS,
+    SETTINGS,
+    AdapterConfig,
+    Config,
+    Declared,
+    ModelConfig,
+    TenantLimits,
+    declared,
+    load_config,
+)
 
 # Before settings were declared on Config's fields, config.py listed these by hand: they must all stay.
 ENV_BEFORE = {
+    "MLX_GATEWAY_ADAPTERS": "adapters",
+    "MLX_GATEWAY_ADAPTERS_DIR": "adapters_dir",
     "MLX_GATEWAY_HOST": "host",
     "MLX_GATEWAY_PORT": "port",
     "MLX_GATEWAY_ADMIN_KEY": "admin_key",
@@ -45,6 +59,8 @@ ENV_BEFORE = {
     "MLX_GATEWAY_API_KEYS": "api_keys",
 }
 FLAGS_BEFORE = {
+    "adapters": "--adapter",
+    "adapters_dir": "--adapters-dir",
     "host": "--host",
     "port": "--port",
     "cache_dir": "--cache-dir",
@@ -90,6 +106,12 @@ def test_every_byte_count_reads_sizes() -> None:
 
 def sample(d: Declared) -> tuple[str, Any]:
     """A value for the setting as text (flag or environment) unlike its default, and the field it gives."""
+    if d.name == "adapters":
+        given = [
+            AdapterConfig(name="a", path="/x", base=DEFAULT_MODEL),
+            AdapterConfig(name="b", path="/y", base=DEFAULT_MODEL),
+        ]
+        return f"a=/x,b={DEFAULT_MODEL}:/y", given
     if d.setting.items:
         return ("k1:t1,k2", {"k1": "t1", "k2": "default"}) if d.name == "api_keys" else ("a,b", ["a", "b"])
     if d.setting.size:
@@ -136,7 +158,7 @@ def test_every_generated_flag_sets_its_field(d: Declared, capsys: pytest.Capture
     if d.setting.secret:
         assert text not in json.dumps(shown)
         value = {"<key 1>": "t1", "<key 2>": "default"} if d.name == "api_keys" else "<redacted>"
-    assert shown[d.name] == value
+    assert shown[d.name] == msgspec.to_builtins(value)
 
 
 def test_help_names_each_flag_its_variable_and_its_default_once(capsys: pytest.CaptureFixture[str]) -> None:
