@@ -16,7 +16,16 @@ from dataclasses import dataclass
 
 import msgspec
 
-from adapters.base import EngineError, EngineNotReady, ModelUnavailable, PrefixBuildRefused, StorageFull, UnknownModel
+from adapters.base import (
+    AdapterExists,
+    AdapterRefused,
+    EngineError,
+    EngineNotReady,
+    ModelUnavailable,
+    PrefixBuildRefused,
+    StorageFull,
+    UnknownModel,
+)
 from prefix_caches.errors import (
     InvalidCacheName,
     InvalidKVSettings,
@@ -278,6 +287,8 @@ class Maps:
 FOREIGN_ERRORS: Mapping[type[Exception], Maps] = {
     UnknownModel: Maps(NotFound, param="model", code="model_not_found"),
     EngineNotReady: Maps(ServiceUnavailable, param="model", code="model_loading"),
+    AdapterRefused: Maps(InvalidRequest, param="path", code="invalid_adapter"),
+    AdapterExists: Maps(Conflict, param="name", code="adapter_exists"),
     ModelUnavailable: Maps(ModelUnavailableError, param="model"),
     StorageFull: Maps(InsufficientStorage, message="The prefix cache could not be saved: {}", failed_too=True),
     PrefixBuildRefused: Maps(ServerError, via="refusal", failed_too=True),

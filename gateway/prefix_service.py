@@ -17,8 +17,8 @@ from adapters.base import (
     Failed,
     PrefixBuild,
     PrefixBuilt,
-    UnknownModel,
 )
+from gateway import adapter_service
 from gateway.config import Config
 from gateway.errors import (
     BuildFailed,
@@ -80,10 +80,7 @@ def describe(store: PrefixCacheStore, m: Manifest, integrity: dict[str, Any] | N
     )
 
 
-def _tokens(engine: Engine, config: Config, req: CreatePrefixCache) -> tuple[list[int], dict[str, Any]]:
-    model = config.model(req.model)
-    if model is None:
-        raise UnknownModel(req.model)
+def _tokens(engine: Engine, req: CreatePrefixCache) -> tuple[list[int], dict[str, Any]]:
     tokenizer = engine.tokenizer(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequest("Give exactly one of 'prompt' and 'messages'", param="prompt")
@@ -127,7 +124,8 @@ async def _start_build(
     store = _store(engine)
     validate_name(req.name)
     await anyio.to_thread.run_sync(store.check_new, tenant, req.name, req.replace)
-    tokens, source = await anyio.to_thread.run_sync(_tokens, engine, config, req)
+    await adapter_service.resolve(engine, config, req.model, tenant)  # 404 for another tenant's adapter
+    tokens, source = await anyio.to_thread.run_sync(_tokens, engine, req)
     job = PrefixBuild(
         request_id=current_request_id.get() or f"pc-{uuid.uuid4().hex[:12]}",
         model=req.model,

@@ -12,11 +12,11 @@ import anyio.to_thread
 from litestar.datastructures import State
 
 from adapters.base import Engine, ModelInfo, UnknownModel
-from gateway.config import Config, ModelConfig
+from gateway import adapter_service
 from gateway.planning import PlannedRequest, check_kv_budget
 from gateway.request_context import current_request_id, mark_planned
 
-__all__ = ["fingerprint_of", "model_info", "plan_request", "resolve_model"]
+__all__ = ["fingerprint_of", "model_info", "plan_request"]
 
 
 def model_info(engine: Engine, name: str) -> ModelInfo:
@@ -32,7 +32,7 @@ async def plan_request(
     state: State, planner: Callable[..., PlannedRequest], data: Any, tenant: str
 ) -> tuple[PlannedRequest, ModelInfo]:
     """Plan ``data`` (tokenising, rendering, prefix matching) off the event loop; the plan and its model."""
-    model, info = resolve_model(state, data.model)
+    model, info = await adapter_service.resolve(state.engine, state.config, data.model, tenant)
     tokenizer = state.engine.tokenizer(data.model)
     planned = await anyio.to_thread.run_sync(
         partial(
@@ -54,12 +54,3 @@ async def plan_request(
 def fingerprint_of(info: ModelInfo) -> str:
     """The ``system_fingerprint`` answers carry: the model's weights and config, as OpenAI names a backend."""
     return f"fp_{info.fingerprint[:12]}" if info.fingerprint else "fp_unknown"
-
-
-def resolve_model(state: State, name: str) -> tuple[ModelConfig, ModelInfo]:
-    """The model a request names, as configured and as the engine has it (404 ``model_not_found`` if neither)."""
-    config: Config = state.config
-    model = config.model(name)
-    if model is None:
-        raise UnknownModel(name)
-    return model, model_info(state.engine, name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from adapters.setup import EngineSetup, ModelSpec, ResponseKVSetup, StoreSetup
+from adapters.setup import AdapterSpec, EngineSetup, ModelSpec, ResponseKVSetup, StoreSetup
 from gateway.config import Config, ModelConfig
 
 __all__ = ["SHARED_MODEL_FIELDS", "engine_setup", "model_spec"]
@@ -59,8 +59,12 @@ def engine_setup(config: Config) -> EngineSetup:
         default_tenant_bytes=config.limits(config.default_tenant + "\0").max_response_kv_bytes,
         tenant_bytes={tenant: config.limits(tenant).max_response_kv_bytes for tenant in config.tenants},
     )
+    from gateway.adapter_service import recorded_specs
+
+    configured = [AdapterSpec(a.name, a.base or config.models[0].name, a.path, a.tenant) for a in config.adapters]
     return EngineSetup(
         models=tuple(model_spec(config, m) for m in config.models),
+        adapters=(*configured, *recorded_specs(config)),
         store=store,
         responses=responses,
         blas=config.blas,

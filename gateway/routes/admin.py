@@ -10,18 +10,22 @@ from litestar.params import FromQuery, JSONBody
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
-from gateway import prefix_service
+from gateway import adapter_service, prefix_service
 from gateway.config import Config
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
 from gateway.errors import Forbidden
 from gateway.openapi import MANAGE, READ, CachePath, errors
 from gateway.schemas.admin import (
+    AdapterList,
+    AdapterOut,
     CreatePrefixCache,
+    DeletedAdapter,
     DeletedPrefixCache,
     PrefixCacheList,
     PrefixCacheOut,
     PrefixCacheProgress,
+    RegisterAdapter,
     TenantList,
     WarmedPrefixCache,
 )
@@ -111,9 +115,44 @@ async def list_tenants(access: NamedDependency[Access], state: State) -> TenantL
     return await tenant_report(state.config, state.admission, state.engine)
 
 
+@post("/adapters", status_code=201, responses=errors([400, 401, 403, 404, 409, 429, 500, 503]))
+async def register_adapter(
+    data: JSONBody[RegisterAdapter], access: NamedDependency[Access], state: State
+) -> AdapterOut:
+    """Serve an ``mlx_lm.lora`` adapter directory (inside the server's adapters directory) as a model of its own
+    name on its base model, from now on and after restarts, on every replica sharing the cache directory. A
+    tenant's key registers it for that tenant alone (counted against its ``max_adapters`` and
+    ``max_adapter_bytes``); the admin key for one tenant (``tenant``) or for every tenant. A full fine-tune, or
+    an adapter of another model, is a 400 ``invalid_adapter``."""
+    return await adapter_service.register(state, access, data)
+
+
+@get("/adapters", responses=errors([401, 403, 500]))
+async def list_adapters(access: NamedDependency[Access], state: State) -> AdapterList:
+    """The adapters the caller manages (the admin key: every adapter)."""
+    return adapter_service.listing(state, access)
+
+
+@delete("/adapters/{name:str}", status_code=200, responses=errors([400, 401, 403, 404, 409, 500]))
+async def unregister_adapter(name: str, access: NamedDependency[Access], state: State) -> DeletedAdapter:
+    """Stop serving a registered adapter: requests running on it finish, new ones get a 404, and the prefix
+    caches built under it are deleted with it."""
+    return await adapter_service.unregister(state, access, name)
+
+
 admin_router = Router(
     "/admin",
-    route_handlers=[create_cache, list_caches, get_cache, warm_cache, delete_cache, list_tenants],
+    route_handlers=[
+        create_cache,
+        list_caches,
+        get_cache,
+        warm_cache,
+        delete_cache,
+        list_tenants,
+        register_adapter,
+        list_adapters,
+        unregister_adapter,
+    ],
     dependencies={"access": Provide(provide_access)},
     tags=["Admin"],
 )

@@ -15,12 +15,13 @@ from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
 from adapters.base import ModelInfo
+from gateway import adapter_service
 from gateway.config import Config
 from gateway.disconnect import unless_client_leaves
 from gateway.encoding import encode
 from gateway.openapi import GENERATE, errors
 from gateway.planning import PlannedRequest, plan_chat, plan_completion
-from gateway.request_planning import fingerprint_of, model_info, plan_request
+from gateway.request_planning import fingerprint_of, plan_request
 from gateway.schemas.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -110,17 +111,20 @@ async def completions(
 
 
 def _model_out(info: ModelInfo) -> Model:
-    return Model(id=info.id, created=info.created, owned_by=info.owned_by)
+    if info.parent is None:
+        return Model(id=info.id, created=info.created, owned_by=info.owned_by)
+    return Model(id=info.id, created=info.created, owned_by=info.owned_by, parent=info.parent, root=info.parent)
 
 
 @get("/models", responses=errors([401, 500]))
 async def list_models(state: State, tenant: NamedDependency[str]) -> ModelList:
-    return ModelList(data=[_model_out(m) for m in state.engine.models()])
+    return ModelList(data=[_model_out(m) for m in state.engine.models() if adapter_service.visible(m, tenant)])
 
 
 @get("/models/{model_id:path}", responses=errors([400, 401, 404, 500, 503]))
 async def get_model(model_id: FromPath[str], state: State, tenant: NamedDependency[str]) -> Model:
-    return _model_out(model_info(state.engine, model_id.lstrip("/")))
+    _, info = await adapter_service.resolve(state.engine, state.config, model_id.lstrip("/"), tenant)
+    return _model_out(info)
 
 
 openai_router = Router(

@@ -124,3 +124,36 @@ class TenantOut(msgspec.Struct, kw_only=True):
 class TenantList(msgspec.Struct, kw_only=True):
     object: Literal["list"] = "list"
     data: list[TenantOut]
+
+
+class RegisterAdapter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An ``mlx_lm.lora`` adapter directory (``path``, inside the server's adapters directory) to serve as model
+    ``name`` on model ``base`` (optional when one model is served). ``tenant``: the one tenant that may use it
+    (a tenant's key registers for itself; an admin request without it: every tenant)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    base: str | None = None
+    tenant: str | None = None
+
+
+class AdapterOut(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "adapter"
+    parent: str
+    tenant: str | None
+    path: str
+    fingerprint: str  # the sha256 of its adapter_config.json and adapters.safetensors
+    size_bytes: int
+    created: int
+
+
+class AdapterList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[AdapterOut]
+
+
+class DeletedAdapter(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "adapter"
+    deleted: bool = True

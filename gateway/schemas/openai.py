@@ -426,6 +426,9 @@ class Model(_Response, kw_only=True):
     object: str = "model"
     created: int
     owned_by: str
+    # An adapter: its base model (as vLLM lists LoRA modules).
+    parent: str | msgspec.UnsetType = msgspec.UNSET
+    root: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelList(_Response, kw_only=True):
