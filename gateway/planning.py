@@ -107,11 +107,12 @@ def _lookup_prefix(
         raise InvalidRequest("Prefix caches are not enabled on this server", param="prefix_cache")
     manifest = store.get(tenant, name)  # PrefixCacheNotFound / InvalidCacheName -> 404 / 400
     if manifest.model != model:
-        raise InvalidRequest(
-            f"The prefix cache '{name}' was built for model '{manifest.model}', not '{model}'",
-            param="prefix_cache",
-            code="prefix_cache_mismatch",
-        )
+        # Another model's KV, or another adapter's (or the base model's under an adapter): never used.
+        message = f"The prefix cache '{name}' was built for model '{manifest.model}', not '{model}'"
+        if on_mismatch == "error":
+            raise InvalidRequest(message, param="prefix_cache", code="prefix_cache_mismatch")
+        # Recomputed: the cache's text still comes first (an adapter of the same base shares its tokenizer).
+        return _Prefix(name, manifest, on_mismatch, f"built for model '{manifest.model}': recomputed")
     status = store.status(tenant, name)
     unusable = None if status.state == "ready" else f"cache is {status.state}: {status.reason}"
     return _Prefix(name, manifest, on_mismatch, unusable)

@@ -74,6 +74,7 @@ def describe(store: PrefixCacheStore, m: Manifest, integrity: dict[str, Any] | N
         hits=m.hits,
         build_seconds=m.build_seconds,
         model_fingerprint=m.model_fingerprint,
+        adapter_fingerprint=m.adapter_fingerprint or None,
         mlx_version=m.mlx_version,
         mlx_lm_version=m.mlx_lm_version,
         integrity=integrity,

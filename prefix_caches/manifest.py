@@ -23,7 +23,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     name: str
     tenant: str
     model: str
+    # An adapter's model_fingerprint covers its base model's and its files (adapter_fingerprint: their digest).
     model_fingerprint: str
+    adapter_fingerprint: str = ""
     tokenizer_fingerprint: str
     chat_template_fingerprint: str
     mlx_version: str

@@ -46,6 +46,7 @@ def new_manifest(
         tenant=tenant,
         model=loaded.spec.name,
         model_fingerprint=loaded.fingerprint,
+        adapter_fingerprint=loaded.adapter_digest,
         tokenizer_fingerprint=loaded.tokenizer_fingerprint,
         chat_template_fingerprint=loaded.chat_template_fingerprint,
         mlx_version=library_version("mlx"),

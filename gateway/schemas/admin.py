@@ -63,6 +63,7 @@ class PrefixCacheOut(msgspec.Struct, kw_only=True):
     hits: int
     build_seconds: float
     model_fingerprint: str
+    adapter_fingerprint: str | None = None  # built under an adapter: its files' digest
     mlx_version: str
     mlx_lm_version: str
     integrity: dict[str, Any] | None = None
