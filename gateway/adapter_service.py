@@ -211,6 +211,7 @@ async def _check_quota(config: Config, engine: Engine, owner: str, nbytes: int) 
         raise QuotaExceeded(
             f"Tenant '{owner}' has {len(owned)} adapters, its limit (max_adapters {limits.max_adapters})",
             param="name",
+            code="adapter_count_quota",
         )
     held = sum(m.adapter_bytes for m in owned)
     if limits.max_adapter_bytes is not None and held + nbytes > limits.max_adapter_bytes:
@@ -218,6 +219,7 @@ async def _check_quota(config: Config, engine: Engine, owner: str, nbytes: int) 
             f"Tenant '{owner}''s adapters would take {held + nbytes} bytes, over its limit (max_adapter_bytes "
             f"{limits.max_adapter_bytes})",
             param="path",
+            code="adapter_bytes_quota",
         )
 
 

@@ -191,3 +191,22 @@ def test_loading_at_run_time_checks_the_files_and_the_base(engine: MlxEngine, ad
     with pytest.raises(AdapterRefused, match="no adapter_config.json"):
         engine.adapter_loaded(AdapterSpec("y", "batched", str(adapter_dirs["lora"].parent))).result(30)
     assert engine.adapter_unloaded("late").result(30)
+
+
+def test_quantised_base_weights_take_adapters_too(loaded: LoadedModel, adapter_dirs: dict[str, Path]) -> None:
+    import mlx.nn as nn
+
+    model = copy.deepcopy(loaded.model)
+    inner = getattr(model, "_model", model)
+    nn.quantize(inner, group_size=32, bits=4)
+    x = mx.array([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    vocab = loaded.vocab_size
+    want = {
+        kind: load_adapters(copy.deepcopy(inner), str(adapter_dirs[kind]))(x)[..., :vocab] for kind in ("lora", "dora")
+    }
+    bank = AdapterBank(model)
+    index = {kind: bank.add(kind, read_adapter(adapter_dirs[kind])) for kind in ("lora", "dora")}
+    with bank.selected([index["lora"], index["dora"]]):
+        got = model(x)
+    assert mx.abs(got[0] - want["lora"][0]).max().item() < 1e-3
+    assert mx.abs(got[1] - want["dora"][1]).max().item() < 1e-3
