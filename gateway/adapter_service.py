@@ -28,7 +28,16 @@ from gateway.schemas.admin import AdapterList, AdapterOut, DeletedAdapter, Regis
 from gateway.tenancy.auth import Access
 from prefix_caches.durable import atomic_write
 
-__all__ = ["AdapterRecord", "listing", "recorded_specs", "register", "resolve", "unregister", "visible"]
+__all__ = [
+    "AdapterRecord",
+    "listing",
+    "recorded_specs",
+    "register",
+    "resolve",
+    "synced_models",
+    "unregister",
+    "visible",
+]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -121,6 +130,18 @@ async def _synced(engine: Engine, config: Config, name: str) -> ModelInfo | None
         return await engine.load_adapter(record.spec())
     except AdapterExists:  # loaded by a request that came at the same time
         return _adapter_info(engine, name)
+
+
+async def synced_models(engine: Engine, config: Config) -> list[ModelInfo]:
+    """Every model the engine serves, after the recorded adapters are checked (``/v1/models`` on a replica
+    lists what another replica registered or deleted)."""
+    if config.adapters_dir:
+        configured = {a.name for a in config.adapters}
+        served = {m.id for m in engine.models() if m.parent is not None and m.id not in configured}
+        recorded = {s.name for s in await anyio.to_thread.run_sync(recorded_specs, config)}
+        for name in sorted(served | recorded):
+            await _synced(engine, config, name)
+    return engine.models()
 
 
 def _out(info: ModelInfo) -> AdapterOut:

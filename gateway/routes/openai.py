@@ -118,7 +118,8 @@ def _model_out(info: ModelInfo) -> Model:
 
 @get("/models", responses=errors([401, 500]))
 async def list_models(state: State, tenant: NamedDependency[str]) -> ModelList:
-    return ModelList(data=[_model_out(m) for m in state.engine.models() if adapter_service.visible(m, tenant)])
+    models = await adapter_service.synced_models(state.engine, state.config)
+    return ModelList(data=[_model_out(m) for m in models if adapter_service.visible(m, tenant)])
 
 
 @get("/models/{model_id:path}", responses=errors([400, 401, 404, 500, 503]))
