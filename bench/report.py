@@ -577,6 +577,85 @@ def abuse(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def adapters(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    lines = _head(
+        "Adapters per request: 4 LoRA adapters and the base model in one batch",
+        result,
+        f"{result.get('notes', '')} *base*: every client on the base model; *mixed*: client k on "
+        "[base, a0, a1, a2, a3][k % 5]; *adapters-only*: client k on a[k % 4]. One server for every phase.",
+        ["round", "phase", "tokens/s", "by model", "p50 TTFT s", "ITL p50 ms", "ITL p95 ms", "requests", "errors"]
+        + ["load"],
+    )
+    for r in (r for r in rows if r["part"] == "serving"):
+        by = ", ".join(f"{m} {v:.1f}" for m, v in r["tokens_per_s_by_model"].items())
+        lines.append(
+            f"| {r['round']} | {r['phase']} | {r['tokens_per_s']:.1f} | {by} | {r['ttft']['median']:.2f} | "
+            f"{r['itl_ms']['p50']:.1f} | {r['itl_ms']['p95']:.1f} | {r['requests']} | {r['errors']} | "
+            f"{r['load_before']:.1f} |"
+        )
+    total = next((r for r in rows if r["part"] == "serving-summary"), None)
+    if total:
+        only = total.get("adapters_only_over_base")
+        lines += [
+            "",
+            "Mixed / base tokens/s per round: "
+            + ", ".join(f"{x:.2f}" for x in total["mixed_over_base_per_round"])
+            + f"; median **{total['mixed_over_base']:.2f}x** (target >= {total['target']}x: "
+            + ("met" if total["met"] else "missed")
+            + ")"
+            + (f"; adapters only / base {only:.2f}x" if only is not None else "")
+            + f". Server log lines reporting a problem: {len(total['server_log_problems'])}.",
+        ]
+    memory = [r for r in rows if r["part"] == "memory"]
+    if memory:
+        base = memory[0]
+        lines += [
+            "",
+            f"Memory, in process (mlx active memory after `mx.clear_cache()`): the base model's weights "
+            f"{base['weights_bytes'] / 1e6:,.1f} MB ({base['dtype']}), active {base['active_bytes'] / 1e6:,.1f} MB; "
+            "then each adapter added to the bank. *adapter*: its factors as read from the file (float32); *bank*: "
+            "what the bank added for it (the model's dtype).",
+            "",
+            "| adapter | rank | adapter MB | bank MB added | active MB | active MB added | added / adapter | "
+            "added / base weights |",
+            "|" + " --- |" * 8,
+        ]
+        for r in memory[1:]:
+            lines.append(
+                f"| {r['what']} | {r['rank']} | {r['adapter_bytes'] / 1e6:.2f} | {r['bank_bytes_added'] / 1e6:.2f} | "
+                f"{r['active_bytes'] / 1e6:,.1f} | {r['active_added'] / 1e6:.2f} | "
+                f"{r['active_added_over_adapter']:.2f}x | {r['active_added_over_base']:.2%} |"
+            )
+    steps = [r for r in rows if r["part"] == "step"]
+    if steps:
+        lines += [
+            "",
+            f"One decode step of {steps[0]['batch']} rows on {steps[0]['context']} KV positions, in process "
+            "(ms, median (min-max)): *per-row*: the bank's gather_mm path, rows mixed as in the mixed phase; "
+            "*grouped*: the same rows, each adapter's rows gathered and its delta added back (bench-only layer); "
+            "*grouped-steps*: one forward pass per adapter group.",
+            "",
+            "| variant | rows | passes | ms per step | vs base |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in steps:
+            s = r["ms_per_step"]
+            lines.append(
+                f"| {r['variant']} | {r['rows']} | {r['passes']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) "
+                f"| {r['over_base']:.2f}x |"
+            )
+        check = next((r for r in rows if r["part"] == "step-check"), None)
+        if check:
+            lines += [
+                "",
+                "Max |logit difference| against per-row: "
+                + ", ".join(f"{k} {v:.1e}" for k, v in check["max_abs_logit_difference"].items())
+                + ".",
+            ]
+    return "\n".join(lines)
+
+
 RENDER = {
     "blas": blas,
     "ttft": ttft,
@@ -599,6 +678,7 @@ RENDER = {
     "layouts": layouts,
     "transport": transport,
     "conversation": conversation,
+    "adapters": adapters,
 }
 
 
