@@ -21,7 +21,15 @@ load_optimised_blas()  # before mlx is imported below
 import mlx.core as mx  # noqa: E402
 from mlx_lm.tuner.utils import load_adapters  # noqa: E402
 
-from adapters.base import AdapterRefused, Finished, Plan, SamplingParams, UnknownModel  # noqa: E402
+from adapters.base import (  # noqa: E402
+    AdapterRefused,
+    Finished,
+    Plan,
+    ResponseKVUse,
+    SamplingParams,
+    Started,
+    UnknownModel,
+)
 from adapters.mlx_lm.engine import MlxEngine  # noqa: E402
 from adapters.mlx_lm.lora import AdapterBank, AdapterError, read_adapter  # noqa: E402
 from adapters.mlx_lm.models import LoadedModel, ModelSpec, load_model  # noqa: E402
@@ -111,20 +119,25 @@ def engine(models_dir: Path, adapter_dirs: dict[str, Path]) -> Iterator[MlxEngin
         [
             ModelSpec("strict", "tiny", models_dir=str(models_dir), isolation_mode="strict"),
             ModelSpec("batched", "tiny", models_dir=str(models_dir), isolation_mode="balanced"),
+            ModelSpec("perf", "tiny", models_dir=str(models_dir), isolation_mode="performance"),
         ],
-        adapters=specs,
+        adapters=[*specs, *(AdapterSpec(f"perf-{k}", "perf", str(adapter_dirs[k])) for k in ("lora", "dora"))],
     )
     eng.start()
     deadline = time.monotonic() + 120
-    while len(eng.models()) < 2 + len(specs) and time.monotonic() < deadline:
+    while len(eng.models()) < 3 + len(specs) + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     yield eng
     eng.stop()
 
 
-def _plan(model: str, tokens: tuple[int, ...], max_tokens: int = 8) -> Plan:
+def _plan(model: str, tokens: tuple[int, ...], max_tokens: int = 8, response_kv: ResponseKVUse | None = None) -> Plan:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=5)
-    return Plan(f"r-{model}", model, "default", tokens, params)
+    return Plan(f"r-{model}", model, "default", tokens, params, response_kv=response_kv)
+
+
+def _cached(events: list[object]) -> int:
+    return next(e.cached_tokens for e in events if isinstance(e, Started))
 
 
 async def _collect(engine: MlxEngine, plan: Plan) -> list[object]:
@@ -210,3 +223,31 @@ def test_quantised_base_weights_take_adapters_too(loaded: LoadedModel, adapter_d
         got = model(x)
     assert mx.abs(got[0] - want["lora"][0]).max().item() < 1e-3
     assert mx.abs(got[1] - want["dora"][1]).max().item() < 1e-3
+
+
+def test_automatic_reuse_never_crosses_adapters(engine: MlxEngine) -> None:
+    """performance mode keeps each finished prompt's KV for the tenant's next request: only under the same
+    adapter (its KV under another adapter, or the base model, is another KV)."""
+    prompt = tuple(range(200, 280))
+    first = asyncio.run(_collect(engine, _plan("perf-lora", prompt)))
+    again = asyncio.run(_collect(engine, _plan("perf-lora", prompt)))
+    assert _cached(first) == 0 and _cached(again) > 0
+    other = asyncio.run(_collect(engine, _plan("perf-dora", prompt)))
+    base = asyncio.run(_collect(engine, _plan("perf", prompt)))
+    assert _cached(other) == 0 and _cached(base) == 0
+    assert_same_greedy(greedy_of(asyncio.run(_collect(engine, _plan("strict-dora", prompt)))), greedy_of(other))
+
+
+def test_a_stored_responses_kv_is_continued_only_under_its_adapter(engine: MlxEngine) -> None:
+    prompt = tuple(range(300, 360))
+    kept = asyncio.run(_collect(engine, _plan("batched-lora", prompt, response_kv=ResponseKVUse(keep_as="resp_1"))))
+    assert isinstance(kept[-1], Finished)
+    longer = prompt + (5, 6, 7)
+    same = asyncio.run(
+        _collect(engine, _plan("batched-lora", longer, response_kv=ResponseKVUse("resp_1", len(prompt))))
+    )
+    other = asyncio.run(
+        _collect(engine, _plan("batched-dora", longer, response_kv=ResponseKVUse("resp_1", len(prompt))))
+    )
+    assert _cached(same) == len(prompt) and _cached(other) == 0
+    assert_same_greedy(greedy_of(asyncio.run(_collect(engine, _plan("strict-dora", longer)))), greedy_of(other))
