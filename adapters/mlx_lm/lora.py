@@ -241,9 +241,10 @@ class AdaptedLinear(nn.Module):
         """Give back the memory of stack entries from ``slots`` on (free, and last)."""
         if self._a is None or self._b is None or self._a.shape[0] <= slots:
             return
-        self._a, self._b = self._a[:slots], self._b[:slots]
+        # Copies: a slice would keep the whole buffer alive.
+        self._a, self._b = mx.contiguous(self._a[:slots]), mx.contiguous(self._b[:slots])
         if self._g is not None:
-            self._g = self._g[:slots]
+            self._g = mx.contiguous(self._g[:slots])
 
     def arrays(self) -> list[mx.array]:
         return [x for x in (self._a, self._b, self._g) if x is not None]

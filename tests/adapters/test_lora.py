@@ -251,3 +251,22 @@ def test_a_stored_responses_kv_is_continued_only_under_its_adapter(engine: MlxEn
     )
     assert _cached(same) == len(prompt) and _cached(other) == 0
     assert_same_greedy(greedy_of(asyncio.run(_collect(engine, _plan("strict-dora", longer)))), greedy_of(other))
+
+
+def test_each_adapter_costs_its_own_size_and_gives_it_back(loaded: LoadedModel, tmp_path: Path) -> None:
+    model = copy.deepcopy(loaded.model)
+    paths = [make_random_adapter(model, tmp_path / f"a{i}", rank=8, seed=10 + i) for i in range(3)]
+    size = read_adapter(paths[0]).nbytes
+    bank = AdapterBank(model)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    steps = []
+    for i, path in enumerate(paths):
+        bank.add(f"a{i}", read_adapter(path))
+        mx.clear_cache()
+        steps.append(mx.get_active_memory() - before)
+    assert all(abs(used - (i + 1) * size) <= 0.1 * size for i, used in enumerate(steps)), (steps, size)
+    for index in (3, 2, 1):  # the last ones first: each gives its memory back
+        bank.remove(index)
+    mx.clear_cache()
+    assert mx.get_active_memory() - before <= 0.1 * size
