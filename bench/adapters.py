@@ -55,7 +55,7 @@ load_optimised_blas()  # before mlx is imported below
 
 import mlx.core as mx  # noqa: E402
 
-from bench.concurrency import Timed, _quantile  # noqa: E402
+from bench.concurrency import Timed, _quantile, stream_into  # noqa: E402
 from bench.harness import (  # noqa: E402
     DEFAULT_MODEL,
     Texts,
@@ -109,23 +109,6 @@ def adapter_server(
         yield url
 
 
-async def _stream(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, record: Timed) -> None:
-    try:
-        stream = await client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=0.7,
-            stream=True,
-        )
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                record.times.append(time.perf_counter())  # one chunk per token
-    except (openai.APIError, httpx.HTTPError) as exc:
-        print(f"    request failed ({model}): {type(exc).__name__}: {exc}", flush=True)
-        record.ok = False
-
-
 async def closed_loop_models(
     base: str, models: list[str], prompt: Callable[[], str], duration: float, warmup: float, max_tokens: int
 ) -> dict[str, Any]:
@@ -140,7 +123,7 @@ async def closed_loop_models(
         while time.perf_counter() < hi:
             record = Timed(time.perf_counter())
             records.append((model, record))
-            await _stream(client, model, prompt(), max_tokens, record)
+            await stream_into(client, model, prompt(), max_tokens, record)
             if not record.ok:
                 await asyncio.sleep(0.1)  # a refused connection must not spin
 
@@ -177,7 +160,7 @@ async def prime(base: str, models: list[str], prompt: Callable[[], str]) -> None
     """One short request on each model, all at once, before anything is timed (first use of each path)."""
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=3600)
     records = [Timed(time.perf_counter()) for _ in models]
-    await asyncio.gather(*(_stream(client, m, prompt(), 8, r) for m, r in zip(models, records, strict=True)))
+    await asyncio.gather(*(stream_into(client, m, prompt(), 8, r) for m, r in zip(models, records, strict=True)))
     await client.close()
 
 

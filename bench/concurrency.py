@@ -134,6 +134,13 @@ class Timed:
 
 async def timed(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> Timed:
     record = Timed(time.perf_counter())
+    await stream_into(client, model, prompt, max_tokens, record)
+    return record
+
+
+async def stream_into(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, record: Timed) -> None:
+    """Stream one chat completion, each token's arrival time appended to ``record`` as it comes (a task
+    cancelled mid-way leaves what it got)."""
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -146,9 +153,8 @@ async def timed(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens:
             if chunk.choices and chunk.choices[0].delta.content:
                 record.times.append(time.perf_counter())  # one chunk per token on both servers
     except (openai.APIError, httpx.HTTPError) as exc:
-        print(f"    request failed: {type(exc).__name__}: {exc}", flush=True)
+        print(f"    request failed ({model}): {type(exc).__name__}: {exc}", flush=True)
         record.ok = False
-    return record
 
 
 async def closed_loop(
