@@ -67,6 +67,9 @@ async def health(request: Request, state: State) -> Response[dict[str, Any]]:
     # The hostname tells containers apart (their host is 0.0.0.0); the port tells processes on one machine apart.
     replica = config.replica_id or f"{socket.gethostname()}:{config.port}"
     body = {"status": status, "version": __version__, "replica": replica, "isolation_enabled": True, **report}
+    adapters = [m for m in state.engine.models() if m.parent is not None]
+    # Counts only: a tenant's adapter's name is the tenant's own (the admin sees them in /admin/adapters).
+    body["adapters"] = {"count": len(adapters), "bytes": sum(m.adapter_bytes for m in adapters)}
     if is_admin_request(request, state.config):
         # Every tenant's quotas and use, as GET /admin/tenants lists them: only the admin sees them.
         tenants = await tenant_report(state.config, state.admission, state.engine)
