@@ -497,6 +497,8 @@ class RemoteEngine:
 
     async def unload_adapter(self, name: str) -> bool:
         reply = await self._ask(wire.UnloadAdapter(self.front, next(self._ids), name))
+        if reply.unloaded:  # the engine deleted the caches built under it: every front end re-reads the folder
+            self.tell(wire.Built(self.front))
         await self.refresh()
         return bool(reply.unloaded)
 
