@@ -319,7 +319,7 @@ def _filled_cache(loaded: Any, batch: int, context: int) -> list[Any]:
     """The model's prompt cache for ``batch`` rows holding ``context`` positions of random keys and values."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    inner = getattr(loaded.model, "_model", loaded.model)
+    inner = getattr(loaded.model, "wrapped", loaded.model)
     args = inner.args
     heads = args.num_attention_heads
     kv_heads = getattr(args, "num_key_value_heads", None) or heads

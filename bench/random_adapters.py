@@ -39,7 +39,7 @@ def make_random_adapter(
     Both factors are random (a trained adapter's ``lora_b`` is non-zero; an untrained one's is zero and would
     change nothing), small enough that the model stays a model: ``magnitude`` bounds their entries.
     """
-    model = copy.deepcopy(getattr(model, "_model", model))
+    model = copy.deepcopy(getattr(model, "wrapped", model))
     layers = len(model.layers) if num_layers < 0 else num_layers
     params = {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)}
     linear_to_lora_layers(model, layers, params, use_dora=kind == "dora")

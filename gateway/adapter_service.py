@@ -24,7 +24,7 @@ from adapters.base import AdapterExists, Engine, ModelInfo, UnknownModel
 from adapters.setup import AdapterSpec
 from gateway.config import Config, ModelConfig
 from gateway.errors import Conflict, InvalidRequest, QuotaExceeded
-from gateway.schemas.admin import AdapterList, AdapterOut, DeletedAdapter, RegisterAdapter
+from gateway.schemas.admin import ADAPTER_NAME, AdapterList, AdapterOut, DeletedAdapter, RegisterAdapter
 from gateway.tenancy.auth import Access
 from prefix_caches.durable import atomic_write
 
@@ -39,7 +39,7 @@ __all__ = [
     "visible",
 ]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_NAME = re.compile(ADAPTER_NAME)
 
 
 class AdapterRecord(msgspec.Struct, kw_only=True, frozen=True):
@@ -182,11 +182,6 @@ async def register(state: State, access: Access, req: RegisterAdapter) -> Adapte
         raise InvalidRequest(
             "This server registers no adapters at run time: start it with --adapters-dir (MLX_GATEWAY_ADAPTERS_DIR)",
             param="path",
-        )
-    if not _NAME.fullmatch(req.name):
-        raise InvalidRequest(
-            "An adapter's name is 1-128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
-            param="name",
         )
     owner = None if access.is_admin and req.tenant is None else access.tenant_for(req.tenant)
     if req.base is not None:

@@ -255,7 +255,7 @@ class AdapterBank:
     built (engine thread only)."""
 
     def __init__(self, model: Any) -> None:
-        self._model = getattr(model, "_model", model)  # the mlx-lm model under our logits cut, if any
+        self._model = getattr(model, "wrapped", model)  # the mlx-lm model under our logits cut, if any
         self._layers: dict[str, AdaptedLinear] = {}
         self._names: list[str | None] = [None]  # by index; 0 is the base model
         self._rank = 1

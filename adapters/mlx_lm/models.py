@@ -455,14 +455,14 @@ class _SampleableLogits:
     """The model with its logits cut to the ids the tokenizer can decode; everything else delegates."""
 
     def __init__(self, model: Any, n: int) -> None:
-        self._model = model
+        self.wrapped = model  # the mlx-lm model (adapters wrap its layers: adapters.mlx_lm.lora)
         self._n = n
 
     def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
-        return self._model(inputs, cache=cache, **kwargs)[..., : self._n]
+        return self.wrapped(inputs, cache=cache, **kwargs)[..., : self._n]
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+        return getattr(self.wrapped, name)
 
 
 def model_fingerprint(path: Path, dtype: str) -> str:

@@ -127,15 +127,19 @@ class TenantList(msgspec.Struct, kw_only=True):
     data: list[TenantOut]
 
 
+# An adapter's name: also its record's file name (gateway.adapter_service), so no '/' and a bounded length.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
 class RegisterAdapter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """An ``mlx_lm.lora`` adapter directory (``path``, inside the server's adapters directory) to serve as model
     ``name`` on model ``base`` (optional when one model is served). ``tenant``: the one tenant that may use it
     (a tenant's key registers for itself; an admin request without it: every tenant)."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    name: Annotated[str, msgspec.Meta(pattern=ADAPTER_NAME)]
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
     base: str | None = None
-    tenant: str | None = None
+    tenant: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
 
 
 class AdapterOut(msgspec.Struct, kw_only=True):

@@ -59,7 +59,7 @@ def adapter_dirs(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_each_row_gets_what_mlx_lms_own_layers_give(loaded: LoadedModel, adapter_dirs: dict[str, Path]) -> None:
     model = copy.deepcopy(loaded.model)
-    inner = getattr(model, "_model", model)
+    inner = getattr(model, "wrapped", model)
     vocab = loaded.vocab_size
     x = mx.array([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20, 21, 22, 23, 24]])
     base = model(x)
@@ -210,7 +210,7 @@ def test_quantised_base_weights_take_adapters_too(loaded: LoadedModel, adapter_d
     import mlx.nn as nn
 
     model = copy.deepcopy(loaded.model)
-    inner = getattr(model, "_model", model)
+    inner = getattr(model, "wrapped", model)
     nn.quantize(inner, group_size=32, bits=4)
     x = mx.array([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
     vocab = loaded.vocab_size

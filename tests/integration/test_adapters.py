@@ -222,7 +222,7 @@ def test_a_tenant_registers_its_own_within_its_quota(server: Server) -> None:
         ({"name": "x", "path": "shout", "base": "nope"}, 400, "base", "not served here"),
         ({"name": "json", "path": "shout"}, 409, "name", "configured adapter"),
         ({"name": BASE, "path": "shout"}, 409, "name", "model"),
-        ({"name": "a/b", "path": "shout"}, 400, "name", "An adapter's name"),
+        ({"name": "a/b", "path": "shout"}, 400, "name", "matching regex"),
     ],
 )
 def test_registration_refuses_what_it_cannot_serve(

@@ -160,6 +160,8 @@ def test_admin_alone_sees_every_tenants_quotas(quotas: tuple[Server, str]) -> No
         "tokens_per_minute": 1000000,
         "requests_per_minute": 10000,
         "max_response_kv_bytes": None,
+        "max_adapters": None,
+        "max_adapter_bytes": None,
     }
     assert set(tenants["beta"]["use"]) == {
         "prefix_caches",
