@@ -6,7 +6,7 @@ from litestar import Request, Router, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp
 
@@ -134,7 +134,7 @@ async def list_adapters(access: NamedDependency[Access], state: State) -> Adapte
 
 
 @delete("/adapters/{name:str}", status_code=200, responses=errors([400, 401, 403, 404, 409, 500]))
-async def unregister_adapter(name: str, access: NamedDependency[Access], state: State) -> DeletedAdapter:
+async def unregister_adapter(name: FromPath[str], access: NamedDependency[Access], state: State) -> DeletedAdapter:
     """Stop serving a registered adapter: requests running on it finish, new ones get a 404, and the prefix
     caches built under it are deleted with it."""
     return await adapter_service.unregister(state, access, name)
