@@ -26,7 +26,8 @@ adapters on q/k/v/o (``bench.random_adapters``, seeds 1-4):
   against the adapter's own size (its factors as read from the file; the bank keeps them in the model's dtype).
 - *step* (in process): one decode step of ``--clients`` rows on a KV cache of ``--step-context`` positions
   (filled with random keys and values: attention's cost does not depend on them), ms per step: *base* (no adapter
-  row), *per-row* (the rows mixed as in the mixed phase, the bank's ``gather_mm`` path), *grouped* (the same rows,
+  row), *per-row* (the rows mixed as in the mixed phase, the bank's path: dense products
+  over every adapter's blocks, each row masked to its own), *grouped* (the same rows,
   but each adapter's rows gathered, ``(x[rows] @ A) @ B`` and added back, one adapter after another: a bench-only
   replacement of ``AdaptedLinear.__call__``), and *grouped-steps* (one forward pass per adapter group, 5 passes
   of 6-7 rows, each on its own cache): what "one step per adapter" would cost.
@@ -310,7 +311,7 @@ def _grouped_call(self: Any, x: mx.array) -> mx.array:
         return y
     assert self._g is None, "the grouped variant is LoRA only"
     for stack, rows in _GROUPS:
-        delta = (x[rows] @ self._a[stack]) @ self._b[stack]
+        delta = (x[rows] @ self._a[:, stack, :]) @ self._b[stack]
         y = y.at[rows].add(delta.astype(y.dtype))
     return y
 

@@ -632,7 +632,8 @@ def adapters(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"One decode step of {steps[0]['batch']} rows on {steps[0]['context']} KV positions, in process "
-            "(ms, median (min-max)): *per-row*: the bank's gather_mm path, rows mixed as in the mixed phase; "
+            "(ms, median (min-max)): *per-row*: the bank's path (dense products over every adapter's blocks, "
+            "each row masked to its own), rows mixed as in the mixed phase; "
             "*grouped*: the same rows, each adapter's rows gathered and its delta added back (bench-only layer); "
             "*grouped-steps*: one forward pass per adapter group.",
             "",

@@ -5,14 +5,17 @@ Loading an adapter does not copy the base model: each linear layer an adapter to
 :class:`AdaptedLinear`, which keeps the base layer and, stacked by adapter index, every adapter's low-rank
 factors (``A``: in x rank, ``B``: rank x out, the adapter's scale folded into ``B``) and, for DoRA, the
 per-output factor ``m / ||W + scale * (A B)^T||`` (fixed once the adapter is: computed at load). Index 0 is
-the base model, which has no factors: its rows borrow the first adapter's and are masked out. A forward pass
-reads which index each of its rows uses from the model's :class:`AdapterBank` (:meth:`AdapterBank.selected`):
-two ``gather_mm`` calls per wrapped layer apply every row's own factors in one go, whatever the mix. A pass
-with no adapter row runs the base layers alone.
+the base model, which has no factors. A forward pass reads which index each of its rows uses from the
+model's :class:`AdapterBank` (:meth:`AdapterBank.selected`): per wrapped layer, one matrix product projects
+every row onto every adapter's ``A`` (all adapters' blocks side by side), a mask keeps each row's own block
+(none for a base-model row), and one product with the stacked ``B`` maps it back: two dense products whose
+inner size is the adapters' ranks added up, whatever the mix of rows. A pass with no adapter row runs the base
+layers alone.
 
 Why per row rather than one step per adapter: a batch of four adapters and the base model would take five
-decode steps' weight reads for one step's tokens; per row, the extra reads are the adapters' factors
-(``bench/adapters.py`` measures both).
+decode steps' weight reads for one step's tokens; per row, the extra reads are the adapters' factors. Why dense
+blocks rather than ``gather_mm`` over the stacked factors (the first version): on an H100 (8B shape, 32 rows)
+gather_mm made a decode step 2.1x the base model's (``bench/adapters.py`` measures the variants).
 
 Ownership: the engine thread owns every bank, its layers and their arrays (it alone builds forward passes);
 nothing else touches them.
@@ -140,8 +143,10 @@ class AdaptedLinear(nn.Module):
             in_dims = in_dims * 32 // base.bits
         self.in_dims, self.out_dims = int(in_dims), int(out_dims)
         self._bank = bank
-        # Stacked by adapter index - 1; underscored so that they are not the model's parameters.
-        self._a: mx.array | None = None  # (slots, in, rank)
+        # By stack index (adapter index - 1), laid out so that every adapter's block of one factor is one matrix
+        # (``a.reshape(in, slots * rank)``, ``b.reshape(slots * rank, out)``: free reshapes); underscored so
+        # that they are not the model's parameters.
+        self._a: mx.array | None = None  # (in, slots, rank)
         self._b: mx.array | None = None  # (slots, rank, out), scale folded in
         self._g: mx.array | None = None  # (slots, out): DoRA's factor (1 for LoRA rows and the base); None: no DoRA
         self._used: set[int] = set()
@@ -156,10 +161,11 @@ class AdaptedLinear(nn.Module):
         if bank.rows is None or not self._used or self._a is None or self._b is None:
             return y
         index, mask = bank.rows, bank.mask  # (batch,) stack indices; (batch, 1, 1) or None: no base-model row
-        z = mx.gather_mm(x, self._a, rhs_indices=index)
-        z = mx.gather_mm(z, self._b, rhs_indices=index).astype(y.dtype)
-        if mask is not None:
-            z = z * mask.astype(y.dtype)
+        slots, rank = self._b.shape[0], self._b.shape[1]
+        # Every adapter's low-rank projection in one matrix product, each row keeping its own adapter's block
+        # (zero for the base model's rows), then one product back: dense kernels, whatever the mix of rows.
+        z = (x @ self._a.reshape(self.in_dims, slots * rank)) * bank.blocks(slots, rank, x.dtype)
+        z = (z @ self._b.reshape(slots * rank, self.out_dims)).astype(y.dtype)
         if self._g is None:
             return y + z
         g = self._g[index][:, None, :]
@@ -175,16 +181,16 @@ class AdaptedLinear(nn.Module):
         """Make room for ``slots`` adapters of at most ``rank`` (zeros: no change to the output)."""
         dtype = self.dtype
         if self._a is None or self._b is None:
-            self._a = mx.zeros((slots, self.in_dims, rank), dtype)
+            self._a = mx.zeros((self.in_dims, slots, rank), dtype)
             self._b = mx.zeros((slots, rank, self.out_dims), dtype)
             return
-        have, have_rank = self._a.shape[0], self._a.shape[2]
+        have, have_rank = self._b.shape[0], self._b.shape[1]
         if have >= slots and have_rank >= rank:
             return
         slots, rank = max(slots, have), max(rank, have_rank)
-        a = mx.zeros((slots, self.in_dims, rank), dtype)
+        a = mx.zeros((self.in_dims, slots, rank), dtype)
         b = mx.zeros((slots, rank, self.out_dims), dtype)
-        a[:have, :, :have_rank] = self._a
+        a[:, :have, :have_rank] = self._a
         b[:have, :have_rank, :] = self._b
         self._a, self._b = a, b
         if self._g is not None:
@@ -200,14 +206,14 @@ class AdaptedLinear(nn.Module):
             )
         rank, dtype = a.shape[1], self.dtype
         a_stack, b_stack = mx.array(self._a), mx.array(self._b)
-        a_stack[index] = 0
+        a_stack[:, index] = 0
         b_stack[index] = 0
-        a_stack[index, :, :rank] = a.astype(dtype)
+        a_stack[:, index, :rank] = a.astype(dtype)
         b_stack[index, :rank, :] = (scale * b.astype(mx.float32)).astype(dtype)
         self._a, self._b = a_stack, b_stack
         if m is not None:
             if self._g is None:
-                self._g = mx.ones((self._a.shape[0], self.out_dims), mx.float32)
+                self._g = mx.ones((self._b.shape[0], self.out_dims), mx.float32)
             # DoRA divides by the norm of the adapted weight, which is fixed once the adapter is.
             adapted = _dense_weight(self.base).astype(mx.float32) + scale * (
                 b.astype(mx.float32).T @ a.astype(mx.float32).T
@@ -226,7 +232,7 @@ class AdaptedLinear(nn.Module):
         if index not in self._used or self._a is None or self._b is None:
             return
         a, b = mx.array(self._a), mx.array(self._b)
-        a[index] = 0
+        a[:, index] = 0
         b[index] = 0
         self._a, self._b = a, b
         if self._g is not None:
@@ -239,10 +245,10 @@ class AdaptedLinear(nn.Module):
 
     def shrink(self, slots: int) -> None:
         """Give back the memory of stack entries from ``slots`` on (free, and last)."""
-        if self._a is None or self._b is None or self._a.shape[0] <= slots:
+        if self._a is None or self._b is None or self._b.shape[0] <= slots:
             return
-        # Copies: a slice would keep the whole buffer alive.
-        self._a, self._b = mx.contiguous(self._a[:slots]), mx.contiguous(self._b[:slots])
+        # Copies: a slice would keep the whole buffer alive (and ``a``'s must be contiguous to reshape freely).
+        self._a, self._b = mx.contiguous(self._a[:, :slots]), mx.contiguous(self._b[:slots])
         if self._g is not None:
             self._g = mx.contiguous(self._g[:slots])
 
@@ -259,9 +265,12 @@ class AdapterBank:
         self._layers: dict[str, AdaptedLinear] = {}
         self._names: list[str | None] = [None]  # by index; 0 is the base model
         self._rank = 1
-        # The pass being built: each row's stack index, and which rows are the base model's (None: none is).
+        # The pass being built: each row's adapter index, its stack index, and which rows are the base model's
+        # (None: none is); each factor layout's row masks, made once per pass.
+        self._selected: list[int] = []
         self.rows: mx.array | None = None
         self.mask: mx.array | None = None
+        self._blocks: dict[tuple[int, int, mx.Dtype], mx.array] = {}
 
     @property
     def names(self) -> list[str]:
@@ -325,9 +334,24 @@ class AdapterBank:
     def selected(self, rows: Sequence[int]) -> Iterator[None]:
         """Build forward passes whose row ``i`` uses adapter ``rows[i]`` (0: the base model)."""
         if any(rows):
+            self._selected = list(rows)
             self.rows = mx.array([max(r - 1, 0) for r in rows], mx.uint32)
             self.mask = None if all(rows) else mx.array([r > 0 for r in rows])[:, None, None]
         try:
             yield
         finally:
             self.rows = self.mask = None
+            self._selected, self._blocks = [], {}
+
+    def blocks(self, slots: int, rank: int, dtype: mx.Dtype) -> mx.array:
+        """(batch, 1, slots * rank): ones over each row's own adapter's block of ``rank`` columns, zeros
+        elsewhere (every column, for a base-model row)."""
+        key = (slots, rank, dtype)
+        mask = self._blocks.get(key)
+        if mask is None:
+            own = mx.array([r - 1 if r > 0 else slots for r in self._selected])  # slots: no block at all
+            hit = mx.arange(slots)[None, :] == own[:, None]  # (batch, slots)
+            mask = mx.broadcast_to(hit[:, :, None], (len(self._selected), slots, rank))
+            mask = mask.reshape(len(self._selected), 1, slots * rank).astype(dtype)
+            self._blocks[key] = mask
+        return mask
