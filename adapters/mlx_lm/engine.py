@@ -596,6 +596,8 @@ class MlxEngine:
                         self._add_adapter(spec)
                     except AdapterRefused as exc:  # the operator's to fix; the base model and others serve
                         logger.error("adapter %s not served: %s", spec.name, exc)
+                    except Exception:  # nor does an unexpected failure take its base model down
+                        logger.exception("adapter %s not served", spec.name)
         except Exception as exc:  # a bad model must not take the others down
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             if isinstance(exc, SOURCE_ERRORS):  # the operator's to fix, not a bug: one line
