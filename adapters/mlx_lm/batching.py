@@ -119,18 +119,18 @@ class _Seq:
     matcher: GrammarMatcher | None
     keep: bool
     seeded: bool
+    model: LoadedModel  # the batch's model, or a view of it with an adapter
     tenant: str = ""
     count: int = 0  # tokens read so far
     slot: int | None = None
     # Preempted: the arrival it waits in to resume (its prompt is its last token, once that is read).
     parked: _Arrival | None = None
     final: int = 0  # the most positions its KV can reach (prompt + max_tokens)
-    model: LoadedModel | None = None  # a view of the batch's model with an adapter (None: the model itself)
 
     @property
     def adapter(self) -> int:
         """Its adapter's index in the model's bank (0: the base model)."""
-        return self.model.adapter if self.model is not None else 0
+        return self.model.adapter
 
     @property
     def preemptible(self) -> bool:
@@ -270,7 +270,7 @@ class Batcher:
                 seeded=params.seed is not None and params.temperature > 0.0,
                 tenant=tenant,
                 final=final,
-                model=model if model is not self.loaded else None,
+                model=model,
             )
             self._seqs[seq.uid] = seq
             seqs.append(seq)
@@ -492,8 +492,7 @@ class Batcher:
         self._slots.release(seq.slot)
         self._rows[seq.slot] = None
         seq.slot = None
-        model = seq.model or self.loaded
-        arrival = _Arrival([seq], [], cache, mx.zeros((0,), mx.int32), model, seq.tenant, next(self._orders))
+        arrival = _Arrival([seq], [], cache, mx.zeros((0,), mx.int32), seq.model, seq.tenant, next(self._orders))
         seq.parked = arrival
         self._arrivals.append(arrival)
         self.preempted += 1

@@ -354,9 +354,9 @@ class MlxEngine:
             raise AdapterRefused(f"the base model '{spec.base}' is not served here")
         if slot.loaded is None:
             raise EngineNotReady(f"The model '{spec.base}' is still loading ({slot.stage}); retry shortly")
-        self.adapters.add(spec, slot.loaded)
+        served = self.adapters.add(spec, slot.loaded)
         self._publish_adapters()
-        self.prefixes.check_stored(self.adapters.get(spec.name).view)  # type: ignore[union-attr]
+        self.prefixes.check_stored(served.view)
 
     def _publish_adapters(self) -> None:
         self._views = {s.spec.name: s.view for s in self.adapters.all()}

@@ -158,9 +158,8 @@ class AdaptedLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         bank = self._bank
         y = self.base(x)
-        if bank.rows is None or not self._used or self._a is None or self._b is None:
+        if not bank.adapted or not self._used or self._a is None or self._b is None:
             return y
-        index, mask = bank.rows, bank.mask  # (batch,) stack indices; (batch, 1, 1) or None: no base-model row
         slots, rank = self._b.shape[0], self._b.shape[1]
         # Every adapter's low-rank projection in one matrix product, each row keeping its own adapter's block
         # (zero for the base model's rows), then one product back: dense kernels, whatever the mix of rows.
@@ -168,9 +167,10 @@ class AdaptedLinear(nn.Module):
         z = (z @ self._b.reshape(slots * rank, self.out_dims)).astype(y.dtype)
         if self._g is None:
             return y + z
+        index, base_rows = bank.stack_rows()
         g = self._g[index][:, None, :]
-        if mask is not None:
-            g = mx.where(mask, g, 1.0)
+        if base_rows is not None:
+            g = mx.where(base_rows, 1.0, g)
         bias = self.base.get("bias")
         if bias is not None:
             y = y - bias
@@ -265,12 +265,11 @@ class AdapterBank:
         self._layers: dict[str, AdaptedLinear] = {}
         self._names: list[str | None] = [None]  # by index; 0 is the base model
         self._rank = 1
-        # The pass being built: each row's adapter index, its stack index, and which rows are the base model's
-        # (None: none is); each factor layout's row masks, made once per pass.
+        # The pass being built: each row's adapter index (empty: no adapter row), and the arrays made from it,
+        # once per pass, as the layers first ask for them.
         self._selected: list[int] = []
-        self.rows: mx.array | None = None
-        self.mask: mx.array | None = None
         self._blocks: dict[tuple[int, int, mx.Dtype], mx.array] = {}
+        self._stack_rows: tuple[mx.array, mx.array | None] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -333,15 +332,25 @@ class AdapterBank:
     @contextmanager
     def selected(self, rows: Sequence[int]) -> Iterator[None]:
         """Build forward passes whose row ``i`` uses adapter ``rows[i]`` (0: the base model)."""
-        if any(rows):
-            self._selected = list(rows)
-            self.rows = mx.array([max(r - 1, 0) for r in rows], mx.uint32)
-            self.mask = None if all(rows) else mx.array([r > 0 for r in rows])[:, None, None]
+        self._selected = list(rows) if any(rows) else []
         try:
             yield
         finally:
-            self.rows = self.mask = None
-            self._selected, self._blocks = [], {}
+            self._selected, self._blocks, self._stack_rows = [], {}, None
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the pass being built has a row on an adapter (else the base layers alone run)."""
+        return bool(self._selected)
+
+    def stack_rows(self) -> tuple[mx.array, mx.array | None]:
+        """Each row's stack index (a base-model row: 0, masked), and (batch, 1, 1) True where a row is the base
+        model's (None: no such row), for DoRA's per-adapter factors."""
+        if self._stack_rows is None:
+            rows = self._selected
+            index = mx.array([max(r - 1, 0) for r in rows], mx.uint32)
+            self._stack_rows = (index, None if all(rows) else mx.array([r == 0 for r in rows])[:, None, None])
+        return self._stack_rows
 
     def blocks(self, slots: int, rank: int, dtype: mx.Dtype) -> mx.array:
         """(batch, 1, slots * rank): ones over each row's own adapter's block of ``rank`` columns, zeros
