@@ -66,19 +66,22 @@ def _read_record(path: Path) -> AdapterRecord | None:
         return None
 
 
-def recorded_specs(config: Config) -> list[AdapterSpec]:
-    """The adapters registered at run time on any replica (at start-up; those whose base is not served here
-    are left out)."""
+def _records(config: Config) -> dict[str, AdapterRecord]:
+    """The adapters registered at run time on any replica, by name (those whose base is not served here, or
+    whose name a configured adapter has, are left out)."""
     if not config.adapters_dir or not config.adapters_path.is_dir():
-        return []
-    served = {m.name for m in config.models}
-    configured = {a.name for a in config.adapters}
-    specs = []
+        return {}
+    records = {}
     for path in sorted(config.adapters_path.glob("*.json")):
         record = _read_record(path)
-        if record is not None and record.base in served and record.name not in configured:
-            specs.append(record.spec())
-    return specs
+        if record is not None and config.model(record.base) is not None and config.adapter(record.name) is None:
+            records[record.name] = record
+    return records
+
+
+def recorded_specs(config: Config) -> list[AdapterSpec]:
+    """What the engine loads at start-up besides the configured adapters."""
+    return [record.spec() for record in _records(config).values()]
 
 
 def visible(info: ModelInfo, tenant: str) -> bool:
@@ -115,9 +118,14 @@ async def _synced(engine: Engine, config: Config, name: str) -> ModelInfo | None
     """The engine's entry of adapter ``name`` after its record (if any) is checked: registered through another
     replica (loaded here now), deleted through one (unloaded here), or replaced (loaded again)."""
     info = _adapter_info(engine, name)
-    if not config.adapters_dir or any(a.name == name for a in config.adapters) or not _NAME.fullmatch(name):
+    if not config.adapters_dir or config.adapter(name) is not None or not _NAME.fullmatch(name):
         return info
     record = await anyio.to_thread.run_sync(_read_record, _record_path(config, name))
+    return await _follow(engine, name, info, record)
+
+
+async def _follow(engine: Engine, name: str, info: ModelInfo | None, record: AdapterRecord | None) -> ModelInfo | None:
+    """Make the engine serve runtime adapter ``name`` as its ``record`` says (None: deleted), given its entry."""
     if record is None:
         if info is not None:
             await engine.unload_adapter(name)
@@ -136,11 +144,10 @@ async def synced_models(engine: Engine, config: Config) -> list[ModelInfo]:
     """Every model the engine serves, after the recorded adapters are checked (``/v1/models`` on a replica
     lists what another replica registered or deleted)."""
     if config.adapters_dir:
-        configured = {a.name for a in config.adapters}
-        served = {m.id for m in engine.models() if m.parent is not None and m.id not in configured}
-        recorded = {s.name for s in await anyio.to_thread.run_sync(recorded_specs, config)}
-        for name in sorted(served | recorded):
-            await _synced(engine, config, name)
+        served = {m.id: m for m in engine.models() if m.parent is not None and config.adapter(m.id) is None}
+        records = await anyio.to_thread.run_sync(_records, config)  # each file read once
+        for name in sorted(served.keys() | records.keys()):
+            await _follow(engine, name, served.get(name), records.get(name))
     return engine.models()
 
 
@@ -193,7 +200,7 @@ async def register(state: State, access: Access, req: RegisterAdapter) -> Adapte
         raise InvalidRequest(f"Several models are served ({names}): name the adapter's 'base'", param="base")
     if config.model(base) is None:
         raise InvalidRequest(f"The base model '{base}' is not served here", param="base")
-    if config.model(req.name) is not None or any(a.name == req.name for a in config.adapters):
+    if config.model(req.name) is not None or config.adapter(req.name) is not None:
         raise Conflict(f"'{req.name}' is a model or configured adapter of this server", param="name")
     path = await anyio.to_thread.run_sync(_inside, config.adapters_dir, req.path)
     record_path = _record_path(config, req.name)
@@ -251,7 +258,7 @@ async def unregister(state: State, access: Access, name: str) -> DeletedAdapter:
     info = await _synced(engine, config, name)
     if info is None or not _manages(access, info):
         raise UnknownModel(name)
-    if any(a.name == name for a in config.adapters):
+    if config.adapter(name) is not None:
         raise Conflict(f"The adapter '{name}' comes from the server's config: remove it there", param="name")
     await anyio.to_thread.run_sync(_delete_record, _record_path(config, name))
     await engine.unload_adapter(name)

@@ -437,6 +437,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def adapter(self, name: str) -> AdapterConfig | None:
+        """A configured adapter (one registered at run time is not in the config)."""
+        return next((a for a in self.adapters if a.name == name), None)
+
     @property
     def adapters_path(self) -> Path:
         """Where adapters registered at run time are recorded: beside the caches, so replicas share them."""
