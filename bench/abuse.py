@@ -85,8 +85,10 @@ class Bounds:
     # Every client gone, /health must show 0 active requests within this (a request whose client left must
     # leave the engine at its next step).
     settle_s: float = 5.0
-    # The RSS after (the idle window) over the RSS before (after the warm-up: see Abuse.run).
-    rss_tolerance: float = 0.10
+    # The RSS after (the idle window) over the RSS before (after the warm-up: see Abuse.run). Allocator noise
+    # alone reached 13% once (315 -> 356 MB in a 30 s CI run; 0.3-2.4% in 30 s runs and 3% in a 3-minute run
+    # here on 2026-12-07: it does not grow with time). Heap pages kept by glibc before the idle trim were 40%.
+    rss_tolerance: float = 0.20
 
 
 def config_toml(model: str, context: int) -> str:

@@ -9,7 +9,7 @@ The workload and its checks live in ``bench/abuse.py`` (its docstring says what 
 ``Bounds`` why each bound is what it is); ``python -m bench.abuse`` runs it for minutes. Here they must all
 hold: the noisy tenant has answers served and refused (429, or 400 past a limit) and no 5xx nor unanswered
 request; the well-behaved tenant no error and a p95 time to first token within ``Bounds``; every scrape a 200;
-afterwards 0 active requests within 5 s, no engine step in 5 s of idleness, and the RSS within 10% of the RSS
+afterwards 0 active requests within 5 s, no engine step in 5 s of idleness, and the RSS within 20% of the RSS
 after the warm-up.
 """
 
