@@ -325,9 +325,8 @@ class RemoteEngine:
         return m.tokenizer is not None and cached is not None and cached[0] == m.tokenizer
 
     def tokenizer(self, model: str) -> PromptTokenizer:
-        adapter = next((m.info for m in self.report.models if m.info.id == model and m.info.parent), None)
-        if adapter is not None:
-            model = adapter.parent or model
+        # An adapter speaks as its base model.
+        model = next((m.info.parent for m in self.report.models if m.info.id == model and m.info.parent), model)
         if model not in self._specs:
             raise UnknownModel(model)
         facts = self._model(model)

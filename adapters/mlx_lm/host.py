@@ -227,12 +227,16 @@ class Host:
         try:
             if isinstance(command, wire.Verify):
                 future = self.engine.verify(command.tenant, command.name)
+                field = "verified"  # the Reply field that carries its answer
             elif isinstance(command, wire.Warm):
                 future = self.engine.warm(command.tenant, command.name)
+                field = "warmed"
             elif isinstance(command, wire.LoadAdapter):
                 future = self.engine.adapter_loaded(command.spec)
+                field = "adapter"
             else:
                 future = self.engine.adapter_unloaded(command.name)
+                field = "unloaded"
         except Exception as exc:  # an unknown cache, caches off: the error crosses with its class
             emit(wire.Reply(error=exc))
             self.engine.wake()
@@ -240,16 +244,7 @@ class Host:
 
         def done(f: Any) -> None:  # on the engine thread, which flushes at the end of its turn
             exc = f.exception()
-            if exc is not None:
-                emit(wire.Reply(error=exc))
-            elif isinstance(command, wire.Verify):
-                emit(wire.Reply(verified=f.result()))
-            elif isinstance(command, wire.Warm):
-                emit(wire.Reply(warmed=f.result()))
-            elif isinstance(command, wire.LoadAdapter):
-                emit(wire.Reply(adapter=f.result()))
-            else:
-                emit(wire.Reply(unloaded=f.result()))
+            emit(wire.Reply(error=exc) if exc is not None else wire.Reply(**{field: f.result()}))
 
         future.add_done_callback(done)
 

@@ -218,14 +218,17 @@ class AdaptedLinear(nn.Module):
             adapted = _dense_weight(self.base).astype(mx.float32) + scale * (
                 b.astype(mx.float32).T @ a.astype(mx.float32).T
             )
-            g = mx.array(self._g)
-            g[index] = m.astype(mx.float32) / mx.linalg.norm(adapted, axis=1)
-            self._g = g
+            self._set_g(index, m.astype(mx.float32) / mx.linalg.norm(adapted, axis=1))
         elif self._g is not None:
-            g = mx.array(self._g)
-            g[index] = 1.0
-            self._g = g
+            self._set_g(index, 1.0)
         self._used.add(index)
+
+    def _set_g(self, index: int, value: mx.array | float) -> None:
+        """DoRA's factor for stack ``index`` (1: none)."""
+        assert self._g is not None
+        g = mx.array(self._g)
+        g[index] = value
+        self._g = g
 
     def drop(self, index: int) -> None:
         """The factors at stack ``index`` no longer apply (its rows get the base layer's output)."""
@@ -236,9 +239,7 @@ class AdaptedLinear(nn.Module):
         b[index] = 0
         self._a, self._b = a, b
         if self._g is not None:
-            g = mx.array(self._g)
-            g[index] = 1.0
-            self._g = g
+            self._set_g(index, 1.0)
         self._used.discard(index)
         if not self._used:
             self._a = self._b = self._g = None

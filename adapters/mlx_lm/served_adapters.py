@@ -46,9 +46,6 @@ class ServedAdapters:
         self._by_name: dict[str, ServedAdapter] = {}
         self._draining: list[ServedAdapter] = []
 
-    def get(self, name: str) -> ServedAdapter | None:
-        return self._by_name.get(name)
-
     def all(self) -> list[ServedAdapter]:
         return list(self._by_name.values())
 
