@@ -96,11 +96,9 @@ async def resolve(engine: Engine, config: Config, name: str, tenant: str) -> tup
     Raises:
         UnknownModel: no such model or adapter, or another tenant's adapter (404 ``model_not_found``).
     """
-    from gateway.request_planning import model_info
-
     model = config.model(name)
     if model is not None:
-        return model, model_info(engine, name)
+        return model, _model_info(engine, name)
     info = await _synced(engine, config, name)
     if info is None or info.parent is None or not visible(info, tenant):
         raise UnknownModel(name)
@@ -108,6 +106,15 @@ async def resolve(engine: Engine, config: Config, name: str, tenant: str) -> tup
     if base is None:
         raise UnknownModel(name)
     return msgspec.structs.replace(base, name=name), info
+
+
+def _model_info(engine: Engine, name: str) -> ModelInfo:
+    """The engine's view of a configured model; a model that failed to load raises the error that says why."""
+    for info in engine.models():
+        if info.id == name:
+            return info
+    engine.tokenizer(name)  # a configured model that failed to load: the error that says why
+    raise UnknownModel(name)
 
 
 def _adapter_info(engine: Engine, name: str) -> ModelInfo | None:

@@ -498,10 +498,10 @@ def _adapters_from_models(raw: dict[str, Any]) -> None:
     moved = [m for m in models if isinstance(m, dict) and "adapter" in m]
     if not moved:
         return
-    raw["models"] = [m for m in models if m not in moved]
-    entries = [{**{k: v for k, v in m.items() if k != "adapter"}, "path": m["adapter"]} for m in moved]
     if any("path" in m for m in moved):
         raise ConfigError("a [[models]] entry with 'adapter' takes no 'path' (the adapter's directory is 'adapter')")
+    raw["models"] = [m for m in models if m not in moved]
+    entries = [{**{k: v for k, v in m.items() if k != "adapter"}, "path": m["adapter"]} for m in moved]
     raw["adapters"] = [*(raw.get("adapters") or []), *entries]
 
 

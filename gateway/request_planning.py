@@ -11,21 +11,12 @@ from typing import Any
 import anyio.to_thread
 from litestar.datastructures import State
 
-from adapters.base import Engine, ModelInfo, UnknownModel
+from adapters.base import ModelInfo
 from gateway import adapter_service
 from gateway.planning import PlannedRequest, check_kv_budget
 from gateway.request_context import current_request_id, mark_planned
 
-__all__ = ["fingerprint_of", "model_info", "plan_request"]
-
-
-def model_info(engine: Engine, name: str) -> ModelInfo:
-    """The engine's view of a configured model; a model that failed to load raises the error that says why."""
-    for info in engine.models():
-        if info.id == name:
-            return info
-    engine.tokenizer(name)  # a configured model that failed to load: the error that says why
-    raise UnknownModel(name)
+__all__ = ["fingerprint_of", "plan_request"]
 
 
 async def plan_request(
